@@ -1,0 +1,1 @@
+"""Light, shared pieces of spherecast: config, grid, vocabulary, contracts, metrics, test factories."""

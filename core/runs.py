@@ -1,0 +1,108 @@
+"""Forecast-run files on disk: naming, checksums, manifest, atomic publication by rename.
+
+A run is assembled in ``<forecasts>/.tmp-<name>-<pid>/`` and published by one ``os.rename`` to
+``<forecasts>/<name>/``, so a reader never sees a partial run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from core.schema import SCHEMA_VERSION, validate_manifest
+
+RUN_NAME_RE = re.compile(r"^\d{8}T\d{2}$")
+MANIFEST = "manifest.json"
+
+
+def run_name(init_time: datetime | pd.Timestamp | str) -> str:
+    """Directory name of the run for an initial time: ``%Y%m%dT%H``."""
+    return pd.Timestamp(init_time).strftime("%Y%m%dT%H")
+
+
+def parse_run_name(name: str) -> pd.Timestamp:
+    """Initial time of a run directory name; ``ValueError`` if it is not one."""
+    if not RUN_NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a run name (expected YYYYMMDDTHH)")
+    return pd.Timestamp(datetime.strptime(name, "%Y%m%dT%H"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def staging_dir(forecasts_dir: Path, name: str) -> Path:
+    """A fresh private directory to assemble run ``name`` in (removed if it already exists)."""
+    forecasts_dir.mkdir(parents=True, exist_ok=True)
+    tmp = forecasts_dir / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def write_manifest(run_dir: Path, init_time: datetime | pd.Timestamp, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Checksum every file under ``run_dir`` and write ``manifest.json`` describing them."""
+    files = {}
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(run_dir).as_posix()
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "init_time": pd.Timestamp(init_time).isoformat(),
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+        "files": files,
+        "provenance": provenance,
+    }
+    validate_manifest(manifest)
+    tmp = run_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, run_dir / MANIFEST)
+    return manifest
+
+
+def publish(staging: Path, final: Path) -> Path:
+    """Move a finished run into place with one rename; an older run of that name is replaced."""
+    if not (staging / MANIFEST).is_file():
+        raise ValueError(f"refusing to publish {staging}: it has no {MANIFEST}")
+    if final.exists():
+        # Rename the old run aside first so the name is never empty of a complete run for long
+        # and never holds a half-deleted one.
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, final)
+    return final
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """Load and validate a published run's manifest."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"run {run_dir.name}: no {MANIFEST}")
+    manifest = json.loads(path.read_text())
+    validate_manifest(manifest, what=f"manifest of run {run_dir.name}")
+    return manifest
+
+
+def list_runs(forecasts_dir: Path) -> list[str]:
+    """Names of published runs (directories with a manifest), oldest first."""
+    if not forecasts_dir.is_dir():
+        return []
+    return sorted(p.name for p in forecasts_dir.iterdir()
+                  if p.is_dir() and RUN_NAME_RE.match(p.name) and (p / MANIFEST).is_file())
