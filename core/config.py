@@ -11,15 +11,34 @@ import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.grid import Grid, get_grid
 from core.variables import channel_names, check_level, get_variable
 
 ENV_PREFIX = "SPHERECAST_"
+
+
+def _parse_time(value: Any) -> Any:
+    # Accept the forms operators type and run names use ("2000-01-05T18", "2000010518" is not
+    # one of them): anything ISO-like that pandas reads, as a naive UTC datetime.
+    if isinstance(value, str) and value != "latest":
+        import pandas as pd
+
+        try:
+            stamp = pd.Timestamp(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a date/time (use e.g. 2000-01-05T18)") from exc
+        if stamp.tzinfo is not None:
+            stamp = stamp.tz_convert("UTC").tz_localize(None)
+        return stamp.to_pydatetime()
+    return value
+
+
+Moment = Annotated[datetime, BeforeValidator(_parse_time)]
 
 
 class _Section(BaseModel):
@@ -129,13 +148,13 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     run_name: str = "sfno-demo"
     """Name of the run directory under ``paths.runs``."""
-    train_start: datetime = datetime(2000, 1, 1)
+    train_start: Moment = datetime(2000, 1, 1)
     """First analysis time used for training (and statistics)."""
-    train_end: datetime = datetime(2000, 3, 5, 18)
+    train_end: Moment = datetime(2000, 3, 5, 18)
     """Last analysis time used for training (and statistics)."""
-    val_start: datetime = datetime(2000, 3, 6)
+    val_start: Moment = datetime(2000, 3, 6)
     """First validation time (must come after ``train_end``)."""
-    val_end: datetime = datetime(2000, 3, 15, 18)
+    val_end: Moment = datetime(2000, 3, 15, 18)
     """Last validation time."""
     budget_minutes: float = 5.0
     """Wall-clock training budget; training stops at the first step past it."""
@@ -176,16 +195,16 @@ class SyntheticConfig(_Section):
     """Solver time step; keep ≤ 0.5·a/(c·lmax)."""
     spinup_days: float = 20.0
     """Days simulated before ``epoch`` so the flow is statistically steady."""
-    epoch: datetime = datetime(2000, 1, 1)
+    epoch: Moment = datetime(2000, 1, 1)
     """Valid time of the first sample after spin-up (the planet's calendar starts here)."""
 
 
 class IngestConfig(_Section):
     source: Literal["synthetic"] = "synthetic"
     """Where analysis data comes from (real ERA5 sources arrive with a later release)."""
-    start: datetime = datetime(2000, 1, 1)
+    start: Moment = datetime(2000, 1, 1)
     """First analysis time of the store."""
-    end: datetime = datetime(2000, 3, 31, 18)
+    end: Moment = datetime(2000, 3, 31, 18)
     """Last analysis time of the store."""
     slab_size: int = 4
     """Analysis times written per region write (one done flag each)."""
@@ -202,7 +221,7 @@ class IngestConfig(_Section):
 
 
 class ForecastConfig(_Section):
-    init_time: datetime | Literal["latest"] = datetime(2000, 3, 20)
+    init_time: Moment | Literal["latest"] = datetime(2000, 3, 20)
     """Initial time of the forecast, or ``latest`` complete analysis."""
     lead_hours: int = 120
     """Forecast length in hours (a multiple of the task's time step)."""
