@@ -1,0 +1,136 @@
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from core.grid import get_grid
+from core.testing import analysis_dataset
+from ingest.build import ingest, layout_for
+from ingest.store import StoreLayout, build_store, create_store, done_flags, open_store, slabs_to_do, write_slab
+from tests.ingest.conftest import tiny_config
+
+VARS = ("geopotential", "u_component_of_wind", "v_component_of_wind")
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def layout_of(ds: xr.Dataset) -> StoreLayout:
+    return StoreLayout(get_grid("tiny"), VARS, (500,), pd.DatetimeIndex(ds.time.values), "testing", "testing-0")
+
+
+def test_template_plus_region_writes_equals_direct_write(tmp_path: Path) -> None:
+    ds = analysis_dataset(periods=6)
+    path = tmp_path / "a.zarr"
+    create_store(path, layout_of(ds))
+    assert not done_flags(path).any()
+    store = open_store(path)
+    assert np.isnan(store.geopotential.values).all()  # unwritten = fill, never zeros
+    # out of order on purpose: regions are fixed, order must not matter
+    for start in (4, 0, 2):
+        write_slab(path, store, ds.isel(time=slice(start, start + 2)), start)
+    back = open_store(path).load()
+    xr.testing.assert_identical(back[list(VARS)].drop_attrs(), ds[list(VARS)].drop_attrs())
+    assert back.done.values.tolist() == [1] * 6
+
+
+def test_build_skips_done_slabs_and_reports(tmp_path: Path) -> None:
+    ds = analysis_dataset(periods=6)
+    path = tmp_path / "a.zarr"
+    calls: list[list[pd.Timestamp]] = []
+
+    def fetch(times):
+        calls.append(times)
+        idx = [int(np.where(ds.time.values == np.datetime64(t))[0][0]) for t in times]
+        return ds.isel(time=idx)
+
+    report = build_store(path, layout_of(ds), fetch, slab_size=4)
+    assert (report.written, report.skipped) == (2, 0)
+    assert [len(c) for c in calls] == [4, 2]
+    again = build_store(path, layout_of(ds), fetch, slab_size=4)
+    assert (again.written, again.skipped, len(calls)) == (0, 2, 2)
+    assert slabs_to_do(np.array([1, 1, 0, 1, 1], bool), 2) == [slice(2, 4)]
+
+
+def test_bad_slabs_change_nothing(tmp_path: Path) -> None:
+    ds = analysis_dataset(periods=4)
+    path = tmp_path / "a.zarr"
+    create_store(path, layout_of(ds))
+    store = open_store(path)
+    before = tree_digest(path)
+    bad = {
+        "does not match the store's grid": analysis_dataset(grid="5.625deg", periods=2),
+        "do not match store region": ds.isel(time=[1, 2]),
+        "has NaN or Inf": ds.isel(time=[0, 1]).assign(geopotential=ds.geopotential.isel(time=[0, 1]) * np.nan),
+        "has variables the store does not": analysis_dataset(periods=2, variables=VARS + ("2m_temperature",)),
+    }
+    for needle, slab in bad.items():
+        with pytest.raises(ValueError, match=needle):
+            write_slab(path, store, slab, 0)
+    assert tree_digest(path) == before
+
+
+def test_mismatched_request_leaves_store_untouched(tiny) -> None:
+    cfg, _ = tiny
+    ingest(cfg, progress=False)
+    path = cfg.paths.analysis_store
+    before = tree_digest(path)
+    other = cfg.model_copy(deep=True)
+    other.ingest.synthetic.seed = 7
+    with pytest.raises(ValueError, match="nothing was modified: dataset_version"):
+        ingest(other, progress=False)
+    other = cfg.model_copy(deep=True)
+    other.ingest.end = pd.Timestamp("2000-01-06").to_pydatetime()
+    with pytest.raises(ValueError, match="period"):
+        ingest(other, progress=False)
+    assert tree_digest(path) == before
+    st = xr.open_dataset(cfg.paths.stats_file)
+    assert st.attrs["dataset_version"] == open_store(path).attrs["dataset_version"]
+    assert st.attrs["period_end"] == "2000-01-02 18:00:00"
+
+
+SCRIPT = "from core.config import load_config; from ingest.build import ingest; ingest(load_config({!r}), progress=False)"
+
+
+def run_ingest(cfg_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT.format(str(cfg_path))], cwd=Path(__file__).parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("kill_after", [1, 4])
+def test_kill_minus_9_then_resume_is_byte_identical(tmp_path: Path, kill_after: int) -> None:
+    ref_cfg, ref_path = tiny_config(tmp_path / "ref", ingest={"slab_size": 1})
+    cut_cfg, cut_path = tiny_config(tmp_path / "cut", ingest={"slab_size": 1})
+    ref = run_ingest(ref_path)
+    proc = run_ingest(cut_path)
+    store = cut_cfg.paths.analysis_store
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (store / "zarr.json").exists() and done_flags(store).sum() >= kill_after:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    flags = done_flags(store)
+    assert 0 < flags.sum() < flags.size, "the kill must land mid-build for this test to mean anything"
+    resumed = run_ingest(cut_path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
+    assert done_flags(store).all()
+    assert tree_digest(store) == tree_digest(ref_cfg.paths.analysis_store)
+
+
+def test_layout_from_config(tiny) -> None:
+    cfg, _ = tiny
+    layout = layout_for(cfg, "v", "s")
+    assert len(layout.times) == 16 and layout.times[1] - layout.times[0] == pd.Timedelta(hours=6)
