@@ -1,0 +1,99 @@
+"""Training windows from the analysis store: an initial state and the K states that follow it.
+
+A window starting at analysis time ``t`` is ``(x(t), [x(t+Δ), …, x(t+KΔ)])`` with Δ the task's time
+step. It exists only if every one of those K+1 times lies inside the requested period and is
+marked done in the store (completeness comes from the ``done`` flags, never from the values).
+The selected period is small, so it is loaded once into memory as float32; the dataset is a plain
+map-style dataset and works with ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch.utils.data import Dataset
+
+from core.fields import to_channels
+from core.schema import validate_analysis
+
+log = logging.getLogger(__name__)
+
+
+def open_analysis(path: Path | str) -> xr.Dataset:
+    """Open the analysis store lazily (no dask) and check it against the contract."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"analysis store {path} does not exist; run `spherecast ingest` first")
+    ds = xr.open_zarr(path, consolidated=False, chunks=None)
+    return validate_analysis(ds, what=f"analysis store {path}")
+
+
+def time_stride(analysis: xr.Dataset, time_step_hours: int) -> int:
+    """How many analysis times make one model step; ``ValueError`` if it is not a whole number."""
+    times = analysis["time"].values
+    if times.size < 2:
+        raise ValueError("the analysis holds fewer than 2 times, so its time step is unknown")
+    store_h = (times[1] - times[0]) / np.timedelta64(1, "h")
+    stride = time_step_hours / store_h
+    if stride < 1 or stride != int(stride):
+        raise ValueError(f"model time step {time_step_hours} h is not a multiple of the analysis step {store_h:g} h")
+    return int(stride)
+
+
+class WindowDataset(Dataset):
+    """``(x0, targets)`` windows, ``x0`` ``(channel, lat, lon)`` and ``targets`` ``(steps, channel, lat, lon)``."""
+
+    def __init__(self, analysis: xr.Dataset, channels: list[str], start: datetime | str, end: datetime | str,
+                 steps: int, time_step_hours: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {steps}")
+        self.channels = list(channels)
+        self.steps = steps
+        self.stride = time_stride(analysis, time_step_hours)
+        period = analysis.sel(time=slice(pd.Timestamp(start), pd.Timestamp(end)))
+        self.times = period["time"].values
+        self.done = period["done"].values.astype(bool)
+        span = steps * self.stride
+        starts = [i for i in range(len(self.times) - span)
+                  if all(self.done[i + k * self.stride] for k in range(steps + 1))]
+        self.index = np.asarray(starts, dtype=np.int64)
+        names = sorted({v for v in period.data_vars if v not in ("done", "expver")})
+        arr = to_channels(period[names], self.channels).values if len(self.times) else np.zeros((0,))
+        self.data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if self.data.numel() and not torch.isfinite(self.data[torch.from_numpy(self.done)]).all():
+            raise ValueError(f"analysis has non-finite values at done times in {start}..{end}")
+        log.info("%d windows of %d steps in %s..%s (%d of %d times done)", len(self.index), steps,
+                 pd.Timestamp(start), pd.Timestamp(end), int(self.done.sum()), len(self.times))
+
+    def __len__(self) -> int:
+        """Number of complete windows."""
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window ``i``: the initial state and the ``steps`` states that follow it."""
+        j = int(self.index[i])
+        stop = j + self.steps * self.stride + 1
+        return self.data[j], self.data[j + self.stride:stop:self.stride]
+
+    @property
+    def init_times(self) -> np.ndarray:
+        """Initial times of the windows (datetime64)."""
+        return self.times[self.index]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(nlat, nlon)`` of the states."""
+        return int(self.data.shape[-2]), int(self.data.shape[-1])
+
+    def time_mean(self) -> torch.Tensor:
+        """Mean state over the done times of the period (a climatology for relative errors)."""
+        done = torch.from_numpy(self.done)
+        if not done.any():
+            raise ValueError("no done times in the period")
+        return self.data[done].mean(dim=0)

@@ -1,0 +1,137 @@
+"""Forecast: load a checkpoint, roll it out from one analysis time, write the run's data files.
+
+The output follows the forecast contract (``core.schema.validate_forecast``): dims ``init_time``
+(1), ``lead_time`` (timedelta64, lead 0 = the analysis itself), ``level``, ``latitude``,
+``longitude``; coord ``valid_time = init_time + lead_time``; ERA5 names and units; float32.
+Publication (manifest, rename) is the caller's job with :mod:`core.runs`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from core.fields import from_channels, to_channels
+from core.grid import grid_for_shape, parse_grid_attr
+from core.schema import SCHEMA_VERSION, validate_forecast
+from models.checkpoint import code_version, load_for_inference
+from models.normalization import Normalized
+
+log = logging.getLogger(__name__)
+
+COORD_ATTRS = {
+    "init_time": {"standard_name": "forecast_reference_time", "long_name": "initial time of the forecast"},
+    "lead_time": {"standard_name": "forecast_period", "long_name": "time since the initial time"},
+    "valid_time": {"standard_name": "time", "long_name": "time the forecast is valid for"},
+    "latitude": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
+    "longitude": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
+    "level": {"long_name": "pressure level", "units": "hPa", "positive": "down", "axis": "Z"},
+}
+
+
+def load_forecaster(path: Path | str) -> tuple[Normalized, dict[str, Any]]:
+    """The eval-mode model and metadata of a checkpoint (checked; see ``load_for_inference``)."""
+    return load_for_inference(path)
+
+
+def initial_state(analysis: xr.Dataset, channels: list[str], init_time: datetime | str | pd.Timestamp) -> np.ndarray:
+    """The analysis at ``init_time`` as ``(channel, lat, lon)`` float32; ``ValueError`` unless it is done."""
+    t = pd.Timestamp(init_time)
+    times = pd.DatetimeIndex(analysis["time"].values)
+    if t not in times:
+        raise ValueError(f"init_time {t} is not an analysis time (store covers {times[0]} .. {times[-1]})")
+    snap = analysis.sel(time=t)
+    if "done" not in snap or int(snap["done"].values) != 1:
+        raise ValueError(f"analysis at init_time {t} is not complete (done flag unset)")
+    arr = to_channels(snap, channels).values.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"analysis at init_time {t} has non-finite values")
+    return arr
+
+
+@torch.no_grad()
+def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
+            init_time: datetime | str | pd.Timestamp, lead_hours: int) -> xr.Dataset:
+    """Forecast from the analysis at ``init_time`` to ``lead_hours`` as a contract forecast dataset."""
+    step_h = int(meta["task"]["time_step_hours"])
+    if lead_hours < 0 or lead_hours % step_h:
+        raise ValueError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
+    channels = list(meta["channels"])
+    x = torch.from_numpy(initial_state(analysis, channels, init_time))[None]
+    nlat, nlon = analysis.sizes["latitude"], analysis.sizes["longitude"]
+    trained = parse_grid_attr(meta["grid"])
+    if (nlat, nlon) != trained.shape:
+        log.warning("analysis grid %dx%d differs from the training grid %s: running zero-shot", nlat, nlon, meta["grid"])
+    if (nlat, nlon) != tuple(model.core.grid_shape):
+        model.set_grid(nlat, nlon)
+    model.eval()
+    device = next(model.parameters()).device
+    x = x.to(device)
+    states = [x]
+    for _ in range(lead_hours // step_h):
+        x = model(x)
+        states.append(x)
+    data = torch.cat(states).cpu().numpy().astype(np.float32)  # (lead, channel, lat, lon)
+    if not np.all(np.isfinite(data)):
+        raise FloatingPointError(f"forecast from {init_time} became non-finite within {lead_hours} h")
+    return _to_dataset(data, meta, analysis, pd.Timestamp(init_time), step_h)
+
+
+def _to_dataset(data: np.ndarray, meta: Mapping[str, Any], analysis: xr.Dataset, init: pd.Timestamp,
+                step_h: int) -> xr.Dataset:
+    leads = (np.arange(data.shape[0]) * step_h).astype("timedelta64[h]").astype("timedelta64[ns]")
+    init_ns = np.asarray([init.to_datetime64()], dtype="datetime64[ns]")
+    arr = xr.DataArray(data[None], dims=("init_time", "lead_time", "channel", "latitude", "longitude"),
+                       coords={"init_time": init_ns, "lead_time": leads, "channel": list(meta["channels"]),
+                               "latitude": analysis["latitude"].values, "longitude": analysis["longitude"].values})
+    ds = from_channels(arr, list(meta["channels"]))
+    ds = ds.assign_coords(valid_time=(("init_time", "lead_time"), init_ns[:, None] + leads[None, :]))
+    for name, attrs in COORD_ATTRS.items():
+        if name in ds.coords:
+            ds[name].attrs = dict(attrs)
+    nlat, nlon = ds.sizes["latitude"], ds.sizes["longitude"]
+    grid = analysis.attrs.get("grid") or grid_for_shape(nlat, nlon).describe()
+    ds.attrs = {
+        "Conventions": "CF-1.8",
+        "title": "spherecast SFNO forecast",
+        "schema_version": SCHEMA_VERSION,
+        "source": "spherecast SFNO",
+        "grid": str(grid),
+        "init_time": init.isoformat(),
+        "time_step_hours": step_h,
+        "checkpoint_weights_sha256": str(meta["weights_sha256"]),
+        "checkpoint_train_step": int(meta["train_step"]),
+        "model_grid": str(meta["grid"]),
+        "model_code_version": str(meta["code_version"]),
+        "dataset_version": str(meta["dataset_version"]),
+        "analysis_dataset_version": str(analysis.attrs.get("dataset_version", "unknown")),
+        "code_version": code_version(),
+        "history": f"{pd.Timestamp.now(tz='UTC').isoformat()} spherecast models.forecast.rollout",
+    }
+    return validate_forecast(ds)
+
+
+def write_forecast(ds: xr.Dataset, run_dir: Path) -> list[Path]:
+    """Write ``forecast.zarr`` (v3, one chunk per lead) and ``forecast.nc`` (CF, lead in hours) into ``run_dir``."""
+    validate_forecast(ds)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    zarr_path, nc_path = run_dir / "forecast.zarr", run_dir / "forecast.nc"
+    zenc: dict[str, dict[str, Any]] = {}
+    for name, da in ds.data_vars.items():
+        zenc[str(name)] = {"chunks": tuple(1 if d in ("init_time", "lead_time") else ds.sizes[d] for d in da.dims)}
+    ds.to_zarr(zarr_path, mode="w", zarr_format=3, consolidated=False, encoding=zenc)
+    nenc: dict[str, dict[str, Any]] = {str(n): {"zlib": True, "complevel": 4} for n in ds.data_vars}
+    nenc["lead_time"] = {"units": "hours", "dtype": "int32"}
+    nenc["init_time"] = {"units": "hours since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
+    nenc["valid_time"] = dict(nenc["init_time"])
+    ds.to_netcdf(nc_path, engine="netcdf4", encoding=nenc)
+    return [zarr_path, nc_path]
