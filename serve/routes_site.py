@@ -1,0 +1,30 @@
+"""Routes outside the catalog: health and the static web viewer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
+
+from serve.catalog import Catalog
+from serve.settings import ServeSettings, get_settings
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+VIEWER_HTML = STATIC_DIR / "viewer.html"
+
+router = APIRouter(tags=["site"])
+
+
+@router.get("/health", summary="Liveness and number of published runs")
+def health(settings: Annotated[ServeSettings, Depends(get_settings)]) -> dict[str, Any]:
+    """``{"status": "ok", "runs": N}`` with N the published runs."""
+    return {"status": "ok", "runs": len(Catalog(settings.forecasts_dir).run_names())}
+
+
+@router.get("/", response_class=FileResponse, include_in_schema=False)
+@router.get("/viewer", response_class=FileResponse, summary="Web map viewer")
+def viewer() -> FileResponse:
+    """The static HTML viewer (run, channel and lead selectors over the map PNGs)."""
+    return FileResponse(VIEWER_HTML, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})

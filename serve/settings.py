@@ -1,0 +1,35 @@
+"""Settings of the HTTP service, behind a dependency that tests override (FastAPI "settings" pattern).
+
+:func:`serve.app.create_app` stores the settings on ``app.state``; routes receive them through
+:func:`get_settings`, so a test can swap them with ``app.dependency_overrides[get_settings]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.config import Config
+
+
+class ServeSettings(BaseModel):
+    """What the service needs to know: where published runs live and how to stream them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    forecasts_dir: Path
+    """Directory holding published forecast runs (``<forecasts>/<YYYYMMDDTHH>/manifest.json``)."""
+    chunk_size: int = Field(default=1 << 16, ge=4096)
+    """Bytes read per step when streaming a file."""
+
+
+def settings_from_config(config: Config) -> ServeSettings:
+    """Derive the service settings from the project config."""
+    return ServeSettings(forecasts_dir=config.paths.forecasts)
+
+
+def get_settings(request: Request) -> ServeSettings:
+    """The settings of the app serving this request (override in tests)."""
+    return request.app.state.settings

@@ -1,0 +1,84 @@
+"""Catalog routes: health, run listing, latest, manifest; only published runs are visible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from core.runs import read_manifest
+from serve.app import create_app
+from serve.settings import ServeSettings, get_settings
+
+CHANNELS = ["geopotential_500", "u_component_of_wind_500", "v_component_of_wind_500"]
+
+
+def test_health_counts_published_runs(client: TestClient) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "runs": 2}
+
+
+def test_runs_lists_published_runs_only(client: TestClient, forecasts_dir: Path) -> None:
+    assert any(p.name.startswith(".tmp-") for p in forecasts_dir.iterdir())
+    runs = client.get("/runs").json()
+    assert [r["name"] for r in runs] == ["20000101T00", "20000101T06"]
+    first = runs[0]
+    assert first["init_time"] == "2000-01-01T00:00:00"
+    assert first["channels"] == CHANNELS
+    assert first["lead_hours"] == [0, 6, 12, 18, 24]
+    assert first["valid_times"][-1] == "2000-01-02T00:00:00"
+    assert "forecast.nc" in first["files"] and "manifest.json" in first["files"]
+    assert "forecast.zarr/zarr.json" in first["files"]
+    assert not any(f.startswith("maps/") for f in first["files"])
+    assert runs[1]["lead_hours"] == [0, 6, 12]
+
+
+def test_latest_is_the_newest_run(client: TestClient) -> None:
+    response = client.get("/runs/latest")
+    assert response.status_code == 200
+    assert response.json()["name"] == "20000101T06"
+
+
+def test_latest_without_runs_is_404(tmp_path: Path) -> None:
+    empty = TestClient(create_app(ServeSettings(forecasts_dir=tmp_path)))
+    response = empty.get("/runs/latest")
+    assert response.status_code == 404
+    assert "no published runs" in response.json()["detail"]
+    assert empty.get("/runs").json() == []
+    assert empty.get("/health").json() == {"status": "ok", "runs": 0}
+
+
+def test_manifest_is_the_one_on_disk(client: TestClient, run_dir: Path) -> None:
+    response = client.get("/runs/20000101T00")
+    assert response.status_code == 200
+    manifest = response.json()
+    assert manifest == read_manifest(run_dir)
+    assert manifest["provenance"]["dataset_version"] == "testing-0"
+    assert "maps/geopotential_500/024.png" in manifest["files"]
+
+
+def test_settings_dependency_can_be_overridden(client: TestClient, tmp_path: Path) -> None:
+    app = create_app(ServeSettings(forecasts_dir=tmp_path / "nowhere"))
+    app.dependency_overrides[get_settings] = lambda: ServeSettings(forecasts_dir=client.app.state.settings.forecasts_dir)
+    assert TestClient(app).get("/health").json()["runs"] == 2
+
+
+def test_a_republished_run_is_seen_at_once(tmp_path: Path) -> None:
+    from tests.serve.conftest import make_forecast, publish_run
+
+    forecasts = tmp_path / "forecasts"
+    publish_run(forecasts, make_forecast(leads=2))
+    app_client = TestClient(create_app(ServeSettings(forecasts_dir=forecasts)))
+    assert app_client.get("/runs/latest").json()["lead_hours"] == [0, 6]
+    publish_run(forecasts, make_forecast(leads=3))
+    assert app_client.get("/runs/latest").json()["lead_hours"] == [0, 6, 12]
+    on_disk = json.loads((forecasts / "20000101T00" / "manifest.json").read_text())
+    assert app_client.get("/runs/20000101T00").json()["files"] == on_disk["files"]
+
+
+def test_openapi_documents_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/health", "/runs", "/runs/latest", "/runs/{run}", "/runs/{run}/files/{path}",
+            "/runs/{run}/maps/{channel}/{lead}.png", "/viewer"} <= set(paths)
