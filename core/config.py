@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
 
 from core.grid import Grid, get_grid
 from core.variables import channel_names, check_level, get_variable
@@ -133,7 +133,7 @@ class TaskConfig(_Section):
 
 
 class ModelConfig(_Section):
-    embed_dim: int = 32
+    embed_dim: int = 16
     """Width of the SFNO's latent channels."""
     num_layers: int = 4
     """Number of spherical Fourier blocks."""
