@@ -170,6 +170,12 @@ class TrainConfig(_Section):
     """Seed of weights and data order."""
     threads: int = 0
     """torch intra-op threads per rank (0 = cores / ranks)."""
+    nproc_per_node: int = 1
+    """Ranks torchrun starts on this machine (GPUs per node, or CPU processes)."""
+    nnodes: int = 1
+    """Number of nodes in the torchrun rendezvous."""
+    rdzv_endpoint: str | None = None
+    """host:port of the rendezvous for multi-node runs (None = standalone on this machine)."""
 
     @model_validator(mode="after")
     def _periods(self) -> TrainConfig:
@@ -312,8 +318,9 @@ def config_from_dict(data: Mapping[str, Any], origin: str = "dict") -> Config:
         raise ValueError(_format_error(exc, origin)) from None
 
 
-def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Build the config from defaults, an optional YAML file, then ``SPHERECAST_*`` variables."""
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the config from defaults, a YAML file, ``SPHERECAST_*`` variables, then ``overrides``."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
@@ -325,10 +332,14 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
             raise ValueError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
         data = loaded
         origin = str(path)
-    overrides = _env_overrides(os.environ if env is None else env)
-    if overrides:
+    from_env = _env_overrides(os.environ if env is None else env)
+    if from_env:
         origin += " + SPHERECAST_* environment"
-    return config_from_dict(_deep_merge(data, overrides), origin)
+        data = _deep_merge(data, from_env)
+    if overrides:
+        origin += " + parameters"
+        data = _deep_merge(data, overrides)
+    return config_from_dict(data, origin)
 
 
 def dump_config(config: Config) -> dict[str, Any]:

@@ -3,7 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from core.runs import list_runs, parse_run_name, publish, read_manifest, run_name, sha256_file, staging_dir, write_manifest
+from core.runs import (
+    list_runs,
+    parse_run_name,
+    publish,
+    read_manifest,
+    run_name,
+    sha256_file,
+    staging_dir,
+    write_manifest,
+)
 
 PROV = {"checkpoint_sha256": "ab", "dataset_version": "v", "code_version": "c"}
 

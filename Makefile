@@ -1,0 +1,44 @@
+# spherecast — `make demo` and `make test` are all a newcomer needs (see README).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# pip on these machines prints a warning per missing local index; keep real errors visible.
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+# The three-step recipe (DESIGN §7): CPU torch first, then the pinned set, then torch-harmonics
+# without dependencies (a plain install would pull a multi-GB CUDA torch).
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip $(QUIET)
+	$(BIN)/pip install -q torch==2.13.0 $(QUIET)
+	$(BIN)/pip install -q -r requirements.txt $(QUIET)
+	$(BIN)/pip install -q --no-deps torch-harmonics==0.9.3 $(QUIET)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . $(QUIET)
+	touch $@
+
+demo: setup
+	$(BIN)/spherecast demo $(DEMO_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a silent pass.
+test: setup lint
+	rc=0; $(BIN)/pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python benches/forecast_speed.py
+
+clean:
+	rm -rf $(VENV) spherecast-out .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,142 @@
+"""``spherecast`` command line: each subcommand runs one Prefect flow (or the server)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "core,ingest,models,serve",
+    "PREFECT_UI_ENABLED": "false",
+}
+
+
+def prefect_environment() -> None:
+    """Offline-friendly Prefect defaults; a value the user already set wins."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attr, (section, key) in {
+        "start": ("ingest", "start"), "end": ("ingest", "end"),
+        "budget_minutes": ("train", "budget_minutes"), "nproc_per_node": ("train", "nproc_per_node"),
+        "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"),
+        "host": ("serve", "host"), "port": ("serve", "port"),
+    }.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def _print_scores(scores: dict[int, Any]) -> None:
+    print("\nlead   model rel.err   persistence rel.err   (RMSE / RMS of anomaly; climatology = 1)")
+    for lead, row in scores.items():
+        rel = row["relative_error"]
+        print(f"{lead:4d} h   {rel['model']:.3f}           {rel['persistence']:.3f}")
+    if 24 in scores:
+        print("\n24 h RMSE by channel (model vs persistence, same initial time):")
+        for ch, v in scores[24].items():
+            if ch != "relative_error":
+                print(f"  {ch:28s} {v['rmse']:10.3f}  vs {v['rmse_persistence']:10.3f}")
+        rel = scores[24]["relative_error"]
+        verdict = "beats" if rel["model"] < rel["persistence"] else "DOES NOT beat"
+        print(f"→ the SFNO {verdict} persistence at 24 h ({rel['model']:.3f} vs {rel['persistence']:.3f})")
+
+
+def _serve(config: Any) -> None:
+    import uvicorn
+
+    from serve.app import app_from_config
+
+    print(f"serving {config.paths.forecasts} on http://{config.serve.host}:{config.serve.port}/ (Ctrl-C stops)")
+    uvicorn.run(app_from_config(config), host=config.serve.host, port=config.serve.port, log_level="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch one parsed command."""
+    from core.config import load_config
+
+    config_path = str(args.config) if args.config else None
+    overrides = _overrides(args)
+    config = load_config(config_path, overrides=overrides)  # fail fast, before Prefect starts
+    if args.command == "serve":
+        _serve(config)
+        return 0
+    prefect_environment()
+    from pipelines import flows
+
+    if args.command == "demo":
+        result = flows.demo(config_path, overrides)
+        _print_scores(result["scores"])
+        print(f"\ncheckpoint: {result['checkpoint']}\nforecast run: {result['run_dir']}")
+        if not args.no_serve:
+            _serve(config)
+    elif args.command == "ingest":
+        print(flows.ingest_era5(config_path, overrides))
+    elif args.command == "train":
+        print(flows.train_sfno(config_path, overrides))
+    elif args.command == "forecast":
+        print(flows.run_forecast(config_path, overrides))
+    elif args.command == "render":
+        print(flows.rerender(config_path, overrides, args.run))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="spherecast", description="AI weather forecasting: ingest → train → forecast → maps → HTTP.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", type=Path, help="YAML config file (SPHERECAST_* variables override it)")
+        return p
+
+    p = add("demo", "Simulate the planet, train, forecast 5 days, render maps, print skill, then serve.")
+    p.add_argument("--no-serve", action="store_true", help="stop after printing the results")
+    p.add_argument("--budget-minutes", type=float, help="training budget")
+    p = add("ingest", "Build or resume the analysis store and its statistics.")
+    p.add_argument("--start", help="first analysis time, e.g. 2000-01-01T00")
+    p.add_argument("--end", help="last analysis time")
+    p = add("train", "Train the SFNO under torchrun.")
+    p.add_argument("--budget-minutes", type=float, help="training budget")
+    p.add_argument("--nproc-per-node", type=int, help="ranks on this machine")
+    p = add("forecast", "Run and publish a forecast.")
+    p.add_argument("--init-time", help="initial time, or 'latest'")
+    p.add_argument("--lead-hours", type=int, help="forecast length in hours")
+    p = add("render", "Re-render the maps of a published run (republished by rename).")
+    p.add_argument("--run", required=True, help="run name, e.g. 20000320T00")
+    p = add("serve", "Serve published runs, maps and the viewer over HTTP.")
+    p.add_argument("--host", help="interface to bind")
+    p.add_argument("--port", type=int, help="port")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spherecast`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API chatter drowns the progress
+    try:
+        return run(args)
+    except ValueError as exc:
+        print(f"spherecast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Prefect flows: thin glue from config to package calls. Deployments live in ``flows.yaml``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from core.config import Config, load_config
+from pipelines.tasks import forecast_task, ingest_task, score_task, train_task
+
+
+def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config:
+    return load_config(config_path, overrides=overrides)
+
+
+@flow(name="ingest_era5", log_prints=True)
+def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """Fill (or resume) the analysis store from the configured source and refresh the stats."""
+    return ingest_task(_config(config_path, overrides))
+
+
+@flow(name="train_sfno", log_prints=True)
+def train_sfno(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """Train the SFNO under torchrun in a subprocess; return the best checkpoint's path."""
+    return train_task(_config(config_path, overrides))
+
+
+@flow(name="run_forecast", log_prints=True)
+def run_forecast(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """Forecast from the configured (or latest) initial time and publish the run."""
+    return forecast_task(_config(config_path, overrides))
+
+
+@flow(name="demo", log_prints=True)
+def demo(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ingest the planet, train, forecast a held-out initial time, and score it against persistence."""
+    config = _config(config_path, overrides)
+    ingest_task(config)
+    checkpoint = train_task(config)
+    run_dir = forecast_task(config)
+    scores = score_task(config, run_dir)
+    get_run_logger().info("demo finished: run %s from %s", run_dir, checkpoint)
+    return {"run_dir": run_dir, "checkpoint": checkpoint, "scores": scores}
+
+
+@flow(name="render_maps", log_prints=True)
+def rerender(config_path: str | None = None, overrides: dict[str, Any] | None = None, run: str = "") -> str:
+    """Re-render the maps of one published run."""
+    from pipelines.tasks import rerender_task
+
+    return rerender_task(_config(config_path, overrides), run)

@@ -1,0 +1,174 @@
+"""Prefect tasks: each calls one package function and passes paths. No science lives here."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+import models
+from core.config import Config, dump_config
+from core.fields import to_channels
+from core.runs import publish, run_name, sha256_file, staging_dir, write_manifest
+from core.verification import score_forecast
+from ingest.build import ingest
+from models.checkpoint import code_version
+from models.data import open_analysis
+from models.forecast import load_forecaster, rollout, write_forecast
+from serve.maps import render_run_maps
+
+PROJECT_ROOT = Path(models.__file__).resolve().parents[1]
+
+
+@task(name="ingest-analysis", cache_policy=NO_CACHE)
+def ingest_task(config: Config) -> str:
+    """Build or resume the analysis store and its statistics."""
+    report = ingest(config, progress=False)
+    get_run_logger().info("analysis store %s: %d slabs written, %d already done", report.path, report.written,
+                          report.skipped)
+    return str(report.path)
+
+
+def torchrun_command(config: Config, config_file: Path) -> list[str]:
+    """The torchrun invocation for a training config (standalone or multi-node rendezvous)."""
+    t = config.train
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}", f"--nnodes={t.nnodes}"]
+    if t.rdzv_endpoint:
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={t.rdzv_endpoint}", f"--rdzv_id={t.run_name}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "models.train", "--config", str(config_file)]
+
+
+@task(name="train-torchrun", cache_policy=NO_CACHE)
+def train_task(config: Config) -> str:
+    """Run ``torchrun … -m models.train`` as a subprocess, streaming its log; return the checkpoint."""
+    logger = get_run_logger()
+    run_dir = config.paths.runs / config.train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+    cmd = torchrun_command(config, config_file)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TQDM_MININTERVAL", "20")  # a bar redraw per 20 s keeps the streamed log readable
+    logger.info("launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    tail: list[str] = []
+    buffer = b""
+    assert proc.stdout is not None
+    while chunk := proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096):
+        buffer += chunk
+        *lines, buffer = re.split(rb"[\r\n]", buffer)
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                logger.info("%s", line)
+                tail = (tail + [line])[-20:]
+    code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"torchrun exited with code {code}; last lines:\n" + "\n".join(tail))
+    checkpoint = run_dir / "checkpoint.pt"
+    logger.info("checkpoint %s sha256 %s", checkpoint, sha256_file(checkpoint))
+    return str(checkpoint)
+
+
+def resolve_init_time(config: Config, analysis: Any) -> pd.Timestamp:
+    """The configured initial time, or the latest completely ingested analysis time."""
+    if config.forecast.init_time != "latest":
+        return pd.Timestamp(config.forecast.init_time)
+    done = analysis["done"].values.astype(bool)
+    if not done.any():
+        raise ValueError(f"no completed analysis time in {config.paths.analysis_store}")
+    return pd.Timestamp(analysis["time"].values[done][-1])
+
+
+@task(name="forecast-publish", cache_policy=NO_CACHE)
+def forecast_task(config: Config) -> str:
+    """Roll out, write Zarr + NetCDF, render maps, checksum, and publish the run by one rename."""
+    logger = get_run_logger()
+    checkpoint = config.checkpoint_path()
+    if not checkpoint.is_file():
+        raise ValueError(f"checkpoint {checkpoint} does not exist; run `spherecast train` first")
+    model, meta = load_forecaster(checkpoint)
+    analysis = open_analysis(config.paths.analysis_store)
+    init = resolve_init_time(config, analysis)
+    forecast = rollout(model, meta, analysis, init, config.forecast.lead_hours)
+    name = run_name(init)
+    staging = staging_dir(config.paths.forecasts, name)
+    try:
+        write_forecast(forecast, staging)
+        maps = render_run_maps(forecast, staging, dpi=config.render.dpi,
+                               natural_earth_dir=config.render.natural_earth_dir)
+        provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+                      "weights_sha256": meta["weights_sha256"], "dataset_version": meta["dataset_version"],
+                      "code_version": code_version(), "lead_hours": config.forecast.lead_hours,
+                      "channels": list(meta["channels"]), "config": dump_config(config)}
+        write_manifest(staging, init, provenance)
+        final = publish(staging, config.paths.forecasts / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("published %s (%d maps)", final, len(maps))
+    return str(final)
+
+
+@task(name="score-run", cache_policy=NO_CACHE)
+def score_task(config: Config, run_dir: str) -> dict[str, Any]:
+    """Score a published run against the analysis, persistence and the training-period climatology."""
+    import xarray as xr
+
+    analysis = open_analysis(config.paths.analysis_store)
+    channels = config.task.channels()
+    t = config.train
+    clim = to_channels(analysis.sel(time=slice(t.train_start, t.train_end)), channels).mean("time").load()
+    with xr.open_zarr(Path(run_dir) / "forecast.zarr", consolidated=False) as fc:
+        scores = score_forecast(fc.load(), analysis, channels, clim)
+    table: dict[str, Any] = {}
+    for i, lead in enumerate(scores["lead_hours"].values.tolist()):
+        row = {}
+        for ch in channels:
+            s = scores.isel(lead_time=i).sel(channel=ch)
+            row[ch] = {k: float(s[k]) for k in ("rmse", "rmse_persistence", "rmse_climatology", "acc")}
+        rel = [row[ch]["rmse"] / row[ch]["rmse_climatology"] for ch in channels]
+        rel_p = [row[ch]["rmse_persistence"] / row[ch]["rmse_climatology"] for ch in channels]
+        row["relative_error"] = {"model": float(np.mean(rel)), "persistence": float(np.mean(rel_p))}
+        table[int(lead)] = row
+    return table
+
+
+@task(name="rerender-maps", cache_policy=NO_CACHE)
+def rerender_task(config: Config, name: str) -> str:
+    """Copy a published run aside, re-render its maps, re-checksum, and publish it again."""
+    import json
+
+    import xarray as xr
+
+    from core.runs import list_runs, parse_run_name
+
+    parse_run_name(name)
+    if name not in list_runs(config.paths.forecasts):
+        raise ValueError(f"no published run {name!r} in {config.paths.forecasts}")
+    src = config.paths.forecasts / name
+    staging = staging_dir(config.paths.forecasts, name)
+    try:
+        shutil.copytree(src, staging, dirs_exist_ok=True)
+        shutil.rmtree(staging / "maps", ignore_errors=True)
+        with xr.open_zarr(staging / "forecast.zarr", consolidated=False) as fc:
+            render_run_maps(fc.load(), staging, dpi=config.render.dpi, natural_earth_dir=config.render.natural_earth_dir)
+        provenance = json.loads((src / "manifest.json").read_text())["provenance"]
+        write_manifest(staging, parse_run_name(name), provenance)
+        return str(publish(staging, src))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

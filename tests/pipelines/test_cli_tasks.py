@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.config import load_config
+from pipelines.cli import build_parser, main
+from pipelines.tasks import torchrun_command
+
+
+def test_torchrun_command_standalone_and_rendezvous(tmp_path: Path) -> None:
+    cfg = load_config(env={}, overrides={"train": {"nproc_per_node": 2}})
+    cmd = torchrun_command(cfg, tmp_path / "c.yaml")
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and "--nproc_per_node=2" in cmd
+    assert cmd[-4:] == ["-m", "models.train", "--config", str(tmp_path / "c.yaml")]
+    multi = load_config(env={}, overrides={"train": {"nnodes": 2, "rdzv_endpoint": "node0:29400"}})
+    cmd = torchrun_command(multi, tmp_path / "c.yaml")
+    assert "--rdzv_endpoint=node0:29400" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        ("train: {epochs: 3}\n", "unknown key 'train.epochs'"),
+        ("grid: {preset: 7deg}\n", "unknown grid preset '7deg'"),
+        ("task: {variables: [vorticity]}\n", "unknown variable 'vorticity'"),
+    ],
+)
+def test_bad_config_is_one_clear_error_and_touches_nothing(tmp_path: Path, capsys, yaml_text: str, needle: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"paths: {{root: {tmp_path / 'out'}}}\n" + yaml_text)
+    assert main(["ingest", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spherecast: error: invalid config") and needle in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_store_failing_its_contract_is_reported_and_untouched(tmp_path: Path, capsys) -> None:
+    import hashlib
+
+    import xarray as xr
+
+    from core.testing import analysis_dataset
+
+    root = tmp_path / "out"
+    store = root / "data" / "analysis.zarr"
+    analysis_dataset().drop_attrs().to_zarr(store, zarr_format=3, consolidated=False)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in store.rglob("*") if p.is_file()}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths: {{root: {root}}}\ngrid: {{preset: tiny}}\n")
+    assert main(["ingest", "--config", str(cfg)]) == 2
+    assert "missing root attribute 'schema_version'" in capsys.readouterr().err
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in store.rglob("*") if p.is_file()} == before
+    assert xr.open_zarr(store).sizes["time"] == 8
+
+
+def test_console_script_help_lists_every_stage() -> None:
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, check=True)
+    for word in ("demo", "ingest", "train", "forecast", "render", "serve"):
+        assert word in out.stdout
+    assert build_parser().parse_args(["demo", "--no-serve"]).no_serve
