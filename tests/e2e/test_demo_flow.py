@@ -37,7 +37,7 @@ def test_demo_flow_end_to_end(tmp_path: Path, harness) -> None:
     run_dir = Path(result["run_dir"])
     assert run_dir == cfg.paths.forecasts / "20000108T00"
     assert not [p for p in cfg.paths.forecasts.iterdir() if p.name.startswith(".tmp")]
-    fc = validate_forecast(xr.open_zarr(run_dir / "forecast.zarr").load())
+    fc = validate_forecast(xr.open_zarr(run_dir / "forecast.zarr", consolidated=False).load())
     assert fc.sizes["lead_time"] == 5 and fc.sizes["latitude"] == 17
     nc = xr.open_dataset(run_dir / "forecast.nc").load()
     xr.testing.assert_allclose(nc["geopotential"], fc["geopotential"])

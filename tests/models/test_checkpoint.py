@@ -39,7 +39,10 @@ def test_meta_is_self_describing(tmp_path: Path) -> None:
     assert meta["channels"] == CHANNELS
     assert meta["grid"] == get_grid("tiny").describe()
     assert meta["train_step"] == 7
-    assert meta["task"]["time_step_hours"] == 6 and meta["model"]["embed_dim"] == 32
+    config = tiny_config(tmp_path)
+    assert meta["task"]["time_step_hours"] == 6
+    # The meta records the model section as configured, and the arch the weights were built with.
+    assert meta["model"]["embed_dim"] == config.model.embed_dim == meta["arch"]["embed_dim"]
     assert meta["arch"]["nlat"] == 17 and meta["arch"]["in_channels"] == 3
     assert meta["stats"]["diff_std"] == pytest.approx(model.diff_std.tolist())
     assert meta["code_version"] and meta["dataset_version"] == "testing-0"
