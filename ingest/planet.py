@@ -61,7 +61,9 @@ class Planet:
         self.seed, self.epoch, self.spinup_days = seed, epoch, spinup_days
         self.steps_per_sample = int(SAMPLE_SECONDS // dt)
         self._torch = torch
-        self.solver = ShallowWaterSolver(nlat, nlon, dt, grid="equiangular", havg=MEAN_DEPTH, hamp=0.0)
+        # lmax given explicitly: the same truncation torch-harmonics defaults to, without its warning.
+        lmax = (nlat + 1) // 2
+        self.solver = ShallowWaterSolver(nlat, nlon, dt, lmax=lmax, mmax=lmax, grid="equiangular", havg=MEAN_DEPTH, hamp=0.0)
         self.solver = self.solver.to(torch.float64)
         s = self.solver
         self.lat = s.lats.reshape(-1, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,11 @@ def create_store(path: Path, layout: StoreLayout) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_zarr(tmp, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
-    zarr.consolidate_metadata(str(tmp))
+    with warnings.catch_warnings():
+        # Zarr warns that consolidated metadata is not (yet) in the v3 spec; we want it anyway
+        # so readers open the store with one request.
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        zarr.consolidate_metadata(str(tmp))
     os.rename(tmp, path)  # a reader sees no store or a whole pre-allocated one
 
 

@@ -33,7 +33,7 @@ PROJECT_ROOT = Path(models.__file__).resolve().parents[1]
 @task(name="ingest-analysis", cache_policy=NO_CACHE)
 def ingest_task(config: Config) -> str:
     """Build or resume the analysis store and its statistics."""
-    report = ingest(config, progress=False)
+    report = ingest(config, progress=True)
     get_run_logger().info("analysis store %s: %d slabs written, %d already done", report.path, report.written,
                           report.skipped)
     return str(report.path)
