@@ -8,8 +8,13 @@ Analysis store (``<data>/analysis.zarr``, Zarr v3)
     (0 → 360−Δ); data variables in ERA5 long names, float32, CF ``units``/``long_name``;
     pressure variables are ``(time, level, latitude, longitude)``, single-level
     ``(time, latitude, longitude)``; ``done(time)`` uint8 completeness flags (1 = written) and
-    ``expver(time)`` int8 provenance (1 final, 5 preliminary/ERA5T, 0 unknown); root attrs
-    ``schema_version``, ``grid``, ``source``, ``dataset_version``.
+    ``expver(time)`` int8 provenance (1 final, 5 preliminary/ERA5T, 0 unknown); optional
+    ``replaced(time)`` uint8 (1 = the time was first stored as preliminary ERA5T and its values
+    were since replaced by final ERA5; authoritative only where ``expver`` is 1, because the
+    writer sets it just before ``expver``). A flag, not a write timestamp, so that rebuilding a
+    store gives the same bytes. These per-time variables are :data:`FLAG_VARIABLES`; every other
+    data variable is a field. Root attrs ``schema_version``, ``grid``, ``source``,
+    ``dataset_version``.
 Stats (``<data>/stats.nc``)
     dim ``channel``; variables ``mean``, ``std``, ``diff_std``; attrs ``period_start``,
     ``period_end``, ``dataset_version``, ``grid``, ``time_step_hours``.
@@ -35,6 +40,9 @@ from core.variables import VARIABLES, parse_channel
 
 SCHEMA_VERSION = "1"
 EXPVER_UNKNOWN, EXPVER_FINAL, EXPVER_PRELIMINARY = 0, 1, 5
+# Per-time bookkeeping variables of the analysis store (not fields); the first two are required.
+FLAG_VARIABLES = ("done", "expver", "replaced")
+REQUIRED_FLAGS = FLAG_VARIABLES[:2]
 ANALYSIS_ATTRS = ("schema_version", "grid", "source", "dataset_version")
 STATS_ATTRS = ("period_start", "period_end", "dataset_version", "grid", "time_step_hours")
 CHECKPOINT_META_KEYS = (
@@ -68,7 +76,7 @@ def _check_grid_coords(ds: xr.Dataset, what: str) -> Grid:
 
 
 def _check_data_vars(ds: xr.Dataset, what: str, lead_dims: tuple[str, ...]) -> None:
-    data_vars = [v for v in ds.data_vars if v not in ("done", "expver")]
+    data_vars = [v for v in ds.data_vars if v not in FLAG_VARIABLES]
     if not data_vars:
         _fail(what, "holds no data variables")
     for name in data_vars:
@@ -108,8 +116,9 @@ def validate_analysis(ds: xr.Dataset, what: str = "analysis store") -> xr.Datase
     if "level" in ds.dims and not np.issubdtype(ds["level"].dtype, np.integer):
         _fail(what, f"level has dtype {ds['level'].dtype}, expected integer hPa")
     _check_grid_coords(ds, what)
-    for flag in ("done", "expver"):
-        if flag not in ds.data_vars or ds[flag].dims != ("time",):
+    for flag in FLAG_VARIABLES:
+        present = flag in ds.data_vars
+        if (flag in REQUIRED_FLAGS and not present) or (present and ds[flag].dims != ("time",)):
             _fail(what, f"missing per-time variable {flag!r}(time)")
     _check_data_vars(ds, what, ("time",))
     return ds

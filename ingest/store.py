@@ -3,8 +3,14 @@
 Pattern from xarray's "distributed writes" guide: the whole period's metadata is written once
 from a lazy template (``compute=False``), then each slab of times is written into its fixed
 region. A slab's ``done`` flags are set only after its data is on disk, so a killed run resumes
-by rewriting exactly the slabs without flags, and the result is byte-identical to an
-uninterrupted build. ``to_zarr(append_dim=…)`` is never used: it rewrites metadata as it goes.
+by rewriting exactly the times without flags, and the result is byte-identical to an
+uninterrupted build. ``to_zarr(append_dim=…)`` is never used: it rewrites metadata as it goes;
+a longer period is made by :func:`ingest.append.extend_store`, which only grows array shapes.
+
+Every field and flag chunk is compressed with zstd (or not) and ends with a crc32c checksum, so a
+flipped bit fails to decode instead of becoming a wrong value. This module is the package's
+facade: the low-level reads/writes (``ingest.regions``), the append (``ingest.append``), the
+ERA5T replacement (``ingest.append``) and the lock (``ingest.lock``) are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,24 +18,53 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
-import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from core.grid import Grid
 from core.schema import SCHEMA_VERSION, validate_analysis
 from core.variables import get_variable
+from ingest.append import (
+    complete_pending_append,
+    extend_store,
+    intent_path,
+    replace_preliminary,
+    replace_slab,
+    store_lock,
+)
+from ingest.lock import StoreLockedError, lock_holder, lock_path
+from ingest.regions import (
+    FLAGS,
+    consolidate,
+    contiguous_runs,
+    done_flags,
+    missing_times,
+    open_store,
+    preliminary_times,
+    read_flags,
+    remove_partial_files,
+    write_slab,
+)
+
+__all__ = [
+    "FLAGS", "TIME_CHUNK", "BuildReport", "StoreLayout", "StoreLockedError", "build_store", "check_layout",
+    "complete_pending_append", "consolidate", "contiguous_runs", "create_store", "done_flags", "extend_store",
+    "intent_path", "lock_holder", "lock_path", "missing_times", "open_store", "preliminary_times", "read_flags",
+    "remove_partial_files", "replace_preliminary", "replace_slab", "slabs_to_do", "store_lock", "write_slab",
+]
 
 log = logging.getLogger(__name__)
 
-FLAGS = ("done", "expver")
+# Times per chunk of the `time` coordinate (~11 years at 6 h): an append rewrites only its last chunk.
+TIME_CHUNK = 16384
 
 
 @dataclass(frozen=True)
@@ -62,6 +97,8 @@ def _template(layout: StoreLayout) -> xr.Dataset:
     data_vars["expver"] = (("time",), da.zeros(nt, dtype=np.int8, chunks=1),
                            {"long_name": "ERA5 experiment version", "flag_values": [0, 1, 5],
                             "flag_meanings": "unknown final preliminary"})
+    data_vars["replaced"] = (("time",), da.zeros(nt, dtype=np.uint8, chunks=1),
+                             {"long_name": "preliminary values replaced by final (1) or not (0)"})
     coords = {
         "time": ("time", layout.times.values.astype("datetime64[ns]"), {"standard_name": "time"}),
         "level": ("level", np.asarray(layout.levels, dtype=np.int32), {"units": "hPa", "long_name": "pressure level"}),
@@ -73,86 +110,33 @@ def _template(layout: StoreLayout) -> xr.Dataset:
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def create_store(path: Path, layout: StoreLayout) -> None:
+def chunk_codecs(compression: Literal["zstd", "none"] = "zstd", checksum: bool = True) -> list:
+    """The bytes-to-bytes codecs of field and flag chunks: zstd (or none), then a crc32c checksum."""
+    if compression not in ("zstd", "none"):
+        raise ValueError(f"compression {compression!r} is not 'zstd' or 'none'")
+    codecs: list = [ZstdCodec(level=3)] if compression == "zstd" else []
+    return codecs + ([Crc32cCodec()] if checksum else [])
+
+
+def create_store(path: Path, layout: StoreLayout, *, compression: Literal["zstd", "none"] = "zstd",
+                 checksum: bool = True) -> None:
     """Pre-allocate an empty store for the layout's whole period (metadata only, atomically)."""
+    path = Path(path)
     if path.exists():
         raise ValueError(f"store {path} already exists")
+    codecs = chunk_codecs(compression, checksum)
     ds = _template(layout)
     validate_analysis(ds, what=f"template for {path}")
-    encoding = {name: {"fill_value": np.nan} for name in layout.variables}
-    encoding.update({flag: {"fill_value": 0} for flag in FLAGS})
-    encoding["time"] = {"units": "hours since 1900-01-01", "calendar": "proleptic_gregorian", "dtype": "int64"}
+    encoding = {name: {"fill_value": np.nan, "compressors": codecs} for name in layout.variables}
+    encoding.update({flag: {"fill_value": 0, "compressors": codecs} for flag in FLAGS})
+    encoding["time"] = {"units": "hours since 1900-01-01", "calendar": "proleptic_gregorian", "dtype": "int64",
+                        "chunks": (TIME_CHUNK,)}
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_zarr(tmp, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
-    with warnings.catch_warnings():
-        # Zarr warns that consolidated metadata is not (yet) in the v3 spec; we want it anyway
-        # so readers open the store with one request.
-        warnings.filterwarnings("ignore", message="Consolidated metadata")
-        zarr.consolidate_metadata(str(tmp))
+    consolidate(tmp)
     os.rename(tmp, path)  # a reader sees no store or a whole pre-allocated one
-
-
-def open_store(path: Path) -> xr.Dataset:
-    """Open an analysis store lazily and check it against the contract."""
-    if not (path / "zarr.json").is_file():
-        raise ValueError(f"{path} is not an analysis store (no zarr.json)")
-    ds = xr.open_zarr(path, consolidated=None, zarr_format=3)
-    return validate_analysis(ds, what=f"analysis store {path}")
-
-
-def done_flags(path: Path) -> np.ndarray:
-    """The per-time done flags of a store as a bool array (read fresh from disk)."""
-    return zarr.open_array(str(path / "done"), mode="r")[:].astype(bool)
-
-
-def remove_partial_files(path: Path) -> int:
-    """Delete chunk files a killed writer left half-written (``*.partial``); return how many."""
-    count = 0
-    for stray in path.rglob("*.partial"):
-        stray.unlink()
-        count += 1
-    return count
-
-
-def _check_slab(store: xr.Dataset, slab: xr.Dataset, where: slice) -> None:
-    times = store["time"].values[where]
-    if not np.array_equal(slab["time"].values.astype("datetime64[ns]"), times):
-        raise ValueError(f"slab times {slab['time'].values[[0, -1]]} do not match store region {times[[0, -1]]}")
-    for dim in ("latitude", "longitude"):
-        if slab.sizes.get(dim) != store.sizes[dim] or not np.allclose(slab[dim].values, store[dim].values):
-            raise ValueError(f"slab {dim} does not match the store's grid {store.attrs['grid']}")
-    for name in store.data_vars:
-        if name in FLAGS:
-            continue
-        if name not in slab.data_vars:
-            raise ValueError(f"slab lacks variable {name!r}")
-        if slab[name].dims != store[name].dims:
-            raise ValueError(f"slab variable {name!r} has dims {slab[name].dims}, store has {store[name].dims}")
-    extra = set(slab.data_vars) - set(store.data_vars)
-    if extra:
-        raise ValueError(f"slab has variables the store does not: {sorted(extra)}")
-    if "level" in slab.dims and not np.array_equal(slab["level"].values, store["level"].values):
-        raise ValueError(f"slab levels {slab['level'].values.tolist()} != store levels {store['level'].values.tolist()}")
-
-
-def write_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> None:
-    """Write one slab into its region, then set its done flags (data strictly first)."""
-    where = slice(start, start + slab.sizes["time"])
-    _check_slab(store, slab, where)
-    data = slab[[v for v in store.data_vars if v not in FLAGS]].astype(np.float32)
-    data = data.drop_vars([c for c in data.coords if c != "time"]).drop_vars("time")
-    for name in data.data_vars:
-        data[name].attrs = {}
-        if not np.all(np.isfinite(data[name].values)):
-            raise ValueError(f"slab {where.start}–{where.stop}: {name!r} has NaN or Inf; not written")
-    data.to_zarr(path, region={"time": where}, mode="r+", zarr_format=3, consolidated=False)
-    expver = slab["expver"].values.astype(np.int8) if "expver" in slab else np.zeros(slab.sizes["time"], np.int8)
-    flags = xr.Dataset({"expver": ("time", expver), "done": ("time", np.ones(slab.sizes["time"], np.uint8))})
-    # Flags go last so that a kill before this line leaves the slab marked "to do".
-    flags[["expver"]].to_zarr(path, region={"time": where}, mode="r+", zarr_format=3, consolidated=False)
-    flags[["done"]].to_zarr(path, region={"time": where}, mode="r+", zarr_format=3, consolidated=False)
 
 
 def slabs_to_do(done: np.ndarray, slab_size: int) -> list[slice]:
@@ -175,8 +159,24 @@ class BuildReport:
     total: int
 
 
-def check_layout(store: xr.Dataset, layout: StoreLayout, path: Path) -> None:
-    """Refuse to touch a store whose grid, variables, levels, period or version differ."""
+def _period_mismatch(have: pd.DatetimeIndex, want: pd.DatetimeIndex) -> str | None:
+    """Why the stored period is not a prefix of the requested one (None if it is)."""
+    if have.size <= want.size and have.equals(want[: have.size]):
+        return None
+    if have[0] != want[0]:
+        why = f"start {have[0]} != {want[0]}"
+    elif min(have.size, want.size) > 1 and have[1] - have[0] != want[1] - want[0]:
+        why = f"step {have[1] - have[0]} != {want[1] - want[0]}"
+    elif have.size > want.size:
+        why = f"store ends at {have[-1]}, after the requested end {want[-1]}"
+    else:
+        why = "the times differ"
+    return (f"period {have[0]}..{have[-1]} ({have.size} times) is not a prefix of the requested "
+            f"{want[0]}..{want[-1]} ({want.size} times): {why}")
+
+
+def check_layout(store: xr.Dataset, layout: StoreLayout, path: Path) -> int:
+    """Refuse a store that differs from the request except by a shorter period; return times to append."""
     problems = []
     if store.attrs["grid"] != layout.grid.describe():
         problems.append(f"grid {store.attrs['grid']} != {layout.grid.describe()}")
@@ -187,34 +187,42 @@ def check_layout(store: xr.Dataset, layout: StoreLayout, path: Path) -> None:
         problems.append(f"levels {store['level'].values.tolist()} != {list(layout.levels)}")
     if store.attrs["dataset_version"] != layout.dataset_version:
         problems.append(f"dataset_version {store.attrs['dataset_version']} != {layout.dataset_version}")
-    if not np.array_equal(store["time"].values, layout.times.values.astype("datetime64[ns]")):
-        t = store["time"].values
-        problems.append(f"period {t[0]}..{t[-1]} ({t.size} times) != requested "
-                        f"{layout.times[0]}..{layout.times[-1]} ({len(layout.times)} times)")
+    mismatch = _period_mismatch(pd.DatetimeIndex(store["time"].values), pd.DatetimeIndex(layout.times))
+    if mismatch:
+        problems.append(mismatch)
     if problems:
         raise ValueError(f"store {path} does not match the request; nothing was modified: " + "; ".join(problems))
+    return int(len(layout.times) - store.sizes["time"])
 
 
 def build_store(path: Path, layout: StoreLayout,
                 fetch: Callable[[Sequence[pd.Timestamp]], xr.Dataset],
-                slab_size: int, progress: Callable[[int, int], None] | None = None) -> BuildReport:
-    """Create (or resume) a store and write every slab that is not done, in time order."""
-    if path.exists():
-        check_layout(open_store(path), layout, path)
-        removed = remove_partial_files(path)
-        if removed:
-            log.warning("removed %d half-written chunk files left by an interrupted writer", removed)
-    else:
-        create_store(path, layout)
-    store = open_store(path)
-    done = done_flags(path)
-    todo = slabs_to_do(done, slab_size)
-    skipped = sum(1 for _ in range(0, done.size, slab_size)) - len(todo)
-    for k, where in enumerate(todo):
-        times = list(pd.DatetimeIndex(store["time"].values[where]))
-        slab = fetch(times)
-        write_slab(path, store, slab, where.start)
-        log.debug("wrote slab %s..%s", times[0], times[-1])
-        if progress is not None:
-            progress(k + 1, len(todo))
+                slab_size: int, progress: Callable[[int, int], None] | None = None, *,
+                compression: Literal["zstd", "none"] = "zstd", checksum: bool = True) -> BuildReport:
+    """Create, resume or extend a store under its writer lock and write every time not done."""
+    path = Path(path)
+    with store_lock(path):
+        if path.exists():
+            extra = check_layout(open_store(path), layout, path)
+            removed = remove_partial_files(path)
+            if removed:
+                log.warning("removed %d half-written chunk files left by an interrupted writer", removed)
+            if extra:
+                extend_store(path, layout.times[-1])
+        else:
+            create_store(path, layout, compression=compression, checksum=checksum)
+        store = open_store(path)
+        done = done_flags(path)
+        todo = slabs_to_do(done, slab_size)
+        skipped = -(-done.size // slab_size) - len(todo)
+        for k, where in enumerate(todo):
+            # Only the times not done: a partially done slab is completed, its done times untouched.
+            for run in contiguous_runs(~done[where]):
+                part = slice(where.start + run.start, where.start + run.stop)
+                times = list(pd.DatetimeIndex(store["time"].values[part]))
+                write_slab(path, store, fetch(times), part.start)
+                log.debug("wrote times %s..%s", times[0], times[-1])
+            if progress is not None:
+                progress(k + 1, len(todo))
+        consolidate(path)
     return BuildReport(path, len(todo), skipped, len(todo) + skipped)

@@ -20,7 +20,7 @@ import xarray as xr
 from torch.utils.data import Dataset
 
 from core.fields import to_channels
-from core.schema import validate_analysis
+from core.schema import FLAG_VARIABLES, validate_analysis
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class WindowDataset(Dataset):
         starts = [i for i in range(len(self.times) - span)
                   if all(self.done[i + k * self.stride] for k in range(steps + 1))]
         self.index = np.asarray(starts, dtype=np.int64)
-        names = sorted({v for v in period.data_vars if v not in ("done", "expver")})
+        names = sorted({v for v in period.data_vars if v not in FLAG_VARIABLES})
         arr = to_channels(period[names], self.channels).values if len(self.times) else np.zeros((0,))
         self.data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         if self.data.numel() and not torch.isfinite(self.data[torch.from_numpy(self.done)]).all():

@@ -14,8 +14,18 @@ import xarray as xr
 from core.grid import get_grid
 from core.testing import analysis_dataset
 from ingest.build import ingest, layout_for
-from ingest.store import StoreLayout, build_store, create_store, done_flags, open_store, slabs_to_do, write_slab
-from tests.ingest.conftest import tiny_config
+from ingest.check import describe_missing
+from ingest.store import (
+    StoreLayout,
+    build_store,
+    create_store,
+    done_flags,
+    missing_times,
+    open_store,
+    slabs_to_do,
+    write_slab,
+)
+from tests.ingest.conftest import TINY, tiny_config
 
 VARS = ("geopotential", "u_component_of_wind", "v_component_of_wind")
 
@@ -80,6 +90,36 @@ def test_bad_slabs_change_nothing(tmp_path: Path) -> None:
     assert tree_digest(path) == before
 
 
+def test_missing_times_are_reported_and_refetched_without_rewriting_done_ones(tmp_path: Path) -> None:
+    ds = analysis_dataset(periods=8)
+    path = tmp_path / "a.zarr"
+    create_store(path, layout_of(ds))
+    store = open_store(path)
+    assert write_slab(path, store, ds.isel(time=[0, 1, 2]), 0) == 3  # slab 0..3 (of 4) left partly done
+    write_slab(path, store, ds.isel(time=[6, 7]), 6)
+    assert missing_times(path).equals(pd.DatetimeIndex(ds.time.values[3:6]))
+    assert describe_missing(path) == "3 of 8 times missing: 2000-01-01T18 .. 2000-01-02T06 (3 times)"
+    done_chunks = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.rglob("*")
+                   if p.is_file() and p.relative_to(path).parts[1:3] in {("c", str(i)) for i in (0, 1, 2, 6, 7)}
+                   and p.relative_to(path).parts[0] in VARS + ("done", "expver")}
+    assert len(done_chunks) == 5 * (len(VARS) + 2)
+    calls: list[list[pd.Timestamp]] = []
+
+    def fetch(times):
+        calls.append(list(times))
+        return ds.sel(time=pd.DatetimeIndex(times))
+
+    report = build_store(path, layout_of(ds), fetch, slab_size=4)
+    assert calls == [[pd.Timestamp(ds.time.values[3])], list(pd.DatetimeIndex(ds.time.values[4:6]))]
+    assert (report.written, report.skipped) == (2, 0)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in done_chunks} == done_chunks
+    xr.testing.assert_identical(open_store(path)[list(VARS)].load().drop_attrs(), ds[list(VARS)].drop_attrs())
+    # A slab over done times writes nothing: done values are never overwritten by a plain write.
+    before = tree_digest(path)
+    assert write_slab(path, open_store(path), analysis_dataset(periods=4, seed=3), 0) == 0
+    assert tree_digest(path) == before
+
+
 def test_mismatched_request_leaves_store_untouched(tiny) -> None:
     cfg, _ = tiny
     ingest(cfg, progress=False)
@@ -89,10 +129,17 @@ def test_mismatched_request_leaves_store_untouched(tiny) -> None:
     other.ingest.synthetic.seed = 7
     with pytest.raises(ValueError, match="nothing was modified: dataset_version"):
         ingest(other, progress=False)
+    # A longer period is an append (tests/ingest/test_append.py); another start is refused.
     other = cfg.model_copy(deep=True)
-    other.ingest.end = pd.Timestamp("2000-01-06").to_pydatetime()
-    with pytest.raises(ValueError, match="period"):
+    other.ingest.start = pd.Timestamp("2000-01-01T06").to_pydatetime()
+    with pytest.raises(ValueError, match="period") as info:
         ingest(other, progress=False)
+    assert "start 2000-01-01 00:00:00 != 2000-01-01 06:00:00" in str(info.value)
+    # An earlier end (a store appended past the config's end) keeps the store's period: nothing to do.
+    other = cfg.model_copy(deep=True)
+    other.ingest.end = pd.Timestamp("2000-01-03T18").to_pydatetime()
+    report = ingest(other, progress=False)
+    assert (report.written, report.total) == (0, report.skipped)
     assert tree_digest(path) == before
     st = xr.open_dataset(cfg.paths.stats_file)
     assert st.attrs["dataset_version"] == open_store(path).attrs["dataset_version"]
@@ -107,11 +154,29 @@ def run_ingest(cfg_path: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+# Kill tests spend their time starting processes (torch, torch-harmonics) and spinning up the
+# planet, so they use a shorter spin-up and period, and share one uninterrupted reference run.
+LIGHT_INGEST = {"slab_size": 1, "end": "2000-01-02T18",
+                "synthetic": dict(TINY["ingest"]["synthetic"], spinup_days=0.25)}
+LIGHT_TRAIN = {"train_start": "2000-01-01", "train_end": "2000-01-01T18",
+               "val_start": "2000-01-02", "val_end": "2000-01-02T18"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory):
+    cfg, cfg_path = tiny_config(tmp_path_factory.mktemp("ref"), ingest=LIGHT_INGEST, train=LIGHT_TRAIN)
+    proc = run_ingest(cfg_path)  # runs beside the first interrupted build; waited for when compared
+    yield proc, cfg.paths.analysis_store
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    proc.stderr.close()
+
+
 @pytest.mark.parametrize("kill_after", [1, 4])
-def test_kill_minus_9_then_resume_is_byte_identical(tmp_path: Path, kill_after: int) -> None:
-    ref_cfg, ref_path = tiny_config(tmp_path / "ref", ingest={"slab_size": 1})
-    cut_cfg, cut_path = tiny_config(tmp_path / "cut", ingest={"slab_size": 1})
-    ref = run_ingest(ref_path)
+def test_kill_minus_9_then_resume_is_byte_identical(tmp_path: Path, kill_after: int, reference_run) -> None:
+    ref, ref_store = reference_run
+    cut_cfg, cut_path = tiny_config(tmp_path / "cut", ingest=LIGHT_INGEST, train=LIGHT_TRAIN)
     proc = run_ingest(cut_path)
     store = cut_cfg.paths.analysis_store
     deadline = time.monotonic() + 120
@@ -121,13 +186,15 @@ def test_kill_minus_9_then_resume_is_byte_identical(tmp_path: Path, kill_after: 
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     flags = done_flags(store)
     assert 0 < flags.sum() < flags.size, "the kill must land mid-build for this test to mean anything"
     resumed = run_ingest(cut_path)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    resumed.stderr.close()
     assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
-    assert done_flags(store).all()
-    assert tree_digest(store) == tree_digest(ref_cfg.paths.analysis_store)
+    assert done_flags(store).all() and flags.size == 8
+    assert tree_digest(store) == tree_digest(ref_store)
 
 
 def test_layout_from_config(tiny) -> None:

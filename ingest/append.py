@@ -1,0 +1,212 @@
+"""The daily update of a store: extend its time axis, then replace ERA5T by final ERA5.
+
+**Append.** Growing a Zarr array only rewrites its ``zarr.json`` (the shape); chunks of the new
+times do not exist, so they read as the fill value (NaN data, ``done`` 0, ``expver`` 0) until a
+slab is written: no data chunk is ever rewritten. The steps are made repeatable by an intent file,
+``<store>.append.json`` beside the store (like its lock file; inside, Zarr warns about a
+stranger), written atomically before anything else: resize the fields, then the flags, then the
+``time`` coordinate (its small chunks are rewritten with the new values), refresh the
+consolidated metadata, remove the intent. Until that refresh, readers — who open the store
+through its consolidated metadata — still see the old period, consistently. A writer that takes
+the lock (:func:`store_lock`) completes a leftover intent first.
+
+**ERA5T → final.** ERA5T (``expver`` 5) is published about five days behind real time and final
+ERA5 (``expver`` 1) two to three months later; the values can differ. A replacement touches only
+times that are done, stored as preliminary and delivered as final: final values are never
+overwritten, and preliminary data never replaces anything. Per time the order is data, then
+``replaced = 1``, then ``expver = 1``; a kill anywhere before the last write leaves the time
+marked preliminary, so the next run fetches and rewrites it again (the same bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from core.schema import EXPVER_FINAL, EXPVER_PRELIMINARY
+from ingest.lock import writer_lock
+from ingest.regions import (
+    FLAGS,
+    check_slab,
+    consolidate,
+    contiguous_runs,
+    encode_times,
+    ensure_replaced_flag,
+    open_store,
+    preliminary_times,
+    read_flags,
+    slab_fields,
+    write_region,
+)
+
+log = logging.getLogger(__name__)
+
+
+def intent_path(path: Path) -> Path:
+    """Where an append records what it is doing until it is complete: ``<store>.append.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".append.json")
+
+
+def _utc_naive(t: pd.Timestamp | str) -> pd.Timestamp:
+    ts = pd.Timestamp(t)
+    return ts.tz_convert("UTC").tz_localize(None) if ts.tzinfo is not None else ts
+
+
+def _apply(path: Path, intent: dict) -> None:
+    """Perform (or finish) the append an intent describes; every step is idempotent."""
+    size, old = int(intent["size"]), int(intent["from_size"])
+    times = pd.date_range(intent["start"], periods=size, freq=pd.Timedelta(seconds=intent["step_seconds"]))
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    by_time = {name: arr for name, arr in group.arrays()
+               if (arr.metadata.dimension_names or (None,))[0] == "time"}
+    fields = sorted(n for n in by_time if n not in FLAGS and n != "time")
+    flags = sorted(n for n in by_time if n in FLAGS)
+    # Fields, then flags, then the time coordinate: the axis readers use is grown last.
+    for name in fields + flags + ["time"]:
+        arr = by_time[name]
+        if arr.shape[0] > size:
+            raise ValueError(f"append to {path}: {name!r} already has {arr.shape[0]} times, more than {size}")
+        if arr.shape[0] < size:
+            arr.resize((size,) + arr.shape[1:])
+    tarr = by_time["time"]
+    encoded = encode_times(times, str(tarr.attrs.get("units", "")), tarr.dtype, f"append to {path}")
+    if not np.array_equal(tarr[:old], encoded[:old]):
+        raise ValueError(f"append to {path}: the stored times do not match {intent_path(path)}; nothing more done")
+    tarr[old:size] = encoded[old:]
+    consolidate(path)
+    intent_path(path).unlink(missing_ok=True)
+
+
+def complete_pending_append(path: Path) -> bool:
+    """Finish an append a killed writer left half done; True if there was one."""
+    ipath = intent_path(path)
+    ipath.with_name(ipath.name + ".partial").unlink(missing_ok=True)
+    if not ipath.is_file():
+        return False
+    try:
+        intent = json.loads(ipath.read_text())
+    except ValueError as exc:
+        raise ValueError(f"append intent {ipath} is unreadable ({exc}); inspect the store before removing it") from exc
+    log.warning("completing the append of %s to %s left by an interrupted writer", path, intent.get("end"))
+    # A kill inside a metadata write leaves a `zarr.json.<uuid>.partial` beside it; no chunk is
+    # written by an append, so these two levels are the only places to look.
+    for stray in [*Path(path).glob("*.partial"), *Path(path).glob("*/*.partial")]:
+        stray.unlink()
+    _apply(path, intent)
+    return True
+
+
+def prepare_for_write(path: Path) -> None:
+    """Bring an existing store to a writable state: finish a pending append, add missing flags."""
+    if not (Path(path) / "zarr.json").is_file():
+        return
+    open_store(path)  # a store that fails its contract is reported, never repaired or touched
+    complete_pending_append(path)
+    if ensure_replaced_flag(path):
+        log.info("added the 'replaced' flag to %s", path)
+
+
+@contextmanager
+def store_lock(path: Path) -> Iterator[Path]:
+    """Hold the store's single-writer lock (re-entrant); on first entry repair a pending append."""
+    with writer_lock(Path(path), on_acquire=prepare_for_write) as held:
+        yield held
+
+
+def _write_intent(path: Path, intent: dict) -> None:
+    tmp = intent_path(path).with_name(intent_path(path).name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(intent, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, intent_path(path))
+
+
+def extend_store(path: Path, new_end: pd.Timestamp, step: pd.Timedelta | None = None) -> int:
+    """Extend the store's time axis to ``new_end`` (new times not done); return times added."""
+    path, new_end = Path(path), _utc_naive(new_end)
+    with store_lock(path):
+        times = pd.DatetimeIndex(open_store(path)["time"].values)
+        if times.size >= 2:
+            have = times[1] - times[0]
+            if step is not None and pd.Timedelta(step) != have:
+                raise ValueError(f"store {path} has a time step of {have}, not {pd.Timedelta(step)}")
+            step = have
+        elif step is None:
+            raise ValueError(f"store {path} holds a single time, so its step is unknown: pass step")
+        step = pd.Timedelta(step)
+        if new_end < times[-1]:
+            raise ValueError(f"store {path} already ends at {times[-1]}, after {new_end}; nothing was modified")
+        if (new_end - times[0]) % step:
+            raise ValueError(f"{new_end} is not on the time axis of store {path} "
+                             f"(from {times[0]} every {step}); nothing was modified")
+        if new_end == times[-1]:
+            return 0
+        size = (new_end - times[0]) // step + 1
+        intent = {"version": 1, "start": times[0].isoformat(), "step_seconds": step.total_seconds(),
+                  "from_size": int(times.size), "size": int(size), "end": new_end.isoformat()}
+        _write_intent(path, intent)
+        _apply(path, intent)
+    log.info("extended %s by %d times to %s", path, size - times.size, new_end)
+    return int(size - times.size)
+
+
+def replace_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> int:
+    """Overwrite the slab's done-preliminary times where it brings final data; return how many."""
+    where = slice(start, start + slab.sizes["time"])
+    check_slab(store, slab, where)
+    if "expver" not in slab:
+        raise ValueError(f"slab {where.start}–{where.stop} has no 'expver': cannot tell final from preliminary")
+    if "replaced" not in store.data_vars:
+        raise ValueError(f"store {path} has no 'replaced' flag; open it for writing (store_lock) first")
+    flags = read_flags(path).isel(time=where)
+    fresh = slab["expver"].values
+    mask = (flags["done"].values.astype(bool) & (flags["expver"].values == EXPVER_PRELIMINARY)
+            & (fresh == EXPVER_FINAL))
+    if not mask.any():
+        return 0
+    runs = contiguous_runs(mask)
+    data = slab_fields(store, slab.isel(time=np.flatnonzero(mask)), where)  # refuse NaN before any write
+    offset = 0
+    for run in runs:
+        n = run.stop - run.start
+        write_region(path, data.isel(time=slice(offset, offset + n)), slice(start + run.start, start + run.stop))
+        offset += n
+    marks = xr.Dataset({"replaced": ("time", np.ones(where.stop - where.start, np.uint8)),
+                        "expver": ("time", np.full(where.stop - where.start, EXPVER_FINAL, np.int8))})
+    for name in ("replaced", "expver"):
+        for run in runs:
+            write_region(path, marks[[name]].isel(time=run), slice(start + run.start, start + run.stop))
+    replaced = pd.DatetimeIndex(store["time"].values[where][mask])
+    log.info("replaced %d preliminary times by final ERA5 (%s..%s)", mask.sum(), replaced[0], replaced[-1])
+    return int(mask.sum())
+
+
+def replace_preliminary(path: Path, fetch: Callable[[Sequence[pd.Timestamp]], xr.Dataset], slab_size: int,
+                        since: pd.Timestamp | None = None) -> int:
+    """Re-fetch the store's preliminary times (from ``since``) and replace those now final."""
+    with store_lock(path):
+        store = open_store(path)
+        times = pd.DatetimeIndex(store["time"].values)
+        prelim = preliminary_times(path)
+        if since is not None:
+            prelim = prelim[prelim >= _utc_naive(since)]
+        mask = np.zeros(len(times), dtype=bool)
+        mask[times.get_indexer(prelim)] = True
+        total = 0
+        for run in contiguous_runs(mask):
+            for begin in range(run.start, run.stop, slab_size):
+                stop = min(begin + slab_size, run.stop)
+                total += replace_slab(path, store, fetch(list(times[begin:stop])), begin)
+        consolidate(path)
+    return total

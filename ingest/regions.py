@@ -1,0 +1,199 @@
+"""Reads and region writes on an existing analysis store (the writer's low-level half).
+
+Readers see the store through its consolidated metadata, which is refreshed only at the end of a
+create, append or replacement: while an append is half done (some arrays already resized), they
+still see the previous, consistent period. Writes never change metadata: each slab goes into its
+fixed region, data strictly before its flags, so a kill leaves the slab marked "to do".
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, validate_analysis
+
+log = logging.getLogger(__name__)
+
+FLAGS = FLAG_VARIABLES
+
+
+def consolidate(path: Path) -> None:
+    """Rewrite the store's consolidated metadata from the arrays' own metadata."""
+    with warnings.catch_warnings():
+        # Zarr warns that consolidated metadata is not (yet) in the v3 spec; we want it anyway
+        # so readers open the store with one request and never see a half-done append.
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        zarr.consolidate_metadata(str(path))
+
+
+def open_store(path: Path) -> xr.Dataset:
+    """Open an analysis store lazily and check it against the contract."""
+    if not (Path(path) / "zarr.json").is_file():
+        raise ValueError(f"{path} is not an analysis store (no zarr.json)")
+    ds = xr.open_zarr(path, consolidated=None, zarr_format=3)
+    return validate_analysis(ds, what=f"analysis store {path}")
+
+
+_UNITS = {"days": "D", "hours": "h", "minutes": "min", "seconds": "s", "milliseconds": "ms",
+          "microseconds": "us", "nanoseconds": "ns"}
+
+
+def encode_times(times: pd.DatetimeIndex, units: str, dtype: np.dtype, what: str) -> np.ndarray:
+    """Times as the integers a CF ``<unit> since <reference>`` coordinate stores."""
+    unit, sep, ref = units.partition(" since ")
+    if not sep or unit.strip() not in _UNITS:
+        raise ValueError(f"{what}: time units {units!r} are not '<unit> since <date>'")
+    step = pd.Timedelta(1, unit=_UNITS[unit.strip()]).as_unit("ns").value
+    offsets = (times.as_unit("ns") - pd.Timestamp(ref.strip()).as_unit("ns")).asi8
+    if np.any(offsets % step):
+        raise ValueError(f"{what}: times are not whole multiples of {unit.strip()} since {ref.strip()}")
+    return (offsets // step).astype(dtype)
+
+
+def decode_times(raw: np.ndarray, units: str, what: str) -> pd.DatetimeIndex:
+    """The datetimes a CF ``<unit> since <reference>`` integer coordinate stands for."""
+    unit, sep, ref = units.partition(" since ")
+    if not sep or unit.strip() not in _UNITS:
+        raise ValueError(f"{what}: time units {units!r} are not '<unit> since <date>'")
+    return pd.Timestamp(ref.strip()) + pd.to_timedelta(np.asarray(raw, dtype=np.int64), unit=_UNITS[unit.strip()])
+
+
+def read_flags(path: Path) -> xr.Dataset:
+    """The per-time flags of a store with its times, read fresh from disk (``replaced`` 0 if absent)."""
+    # Plain Zarr through the consolidated metadata: cheap enough to poll, and the length is the
+    # published one even while an append is half done.
+    if not (Path(path) / "zarr.json").is_file():
+        raise ValueError(f"{path} is not an analysis store (no zarr.json)")
+    group = zarr.open_group(str(path), mode="r", use_consolidated=None)
+    tarr = group["time"]
+    n = tarr.shape[0]
+    times = decode_times(tarr[:], str(tarr.attrs.get("units", "")), f"analysis store {path}")
+    flags = {}
+    for name in FLAGS:
+        if name in group:
+            flags[name] = ("time", group[name][:n])
+        elif name == "replaced":
+            flags[name] = ("time", np.zeros(n, np.uint8))
+        else:
+            raise ValueError(f"analysis store {path}: missing per-time variable {name!r}(time)")
+    return xr.Dataset(flags, coords={"time": times.values.astype("datetime64[ns]")})
+
+
+def done_flags(path: Path) -> np.ndarray:
+    """The per-time done flags of a store as a bool array (read fresh from disk)."""
+    return read_flags(path)["done"].values.astype(bool)
+
+
+def missing_times(path: Path) -> pd.DatetimeIndex:
+    """Times of the store that are not done (never written, or interrupted)."""
+    flags = read_flags(path)
+    return pd.DatetimeIndex(flags["time"].values[~flags["done"].values.astype(bool)])
+
+
+def preliminary_times(path: Path) -> pd.DatetimeIndex:
+    """Done times whose values are still preliminary (ERA5T, expver 5)."""
+    flags = read_flags(path)
+    prelim = flags["done"].values.astype(bool) & (flags["expver"].values == EXPVER_PRELIMINARY)
+    return pd.DatetimeIndex(flags["time"].values[prelim])
+
+
+def remove_partial_files(path: Path) -> int:
+    """Delete chunk files a killed writer left half-written (``*.partial``); return how many."""
+    count = 0
+    for stray in Path(path).rglob("*.partial"):
+        stray.unlink()
+        count += 1
+    return count
+
+
+def contiguous_runs(mask: np.ndarray) -> list[slice]:
+    """The maximal runs of True in a 1-d mask, as slices."""
+    edges = np.diff(np.concatenate([[0], np.asarray(mask, dtype=np.int8), [0]]))
+    return [slice(int(a), int(b)) for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True)]
+
+
+def check_slab(store: xr.Dataset, slab: xr.Dataset, where: slice) -> None:
+    """Refuse a slab whose times, grid, variables or levels do not fit the store region."""
+    times = store["time"].values[where]
+    if not np.array_equal(slab["time"].values.astype("datetime64[ns]"), times):
+        got = slab["time"].values
+        raise ValueError(f"slab times {got[[0, -1]] if got.size else got} do not match store region "
+                         f"{times[[0, -1]] if times.size else where}")
+    for dim in ("latitude", "longitude"):
+        if slab.sizes.get(dim) != store.sizes[dim] or not np.allclose(slab[dim].values, store[dim].values):
+            raise ValueError(f"slab {dim} does not match the store's grid {store.attrs['grid']}")
+    for name in store.data_vars:
+        if name in FLAGS:
+            continue
+        if name not in slab.data_vars:
+            raise ValueError(f"slab lacks variable {name!r}")
+        if slab[name].dims != store[name].dims:
+            raise ValueError(f"slab variable {name!r} has dims {slab[name].dims}, store has {store[name].dims}")
+    extra = set(slab.data_vars) - set(store.data_vars)
+    if extra:
+        raise ValueError(f"slab has variables the store does not: {sorted(extra)}")
+    if "level" in slab.dims and not np.array_equal(slab["level"].values, store["level"].values):
+        raise ValueError(f"slab levels {slab['level'].values.tolist()} != store levels {store['level'].values.tolist()}")
+
+
+def slab_fields(store: xr.Dataset, slab: xr.Dataset, where: slice) -> xr.Dataset:
+    """The slab's fields as float32 without coordinates, ready for a region write; NaN/Inf refused."""
+    data = slab[[v for v in store.data_vars if v not in FLAGS]].astype(np.float32)
+    data = data.drop_vars([c for c in data.coords if c != "time"]).drop_vars("time")
+    for name in data.data_vars:
+        data[name].attrs = {}
+        values = data[name].values
+        if not np.all(np.isfinite(values)):
+            bad = ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
+            first = pd.Timestamp(slab["time"].values[bad][0])
+            raise ValueError(f"slab {where.start}–{where.stop}: {name!r} has NaN or Inf "
+                             f"(first at {first:%Y-%m-%dT%H}); not written")
+    return data
+
+
+def write_region(path: Path, data: xr.Dataset, where: slice) -> None:
+    """Write a coordinate-free dataset into the store region ``where`` along time."""
+    data.to_zarr(path, region={"time": where}, mode="r+", zarr_format=3, consolidated=False)
+
+
+def write_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> int:
+    """Write a slab's not-yet-done times into their region, then set their flags; return how many."""
+    # Times already done are left alone (a partially done slab is completed, never rewritten), so
+    # a final value is never overwritten here: replacing preliminary data is replace_slab's job.
+    where = slice(start, start + slab.sizes["time"])
+    check_slab(store, slab, where)
+    data = slab_fields(store, slab, where)
+    done = read_flags(path)["done"].values[where].astype(bool)
+    runs = contiguous_runs(~done)
+    n = slab.sizes["time"]
+    expver = slab["expver"].values.astype(np.int8) if "expver" in slab else np.zeros(n, np.int8)
+    flags = xr.Dataset({"expver": ("time", expver), "done": ("time", np.ones(n, np.uint8))})
+    for run in runs:
+        write_region(path, data.isel(time=run), slice(start + run.start, start + run.stop))
+    # Flags go last so that a kill before them leaves the times marked "to do".
+    for name in ("expver", "done"):
+        for run in runs:
+            write_region(path, flags[[name]].isel(time=run), slice(start + run.start, start + run.stop))
+    return int(sum(r.stop - r.start for r in runs))
+
+
+def ensure_replaced_flag(path: Path) -> bool:
+    """Add the ``replaced(time)`` flag to a store written before it existed; True if added."""
+    if not (Path(path) / "zarr.json").is_file():
+        return False
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    if "replaced" in group.array_keys():
+        return False
+    done = group["done"]
+    group.create_array("replaced", shape=done.shape, chunks=done.chunks, dtype=np.uint8, fill_value=0,
+                       compressors=done.compressors, dimension_names=("time",),
+                       attributes={"long_name": "preliminary values replaced by final (1) or not (0)"})
+    consolidate(path)
+    return True
