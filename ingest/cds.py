@@ -196,11 +196,13 @@ class CdsSource:
             self._sidecar(req).unlink(missing_ok=True)
 
     # -- planning, for `spherecast ingest --plan` and appends -------------------------------------
-    def describe_requests(self, times: Sequence[pd.Timestamp], variables: Sequence[str],
+    def describe_requests(self, slabs: Sequence[Sequence[pd.Timestamp]], variables: Sequence[str],
                           levels: Sequence[int]) -> str:
-        """The table of CDS requests that fetching ``times`` would send."""
+        """The table of CDS requests that fetching each slab of times would send."""
         s = self.settings
-        return format_plan(plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format))
+        plan = [req for times in slabs
+                for req in plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format)]
+        return format_plan(plan)
 
     def latest_available(self, variables: Sequence[str], levels: Sequence[int]) -> pd.Timestamp:
         """The newest time CDS serves (ERA5T lags real time by ``ingest.plan.ERA5T_LAG``)."""

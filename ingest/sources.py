@@ -121,12 +121,3 @@ class SyntheticSource:
         )
         ds["expver"] = ("time", np.full(len(stamps), EXPVER_FINAL, dtype=np.int8))
         return ds
-
-
-def make_source(kind: str, grid: Grid, synthetic: SyntheticConfig | None = None) -> Source:
-    """The source named by ``ingest.source`` (one explicit match, no registry)."""
-    match kind:
-        case "synthetic":
-            return SyntheticSource(grid, synthetic)
-        case _:
-            raise ValueError(f"unknown ingest source {kind!r}; available: synthetic")

@@ -27,7 +27,8 @@ def prefect_environment() -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for attr, (section, key) in {
-        "start": ("ingest", "start"), "end": ("ingest", "end"),
+        "start": ("ingest", "start"), "end": ("ingest", "end"), "workers": ("ingest", "workers"),
+        "scheduler_address": ("ingest", "scheduler_address"),
         "budget_minutes": ("train", "budget_minutes"), "nproc_per_node": ("train", "nproc_per_node"),
         "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"),
         "host": ("serve", "host"), "port": ("serve", "port"),
@@ -62,6 +63,18 @@ def _serve(config: Any) -> None:
     uvicorn.run(app_from_config(config), host=config.serve.host, port=config.serve.port, log_level="info")
 
 
+def _data(config: Any, args: argparse.Namespace) -> int:
+    from ingest.check import check_store, inspect_store
+
+    store = Path(args.store) if args.store else config.paths.analysis_store
+    if args.action == "inspect":
+        print(inspect_store(store))
+        return 0
+    report = check_store(store, full=not args.quick)
+    print(report.report())
+    return 0 if report.ok else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch one parsed command."""
     from core.config import load_config
@@ -71,6 +84,13 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides=overrides)  # fail fast, before Prefect starts
     if args.command == "serve":
         _serve(config)
+        return 0
+    if args.command == "data":
+        return _data(config, args)
+    if args.command == "ingest" and args.plan:
+        from ingest.build import plan_ingest
+
+        print(plan_ingest(config, append=args.append).describe())
         return 0
     prefect_environment()
     from pipelines import flows
@@ -82,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_serve:
             _serve(config)
     elif args.command == "ingest":
-        print(flows.ingest_era5(config_path, overrides))
+        print(flows.ingest_era5(config_path, overrides, append=args.append))
     elif args.command == "train":
         print(flows.train_sfno(config_path, overrides))
     elif args.command == "forecast":
@@ -106,9 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "Simulate the planet, train, forecast 5 days, render maps, print skill, then serve.")
     p.add_argument("--no-serve", action="store_true", help="stop after printing the results")
     p.add_argument("--budget-minutes", type=float, help="training budget")
-    p = add("ingest", "Build or resume the analysis store and its statistics.")
+    p = add("ingest", "Build, resume or append to the analysis store and refresh its statistics.")
     p.add_argument("--start", help="first analysis time, e.g. 2000-01-01T00")
-    p.add_argument("--end", help="last analysis time")
+    p.add_argument("--end", help="last analysis time (later than the store's: the store is extended)")
+    p.add_argument("--append", action="store_true",
+                   help="extend the store to the newest time the source serves and re-check preliminary (ERA5T) times")
+    p.add_argument("--plan", action="store_true", help="print what would be fetched and written, then stop")
+    p.add_argument("--workers", type=int, help="Dask LocalCluster workers")
+    p.add_argument("--scheduler-address", help="use an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    p = add("data", "Inspect or check the analysis store.")
+    p.add_argument("action", choices=["inspect", "check"], help="inspect: summary; check: exit 1 on any problem")
+    p.add_argument("--store", help="store path (default: the config's analysis store)")
+    p.add_argument("--quick", action="store_true", help="check: skip decoding every chunk")
     p = add("train", "Train the SFNO under torchrun.")
     p.add_argument("--budget-minutes", type=float, help="training budget")
     p.add_argument("--nproc-per-node", type=int, help="ranks on this machine")

@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from core.config import Config, load_config
-from pipelines.tasks import forecast_task, ingest_task, score_task, train_task
+from core.config import Config, dump_config, load_config
+from pipelines.tasks import forecast_task, ingest_task, score_task, slab_task, stats_task, train_task
 
 
 def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config:
@@ -15,9 +15,34 @@ def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config
 
 
 @flow(name="ingest_era5", log_prints=True)
-def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> str:
-    """Fill (or resume) the analysis store from the configured source and refresh the stats."""
-    return ingest_task(_config(config_path, overrides))
+def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None = None,
+                append: bool = False) -> str:
+    """Fill, resume or append to the analysis store (one task per slab), re-check ERA5T, refresh the stats."""
+    from ingest.build import ingest_session
+    from ingest.parallel import slab_executor
+    from pipelines import ingest_context
+
+    config = _config(config_path, overrides)
+    logger = get_run_logger()
+    data, ing = dump_config(config), config.ingest
+    slab = slab_task.with_options(retries=ing.retries, retry_delay_seconds=10)
+    # The planet is one continuous simulation: its slabs run in order in this process.
+    workers = 1 if ing.source == "synthetic" else ing.workers
+    with ingest_session(config, append) as plan:
+        logger.info("%s", plan.describe())
+        jobs = [(s, False) for s in plan.todo] + [(s, True) for s in plan.recheck]
+        with slab_executor(workers, ing.scheduler_address) as executor, ingest_context.installed(executor):
+            if executor.client is None:
+                for where, replace in jobs:
+                    slab(data, where.start, where.stop, replace)
+            else:
+                futures = [slab.submit(data, where.start, where.stop, replace) for where, replace in jobs]
+                for future in futures:
+                    future.wait()  # every slab gets its chance (and its retries) before we report
+                for future in futures:
+                    future.result()  # raises the first failure
+    stats_task(config)
+    return str(plan.path)
 
 
 @flow(name="train_sfno", log_prints=True)
