@@ -18,6 +18,7 @@ import xarray as xr
 import zarr
 
 from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, validate_analysis
+from ingest.chunkio import chunk_writer
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,14 @@ def check_slab(store: xr.Dataset, slab: xr.Dataset, where: slice) -> None:
 
 def slab_fields(store: xr.Dataset, slab: xr.Dataset, where: slice) -> xr.Dataset:
     """The slab's fields as float32 without coordinates, ready for a region write; NaN/Inf refused."""
-    data = slab[[v for v in store.data_vars if v not in FLAGS]].astype(np.float32)
+    data = slab[[v for v in store.data_vars if v not in FLAGS]].astype(np.float32, copy=False)
     data = data.drop_vars([c for c in data.coords if c != "time"]).drop_vars("time")
     for name in data.data_vars:
         data[name].attrs = {}
         values = data[name].values
-        if not np.all(np.isfinite(values)):
+        # A float64 sum of float32 values is finite exactly when every value is (NaN and ±Inf
+        # propagate, and float32 values cannot overflow it), with no boolean temporary.
+        if not np.isfinite(values.sum(dtype=np.float64)):
             bad = ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
             first = pd.Timestamp(slab["time"].values[bad][0])
             raise ValueError(f"slab {where.start}–{where.stop}: {name!r} has NaN or Inf "
@@ -160,7 +163,20 @@ def slab_fields(store: xr.Dataset, slab: xr.Dataset, where: slice) -> xr.Dataset
 
 def write_region(path: Path, data: xr.Dataset, where: slice) -> None:
     """Write a coordinate-free dataset into the store region ``where`` along time."""
-    data.to_zarr(path, region={"time": where}, mode="r+", zarr_format=3, consolidated=False)
+    # Plain Zarr, not xarray's region writes: the store's arrays already carry every encoding, and
+    # xarray re-opens and re-validates the whole store on each call (≈ 50× slower per slab).
+    group = None
+    for name, var in data.data_vars.items():
+        values = np.asarray(var.values)
+        fast = chunk_writer(Path(path) / str(name))
+        if fast is not None and var.dims[:1] == ("time",) and values.ndim == len(fast.shape):
+            fast.write(where.start, values)
+            continue
+        group = group or zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        target = group[str(name)]
+        if var.dims != tuple(target.metadata.dimension_names or ()):
+            raise ValueError(f"{path}: {name!r} has dims {var.dims}, store has {target.metadata.dimension_names}")
+        target[where] = values.astype(target.dtype, copy=False)
 
 
 def write_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> int:
@@ -170,7 +186,8 @@ def write_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> i
     where = slice(start, start + slab.sizes["time"])
     check_slab(store, slab, where)
     data = slab_fields(store, slab, where)
-    done = read_flags(path)["done"].values[where].astype(bool)
+    # Only this region's flags: reading every time's flag would make each write O(store length).
+    done = zarr.open_array(str(Path(path) / "done"), mode="r")[where].astype(bool)
     runs = contiguous_runs(~done)
     n = slab.sizes["time"]
     expver = slab["expver"].values.astype(np.int8) if "expver" in slab else np.zeros(n, np.int8)

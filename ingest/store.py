@@ -127,8 +127,12 @@ def create_store(path: Path, layout: StoreLayout, *, compression: Literal["zstd"
     codecs = chunk_codecs(compression, checksum)
     ds = _template(layout)
     validate_analysis(ds, what=f"template for {path}")
-    encoding = {name: {"fill_value": np.nan, "compressors": codecs} for name in layout.variables}
-    encoding.update({flag: {"fill_value": 0, "compressors": codecs} for flag in FLAGS})
+    # "c.<t>.0.0" keys: one flat directory per array. Nested "c/<t>/0/0" keys cost a chain of
+    # mkdir calls per chunk, which measured ≈ 2 ms per chunk here — more than writing the chunk.
+    flat = {"name": "default", "separator": "."}
+    encoding = {name: {"fill_value": np.nan, "compressors": codecs, "chunk_key_encoding": flat}
+                for name in layout.variables}
+    encoding.update({flag: {"fill_value": 0, "compressors": codecs, "chunk_key_encoding": flat} for flag in FLAGS})
     encoding["time"] = {"units": "hours since 1900-01-01", "calendar": "proleptic_gregorian", "dtype": "int64",
                         "chunks": (TIME_CHUNK,)}
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")

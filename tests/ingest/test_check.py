@@ -78,8 +78,8 @@ def test_checksum_codec_is_in_every_field_and_flag(tmp_path: Path) -> None:
 
 
 def test_deleted_and_bit_flipped_chunks_are_reported_by_name(store: Path) -> None:
-    (store / "geopotential/c/3/0/0/0").unlink()
-    flipped = store / "u_component_of_wind/c/5/0/0/0"
+    (store / "geopotential/c.3.0.0.0").unlink()
+    flipped = store / "u_component_of_wind/c.5.0.0.0"
     raw = bytearray(flipped.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     flipped.write_bytes(bytes(raw))
@@ -88,11 +88,11 @@ def test_deleted_and_bit_flipped_chunks_are_reported_by_name(store: Path) -> Non
     report = check_store(store)
     assert not report.ok and len(report.problems) == 2, report.report()
     missing = only(report, "missing on disk")
-    assert "geopotential at 2000-01-01T18" in missing and "geopotential/c/3/0/0/0" in missing
+    assert "geopotential at 2000-01-01T18" in missing and "geopotential/c.3.0.0.0" in missing
     broken = only(report, "does not decode")
-    assert "u_component_of_wind at 2000-01-02T06" in broken and "u_component_of_wind/c/5/0/0/0" in broken
+    assert "u_component_of_wind at 2000-01-02T06" in broken and "u_component_of_wind/c.5.0.0.0" in broken
     assert "checksum" in broken
-    done = store / "done/c/1"
+    done = store / "done/c.1"
     raw = bytearray(done.read_bytes())
     raw[-1] ^= 0x01
     done.write_bytes(bytes(raw))
