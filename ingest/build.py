@@ -159,11 +159,16 @@ def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: boo
     times = list(pd.DatetimeIndex(store["time"].values[start:stop]))
     began = time.perf_counter()
     slab = source.fetch(times, list(config.task.variables), list(config.task.levels))
-    if replace:
-        replaced = replace_slab(path, store, slab, start)
-    else:
-        write_slab(path, store, slab, start)
-        replaced = 0
+    try:
+        if replace:
+            replaced = replace_slab(path, store, slab, start)
+        else:
+            write_slab(path, store, slab, start)
+            replaced = 0
+    except OSError as exc:  # disk full, quota, read-only mount: say where, and that a rerun resumes
+        raise OSError(exc.errno, f"writing {times[0]:%Y-%m-%dT%H}..{times[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
+                                 f"into store {path} failed: {exc.strerror or exc}; slabs already done are intact, "
+                                 "free space and rerun the ingest to resume") from exc
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "replaced": int(replaced)}
 
 
@@ -184,8 +189,13 @@ def ingest_session(config: Config, append: bool = False) -> Iterator[IngestPlan]
                 extend_store(path, plan.extend_to)
         try:
             yield plan
-        finally:
-            consolidate(path)
+        except BaseException:
+            try:
+                consolidate(path)  # publish what was done; never hide the original error
+            except OSError as exc:
+                log.warning("could not refresh consolidated metadata of %s: %s", path, exc)
+            raise
+        consolidate(path)
 
 
 def finish_ingest(config: Config) -> Path | None:
