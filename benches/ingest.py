@@ -1,0 +1,167 @@
+"""Store writer throughput vs ``numpy.save`` of the same bytes to the same disk, and ingest scaling.
+
+Part 1: the same in-memory analysis (float32) is written (a) by ``numpy.save``, one file per
+variable per slab, and (b) by the store writer (region writes + done flags into a pre-allocated
+store: the steady state of an ingest; and the whole build including pre-allocation and metadata
+consolidation), uncompressed and with the default codec (zstd + crc32c). Throughput ratio = raw
+time / writer time (goal ≥ 0.7 uncompressed, slab writes). Part 2: writer time for 4 period lengths, to see whether it is linear.
+Each measurement is the median of ``--repeats`` runs into a fresh directory; page cache as the OS
+leaves it (no fsync on either side, so both measure the same thing).
+
+Usage: python benches/ingest.py [--grid 1.5deg] [--times 96] [--dir /path/on/disk] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and "ingest" would name this file,
+# not the package; the benchmark keeps the issue's file name, so drop that entry.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from core.grid import get_grid
+from core.schema import EXPVER_FINAL
+from core.variables import get_variable
+from ingest.store import StoreLayout, consolidate, create_store, open_store, write_slab
+
+VARIABLES = ("geopotential", "temperature", "u_component_of_wind", "v_component_of_wind", "2m_temperature",
+             "mean_sea_level_pressure")
+LEVELS = (250, 500, 700, 850)
+SLAB = 4
+
+
+def analysis(grid_name: str, n: int) -> xr.Dataset:
+    """Random-but-smooth-ish float32 fields in the contract's layout (zstd gets realistic work)."""
+    g = get_grid(grid_name)
+    rng = np.random.default_rng(0)
+    times = pd.date_range("2000-01-01", periods=n, freq="6h")
+    base = np.cos(np.deg2rad(g.latitudes))[:, None] * np.ones(g.nlon)
+    data = {}
+    for name in VARIABLES:
+        var = get_variable(name)
+        lo, hi = var.valid_range
+        pressure = var.level_type == "pressure"
+        shape = (n, len(LEVELS), g.nlat, g.nlon) if pressure else (n, g.nlat, g.nlon)
+        field = (lo + hi) / 2 + (hi - lo) / 8 * (base + 0.01 * rng.standard_normal(shape))
+        dims = ("time", "level", "latitude", "longitude") if pressure else ("time", "latitude", "longitude")
+        data[name] = (dims, field.astype(np.float32), {"units": var.units, "long_name": var.long_name})
+    ds = xr.Dataset(data, coords={"time": times.values, "level": np.asarray(LEVELS, np.int32),
+                                  "latitude": g.latitudes, "longitude": g.longitudes})
+    ds["expver"] = ("time", np.full(n, EXPVER_FINAL, np.int8))
+    return ds
+
+
+def layout_of(ds: xr.Dataset, grid_name: str) -> StoreLayout:
+    """The store layout that holds ``ds``."""
+    return StoreLayout(get_grid(grid_name), VARIABLES, LEVELS, pd.DatetimeIndex(ds["time"].values), "bench", "bench-1")
+
+
+def write_raw(ds: xr.Dataset, root: Path) -> None:
+    """numpy.save of every variable's slab: the same bytes, no format around them."""
+    root.mkdir()
+    for start in range(0, ds.sizes["time"], SLAB):
+        for name in VARIABLES:
+            np.save(root / f"{name}-{start}.npy", ds[name].values[start:start + SLAB])
+
+
+def write_store(ds: xr.Dataset, root: Path, grid_name: str, compression: str, checksum: bool) -> None:
+    """The whole build: pre-allocate, region-write each slab, flags last, consolidate."""
+    create_store(root, layout_of(ds, grid_name), compression=compression, checksum=checksum)
+    write_slabs(ds, root)
+    consolidate(root)
+
+
+def write_slabs(ds: xr.Dataset, root: Path) -> None:
+    """The steady state of an ingest: region-write each slab (data, then its flags) into the store."""
+    store = open_store(root)
+    for start in range(0, ds.sizes["time"], SLAB):
+        write_slab(root, store, ds.isel(time=slice(start, start + SLAB)), start)
+
+
+def timed_slabs(ds: xr.Dataset, workdir: Path, grid_name: str, compression: str, checksum: bool,
+                repeats: int) -> float:
+    """Median time of the slab writes alone, into a store pre-allocated outside the timing."""
+    times = []
+    for k in range(repeats):
+        target = workdir / f"slabs-{k}"
+        create_store(target, layout_of(ds, grid_name), compression=compression, checksum=checksum)
+        os.sync()
+        t = time.perf_counter()
+        write_slabs(ds, target)
+        times.append(time.perf_counter() - t)
+        shutil.rmtree(target)
+    return statistics.median(times)
+
+
+def timed(fn: Callable[[Path], None], workdir: Path, repeats: int) -> float:
+    """Median wall time of ``fn`` writing into a fresh directory."""
+    times = []
+    for k in range(repeats):
+        target = workdir / f"run-{k}"
+        os.sync()  # earlier runs' dirty pages must not be flushed on this run's clock
+        t = time.perf_counter()
+        fn(target)
+        times.append(time.perf_counter() - t)
+        shutil.rmtree(target)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", default="1.5deg")
+    parser.add_argument("--times", type=int, default=96)
+    parser.add_argument("--dir", type=Path, default=None, help="directory on the disk to measure (default: cwd)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.dir or Path.cwd()))
+    try:
+        ds = analysis(args.grid, args.times)
+        nbytes = sum(ds[v].nbytes for v in VARIABLES)
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores; disk of {workdir}")
+        print(f"data: grid {args.grid}, {args.times} times × {len(VARIABLES)} variables "
+              f"({len(LEVELS)} levels) = {nbytes / 1e6:.0f} MB float32, slabs of {SLAB}")
+        raw = timed(lambda p: write_raw(ds, p), workdir, args.repeats)
+        print(f"numpy.save             {raw:7.3f} s  {nbytes / raw / 1e6:8.1f} MB/s")
+        raw_runs = [raw]
+        print("slab writes only (store pre-allocated; the steady state of an ingest):")
+        for compression, checksum, label in (("none", False, "uncompressed        "),
+                                             ("none", True, "crc32c only         "),
+                                             ("zstd", True, "zstd + crc32c       ")):
+            t = timed_slabs(ds, workdir, args.grid, compression, checksum, args.repeats)
+            raw = timed(lambda p: write_raw(ds, p), workdir, args.repeats)  # paired: re-measured beside each
+            raw_runs.append(raw)
+            print(f"  {label} {t:7.3f} s  {nbytes / t / 1e6:8.1f} MB/s  ratio {raw / t:.2f}× numpy.save")
+        print(f"numpy.save re-measured beside each: {', '.join(f'{r:.3f}' for r in raw_runs)} s")
+        print("whole build (pre-allocate + slabs + consolidate):")
+        for compression, checksum, label in (("none", False, "uncompressed        "),
+                                             ("zstd", True, "zstd + crc32c       ")):
+            t = timed(lambda p, c=compression, k=checksum: write_store(ds, p, args.grid, c, k), workdir, args.repeats)
+            print(f"  {label} {t:7.3f} s  {nbytes / t / 1e6:8.1f} MB/s  ratio {raw / t:.2f}× numpy.save")
+        print("\nscaling (store, zstd + crc32c):")
+        sizes = [args.times // 8, args.times // 4, args.times // 2, args.times]
+        per = []
+        for n in sizes:
+            part = ds.isel(time=slice(0, n))
+            t = timed(lambda p, d=part: write_store(d, p, args.grid, "zstd", True), workdir, args.repeats)
+            per.append(t / n)
+            print(f"  {n:5d} times  {t:7.3f} s  {1e3 * t / n:7.2f} ms/time")
+        print(f"  ms/time at the largest / smallest size: {per[-1] / per[0]:.2f} (1.0 = linear)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
