@@ -176,6 +176,14 @@ class TrainConfig(_Section):
     """Number of nodes in the torchrun rendezvous."""
     rdzv_endpoint: str | None = None
     """host:port of the rendezvous for multi-node runs (None = standalone on this machine)."""
+    comm_hook: Literal["none", "powersgd", "signsgd"] = "none"
+    """DDP gradient communication: plain all-reduce, PowerSGD low-rank, or 1-bit signSGD with majority vote."""
+    powersgd_rank: int = 2
+    """Rank of PowerSGD's low-rank approximation of each gradient matrix (smaller = stronger compression)."""
+    powersgd_start_iter: int = 10
+    """Steps of plain all-reduce before PowerSGD starts compressing (≥ 2: DDP rebuilds its buckets after step 1)."""
+    signsgd_error_feedback: bool = True
+    """Carry each rank's compression residual into its next gradient (what makes signSGD converge reliably)."""
 
     @model_validator(mode="after")
     def _periods(self) -> TrainConfig:
@@ -187,6 +195,11 @@ class TrainConfig(_Section):
             raise ValueError(f"val_end {self.val_end} is before val_start {self.val_start}")
         if self.batch_size < 1 or self.rollout_steps < 1:
             raise ValueError("batch_size and rollout_steps must be ≥ 1")
+        if self.powersgd_rank < 1:
+            raise ValueError(f"powersgd_rank {self.powersgd_rank} must be ≥ 1")
+        if self.powersgd_start_iter < 2:
+            raise ValueError(f"powersgd_start_iter {self.powersgd_start_iter} must be ≥ 2 (DDP rebuilds its "
+                             "gradient buckets after the first step)")
         return self
 
 
@@ -265,6 +278,8 @@ class IngestConfig(_Section):
     """Address of an existing Dask scheduler to use instead of a LocalCluster."""
     retries: int = 2
     """Prefect retries of a failed slab task (a retry re-fetches and rewrites that slab only)."""
+    retry_delay_seconds: float = 10.0
+    """Pause before a slab task's retry."""
     checksum: bool = True
     """Add a crc32c checksum to every data chunk so corruption is detected on read."""
     compression: Literal["zstd", "none"] = "zstd"
@@ -286,8 +301,8 @@ class IngestConfig(_Section):
             raise ValueError(f"ingest.end {self.end} is before ingest.start {self.start}")
         if self.slab_size < 1 or self.workers < 1:
             raise ValueError("ingest.slab_size and ingest.workers must be ≥ 1")
-        if self.recheck_days < 0 or self.retries < 0:
-            raise ValueError("ingest.recheck_days and ingest.retries must be ≥ 0")
+        if self.recheck_days < 0 or self.retries < 0 or self.retry_delay_seconds < 0:
+            raise ValueError("ingest.recheck_days, ingest.retries and ingest.retry_delay_seconds must be ≥ 0")
         if self.source == "files" and not self.files.paths:
             raise ValueError("ingest.source is 'files' but ingest.files.paths is empty")
         return self

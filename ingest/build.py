@@ -176,6 +176,7 @@ def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: boo
 def ingest_session(config: Config, append: bool = False) -> Iterator[IngestPlan]:
     """Hold the store's writer lock; create or extend the store; yield the plan; consolidate at the end."""
     path = config.paths.analysis_store
+    plan_ingest(config, append)  # refuse a bad request before creating any file (it is read-only)
     path.parent.mkdir(parents=True, exist_ok=True)
     with store_lock(path):
         plan = plan_ingest(config, append)
@@ -213,13 +214,13 @@ def ingest(config: Config, progress: bool = True, append: bool = False) -> Build
     """Build, resume or append to the analysis store for ``config.ingest``, then write the statistics."""
     data = dump_config(config)
     ing = config.ingest
-    with ingest_session(config, append) as plan:
+    # The planet is one continuous simulation: it is fastest run in order in one process.
+    workers = 1 if ing.source == "synthetic" else ing.workers
+    replaced = 0
+    # The executor first: an unreachable scheduler is reported before the store is touched.
+    with slab_executor(workers, ing.scheduler_address) as executor, ingest_session(config, append) as plan:
         total = len(plan.todo) + len(plan.recheck)
-        # The planet is one continuous simulation: it is fastest run in order in one process.
-        workers = 1 if ing.source == "synthetic" else ing.workers
-        replaced = 0
-        with slab_executor(workers, ing.scheduler_address) as executor, \
-                tqdm(total=total, desc="ingest slabs", unit="slab", disable=not progress) as bar:
+        with tqdm(total=total, desc="ingest slabs", unit="slab", disable=not progress) as bar:
             log.info("ingest %s: %d slabs to write, %d to re-check, %s", plan.path, len(plan.todo),
                      len(plan.recheck), executor.description)
             jobs = [(data, s.start, s.stop, False) for s in plan.todo]

@@ -36,8 +36,9 @@ import xarray as xr
 from core.config import CdsConfig
 from core.grid import Grid
 from core.variables import VARIABLES
+from ingest import plan as planner
 from ingest.delivered import decode_many
-from ingest.plan import CdsRequest, format_plan, latest_available, plan_requests
+from ingest.plan import CdsRequest, format_plan, plan_requests
 from ingest.regrid import regrid
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class CdsSource:
 
     def latest_available(self, variables: Sequence[str], levels: Sequence[int]) -> pd.Timestamp:
         """The newest time CDS serves (ERA5T lags real time by ``ingest.plan.ERA5T_LAG``)."""
-        return latest_available()
+        return planner.latest_available()  # through the module: one place to pin "now" in tests
 
     # -- the Source protocol --------------------------------------------------------------------
     def fetch(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,15 +54,39 @@ class SlabExecutor:
             self.client.cancel([f for f in futures if not f.done()])
 
 
+SCHEDULER_TIMEOUT = 30.0  # seconds to connect to and greet an existing scheduler
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Connect and handshake with a scheduler within ``timeout``, or raise a ValueError naming it."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def greet() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    # In a thread of its own: the caller may already run an event loop (Prefect flows do).
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(asyncio.run, greet()).result()
+        except (TimeoutError, OSError, ValueError, TypeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise ValueError(f"cannot reach the Dask scheduler at {address!r} (ingest.scheduler_address, "
+                             f"e.g. tcp://host:8786) within {timeout:g} s: {reason}") from None
+
+
 @contextmanager
 def slab_executor(workers: int, scheduler_address: str | None = None) -> Iterator[SlabExecutor]:
     """A SlabExecutor on ``scheduler_address``, on a LocalCluster of ``workers`` processes, or inline."""
     if scheduler_address:
         from distributed import Client
 
+        _probe(scheduler_address, SCHEDULER_TIMEOUT)
         try:
-            client = Client(scheduler_address, timeout="30s")
-        except OSError as exc:
+            client = Client(scheduler_address, timeout=f"{SCHEDULER_TIMEOUT:g}s")
+        except (OSError, ValueError) as exc:
             raise ValueError(f"cannot reach the Dask scheduler at {scheduler_address!r}: {exc}") from exc
         with client:
             yield SlabExecutor(client)

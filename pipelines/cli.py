@@ -87,11 +87,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "data":
         return _data(config, args)
-    if args.command == "ingest" and args.plan:
+    if args.command == "ingest":
         from ingest.build import plan_ingest
 
-        print(plan_ingest(config, append=args.append).describe())
-        return 0
+        plan = plan_ingest(config, append=args.append)  # a bad request fails here, before Prefect starts
+        if args.plan:
+            print(plan.describe())
+            return 0
     prefect_environment()
     from pipelines import flows
 

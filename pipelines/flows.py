@@ -25,22 +25,24 @@ def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None
     config = _config(config_path, overrides)
     logger = get_run_logger()
     data, ing = dump_config(config), config.ingest
-    slab = slab_task.with_options(retries=ing.retries, retry_delay_seconds=10)
+    slab = slab_task.with_options(retries=ing.retries, retry_delay_seconds=ing.retry_delay_seconds)
     # The planet is one continuous simulation: its slabs run in order in this process.
     workers = 1 if ing.source == "synthetic" else ing.workers
-    with ingest_session(config, append) as plan:
+    # The executor first: an unreachable scheduler is reported before the store is touched.
+    with slab_executor(workers, ing.scheduler_address) as executor, ingest_session(config, append) as plan:
         logger.info("%s", plan.describe())
         jobs = [(s, False) for s in plan.todo] + [(s, True) for s in plan.recheck]
-        with slab_executor(workers, ing.scheduler_address) as executor, ingest_context.installed(executor):
+        with ingest_context.installed(executor):
+            # Every slab gets its chance (and its retries) before the first failure is raised.
             if executor.client is None:
-                for where, replace in jobs:
-                    slab(data, where.start, where.stop, replace)
+                states = [slab(data, w.start, w.stop, replace, return_state=True) for w, replace in jobs]
             else:
-                futures = [slab.submit(data, where.start, where.stop, replace) for where, replace in jobs]
+                futures = [slab.submit(data, w.start, w.stop, replace) for w, replace in jobs]
                 for future in futures:
-                    future.wait()  # every slab gets its chance (and its retries) before we report
-                for future in futures:
-                    future.result()  # raises the first failure
+                    future.wait()
+                states = [future.state for future in futures]
+            for state in states:
+                state.result()  # raises the first failure
     stats_task(config)
     return str(plan.path)
 

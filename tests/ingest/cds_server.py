@@ -161,6 +161,7 @@ class CdsServer:
         self.received: list[Received] = []
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._deliver_lock = threading.Lock()  # HDF5 (NetCDF4 writes) is not thread-safe
         self._release = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -243,7 +244,8 @@ class CdsServer:
         outcome = self.faults.take("job", JOB_FAULTS)
         job = Job(uuid.uuid4().hex, api, dataset, request, outcome)
         if outcome is None:
-            self._deliver(job)
+            with self._deliver_lock:
+                self._deliver(job)
         with self._lock:
             self.jobs[job.id] = job
         return job
