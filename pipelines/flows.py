@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from tqdm import tqdm
 
 from core.config import Config, dump_config, load_config
 from pipelines.tasks import forecast_task, ingest_task, score_task, slab_task, stats_task, train_task
@@ -32,14 +33,18 @@ def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None
     with slab_executor(workers, ing.scheduler_address) as executor, ingest_session(config, append) as plan:
         logger.info("%s", plan.describe())
         jobs = [(s, False) for s in plan.todo] + [(s, True) for s in plan.recheck]
-        with ingest_context.installed(executor):
+        with ingest_context.installed(executor), tqdm(total=len(jobs), desc="ingest slabs", unit="slab") as bar:
             # Every slab gets its chance (and its retries) before the first failure is raised.
+            states = []
             if executor.client is None:
-                states = [slab(data, w.start, w.stop, replace, return_state=True) for w, replace in jobs]
+                for w, replace in jobs:
+                    states.append(slab(data, w.start, w.stop, replace, return_state=True))
+                    bar.update(1)
             else:
                 futures = [slab.submit(data, w.start, w.stop, replace) for w, replace in jobs]
                 for future in futures:
                     future.wait()
+                    bar.update(1)
                 states = [future.state for future in futures]
             for state in states:
                 state.result()  # raises the first failure
