@@ -33,6 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from core.config import Config, dump_config, load_config
 from core.grid import Grid, parse_grid_attr
 from models.checkpoint import build_meta, save_checkpoint
+from models.comm_hooks import CommStats, comm_hook_options, register_comm_hook
 from models.data import WindowDataset, open_analysis
 from models.distributed import (
     DistContext,
@@ -164,6 +165,11 @@ def fit(s: Setup) -> Path:
         # Buffers (stats, position features) are constants: no need to re-broadcast them every step.
         rollout = DistributedDataParallel(rollout, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
                                           broadcast_buffers=False)
+    comm: CommStats | None = None
+    if ctx.distributed:
+        comm = register_comm_hook(rollout, cfg.comm_hook, **comm_hook_options(cfg))
+    elif cfg.comm_hook != "none":
+        log.warning("train.comm_hook=%r needs a distributed run; training with one process and no hook", cfg.comm_hook)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     schedule = BudgetCosine(optimizer, cfg.lr)
     sampler = DistributedSampler(s.train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
@@ -184,6 +190,8 @@ def fit(s: Setup) -> Path:
         losses.clear()
         record = {"event": "val", "step": step, "epoch": epoch, "elapsed_s": round(time.monotonic() - t0, 2),
                   "lr": schedule.last_lr, "rollout_steps": state["k"], "train_loss": train_loss, **result}
+        if comm is not None:  # bytes this rank sent per step through the DDP hook
+            record["comm"] = comm.as_record()
         recorder.append(record)
         if ctx.is_main:
             log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(result))
@@ -241,10 +249,14 @@ def fit(s: Setup) -> Path:
     if state["val_step"] != step:
         validate()
     recorder.append({"event": "end", "steps": step, "epochs": epoch, "elapsed_s": round(time.monotonic() - t0, 2),
-                     "best_score": recorder.best, "checkpoint": str(s.run_dir / "checkpoint.pt")})
+                     "best_score": recorder.best, "checkpoint": str(s.run_dir / "checkpoint.pt"),
+                     **({"comm": comm.as_record()} if comm is not None else {})})
     if ctx.is_main:
         log.info("finished after %d steps (%d epochs, %.0f s); best score %.4f", step, epoch,
                  time.monotonic() - t0, recorder.best)
+        if comm is not None:
+            log.info("DDP hook %r sent %d bytes/step (plain all-reduce: %d)", comm.kind, comm.bytes_per_step(),
+                     comm.dense_bytes_per_step())
     return s.run_dir / "checkpoint.pt"
 
 
