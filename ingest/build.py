@@ -25,7 +25,16 @@ from tqdm import tqdm
 from core.config import Config, config_from_dict, dump_config
 from ingest.append import extend_store, replace_slab, store_lock
 from ingest.parallel import slab_executor
-from ingest.regions import consolidate, done_flags, open_store, preliminary_times, remove_partial_files, write_slab
+from ingest.regions import (
+    consolidate,
+    contiguous_runs,
+    done_flags,
+    done_in,
+    open_store,
+    preliminary_times,
+    remove_partial_files,
+    write_slab,
+)
 from ingest.sources import Source, SyntheticSource
 from ingest.stats import compute_stats, write_stats
 from ingest.store import BuildReport, StoreLayout, check_layout, create_store, slabs_to_do
@@ -156,19 +165,25 @@ def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: boo
     path = config.paths.analysis_store
     source = _cached_source(config)
     store = open_store(path)
-    times = list(pd.DatetimeIndex(store["time"].values[start:stop]))
     began = time.perf_counter()
-    slab = source.fetch(times, list(config.task.variables), list(config.task.levels))
-    try:
-        if replace:
-            replaced = replace_slab(path, store, slab, start)
-        else:
-            write_slab(path, store, slab, start)
-            replaced = 0
-    except OSError as exc:  # disk full, quota, read-only mount: say where, and that a rerun resumes
-        raise OSError(exc.errno, f"writing {times[0]:%Y-%m-%dT%H}..{times[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
-                                 f"into store {path} failed: {exc.strerror or exc}; slabs already done are intact, "
-                                 "free space and rerun the ingest to resume") from exc
+    if replace:
+        parts = [slice(start, stop)]
+    else:  # only the times not yet done: a missing date costs one small request, not its whole slab
+        done = done_in(path, slice(start, stop))
+        parts = [slice(start + r.start, start + r.stop) for r in contiguous_runs(~done)]
+    replaced = 0
+    for part in parts:
+        times = list(pd.DatetimeIndex(store["time"].values[part]))
+        slab = source.fetch(times, list(config.task.variables), list(config.task.levels))
+        try:
+            if replace:
+                replaced += replace_slab(path, store, slab, part.start)
+            else:
+                write_slab(path, store, slab, part.start)
+        except OSError as exc:  # disk full, quota, read-only mount: say where, and that a rerun resumes
+            raise OSError(exc.errno, f"writing {times[0]:%Y-%m-%dT%H}..{times[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
+                                     f"into store {path} failed: {exc.strerror or exc}; slabs already done are "
+                                     "intact, free space and rerun the ingest to resume") from exc
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "replaced": int(replaced)}
 
 

@@ -92,6 +92,11 @@ def done_flags(path: Path) -> np.ndarray:
     return read_flags(path)["done"].values.astype(bool)
 
 
+def done_in(path: Path, where: slice) -> np.ndarray:
+    """The done flags of one region only (a slab's writer must not read the whole store's flags)."""
+    return zarr.open_array(str(Path(path) / "done"), mode="r")[where].astype(bool)
+
+
 def missing_times(path: Path) -> pd.DatetimeIndex:
     """Times of the store that are not done (never written, or interrupted)."""
     flags = read_flags(path)
@@ -186,8 +191,7 @@ def write_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> i
     where = slice(start, start + slab.sizes["time"])
     check_slab(store, slab, where)
     data = slab_fields(store, slab, where)
-    # Only this region's flags: reading every time's flag would make each write O(store length).
-    done = zarr.open_array(str(Path(path) / "done"), mode="r")[where].astype(bool)
+    done = done_in(path, where)
     runs = contiguous_runs(~done)
     n = slab.sizes["time"]
     expver = slab["expver"].values.astype(np.int8) if "expver" in slab else np.zeros(n, np.int8)
