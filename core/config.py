@@ -176,6 +176,8 @@ class TrainConfig(_Section):
     """Number of nodes in the torchrun rendezvous."""
     rdzv_endpoint: str | None = None
     """host:port of the rendezvous for multi-node runs (None = standalone on this machine)."""
+    max_nonfinite_steps: int = 5
+    """Steps with a NaN/Inf loss or gradient are skipped and counted; this many in a row stop the run."""
     comm_hook: Literal["none", "powersgd", "signsgd"] = "none"
     """DDP gradient communication: plain all-reduce, PowerSGD low-rank, or 1-bit signSGD with majority vote."""
     powersgd_rank: int = 2
@@ -195,6 +197,8 @@ class TrainConfig(_Section):
             raise ValueError(f"val_end {self.val_end} is before val_start {self.val_start}")
         if self.batch_size < 1 or self.rollout_steps < 1:
             raise ValueError("batch_size and rollout_steps must be ≥ 1")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps {self.max_nonfinite_steps} must be ≥ 1")
         if self.powersgd_rank < 1:
             raise ValueError(f"powersgd_rank {self.powersgd_rank} must be ≥ 1")
         if self.powersgd_start_iter < 2:

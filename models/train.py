@@ -45,6 +45,7 @@ from models.distributed import (
     world_size_from_env,
 )
 from models.evaluate import evaluate
+from models.guards import NonFiniteGuard
 from models.losses import SphereMSE
 from models.normalization import Normalized, Rollout
 from models.schedule import BudgetCosine, rollout_steps_at
@@ -178,6 +179,7 @@ def fit(s: Setup) -> Path:
     loss_fn = SphereMSE()
     climatology = s.train_ds.time_mean()
     recorder = _Recorder(s)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
     budget_s = cfg.budget_minutes * 60.0
     dt = s.config.task.time_step_hours
     t0 = time.monotonic()
@@ -189,7 +191,8 @@ def fit(s: Setup) -> Path:
         train_loss = sum(losses) / len(losses) if losses else None
         losses.clear()
         record = {"event": "val", "step": step, "epoch": epoch, "elapsed_s": round(time.monotonic() - t0, 2),
-                  "lr": schedule.last_lr, "rollout_steps": state["k"], "train_loss": train_loss, **result}
+                  "lr": schedule.last_lr, "rollout_steps": state["k"], "train_loss": train_loss,
+                  "skipped_steps": guard.skipped, **result}
         if comm is not None:  # bytes this rank sent per step through the DDP hook
             record["comm"] = comm.as_record()
         recorder.append(record)
@@ -231,11 +234,12 @@ def fit(s: Setup) -> Path:
                 loss = loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                if not guard.step_is_finite(loss.detach(), grad_norm, step, lr):
+                    optimizer.zero_grad(set_to_none=True)  # skipped: the weights and Adam's moments stay as they were
+                    continue
                 optimizer.step()
                 value = loss.item()
-                if value != value or value in (float("inf"), float("-inf")):
-                    raise FloatingPointError(f"training loss is {value} at step {step} (lr {lr:.2e}); lower train.lr")
                 losses.append(value)
                 step += 1
                 bar.update(int(progress * 100) - bar.n)
