@@ -48,3 +48,38 @@ def test_batch_not_divisible_by_ranks_exits_nonzero_with_a_clear_message(tiny_da
     assert proc.returncode != 0
     assert "train.batch_size 3 is not divisible by the world size 2" in proc.stderr
     assert not (config.paths.runs / config.train.run_name / "checkpoint.pt").exists()
+
+
+def test_two_ranks_end_with_the_weights_of_one_rank_at_the_same_global_batch(tiny_data, tmp_path: Path) -> None:
+    """DDP with the global batch split over 2 ranks is the same optimisation as 1 rank (fp tolerance)."""
+    import torch
+
+    from models.checkpoint import read_checkpoint
+    from models.train import train
+
+    # A budget far beyond the run makes progress (hence lr and rollout length) a function of the step
+    # alone, so the two runs see the same schedule; the step cap ends both.
+    config = tiny_data(max_steps=6, batch_size=4, threads=1, budget_minutes=100000.0)
+    two = config.model_copy(deep=True)
+    two.train.run_name = "two-ranks"
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(dump_config(two)))
+    proc = _torchrun(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = config.model_copy(deep=True)
+    one.train.run_name = "one-rank"
+    train(one)
+    w1 = read_checkpoint(config.paths.runs / "one-rank" / "last.pt")["model"]
+    w2 = read_checkpoint(config.paths.runs / "two-ranks" / "last.pt")["model"]
+    assert w1.keys() == w2.keys()
+    assert read_checkpoint(config.paths.runs / "one-rank" / "last.pt")["meta"]["train_step"] == 6
+    for name, a in w1.items():
+        if a.is_floating_point():
+            torch.testing.assert_close(w2[name], a, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    # The comparison can tell runs apart: half the global batch is a different optimisation.
+    half = config.model_copy(deep=True)
+    half.train.run_name, half.train.batch_size = "half-batch", 2
+    train(half)
+    w3 = read_checkpoint(config.paths.runs / "half-batch" / "last.pt")["model"]
+    gaps = [float((w3[n] - a).abs().max()) for n, a in w1.items() if a.is_floating_point()]
+    assert max(gaps) > 1e-3
