@@ -171,3 +171,30 @@ def load_for_inference(path: Path | str) -> tuple[Normalized, dict[str, Any]]:
     model.eval()
     return model, meta
 
+
+
+def register_checkpoint(path: Path | str, registry: Path | str) -> dict[str, Any]:
+    """Append a verified checkpoint's identity (file sha256, weights, data, code, config) to a JSONL registry."""
+    import json
+    from datetime import UTC, datetime
+
+    path = Path(path)
+    _, meta = load_for_inference(path)  # only a checkpoint that loads and verifies is registered
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    entry = {"registered_at": datetime.now(UTC).isoformat(timespec="seconds"), "checkpoint": str(path.resolve()),
+             "sha256": digest.hexdigest(), "weights_sha256": meta["weights_sha256"],
+             "dataset_version": meta["dataset_version"], "code_version": meta["code_version"],
+             "train_step": meta["train_step"], "channels": list(meta["channels"]), "grid": meta["grid"],
+             "task": meta["task"], "model": meta["model"]}
+    registry = Path(registry)
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    # One line per write with O_APPEND: concurrent registrations interleave whole lines, never bytes.
+    fd = os.open(registry, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+    finally:
+        os.close(fd)
+    return entry

@@ -22,7 +22,7 @@ from core.fields import to_channels
 from core.runs import publish, run_name, sha256_file, staging_dir, write_manifest
 from core.verification import score_forecast
 from ingest.build import finish_ingest, ingest, ingest_slab
-from models.checkpoint import code_version
+from models.checkpoint import code_version, register_checkpoint
 from models.data import open_analysis
 from models.forecast import load_forecaster, rollout, write_forecast
 from serve.maps import render_run_maps
@@ -97,7 +97,9 @@ def train_task(config: Config) -> str:
     if code != 0:
         raise RuntimeError(f"torchrun exited with code {code}; last lines:\n" + "\n".join(tail))
     checkpoint = run_dir / "checkpoint.pt"
-    logger.info("checkpoint %s sha256 %s", checkpoint, sha256_file(checkpoint))
+    entry = register_checkpoint(checkpoint, config.paths.runs / "registry.jsonl")
+    logger.info("registered checkpoint %s sha256 %s (dataset %s, code %s)", checkpoint, entry["sha256"],
+                entry["dataset_version"], entry["code_version"])
     return str(checkpoint)
 
 

@@ -4,6 +4,7 @@ maps → publication → scores, then HTTP GETs of a file, a map and the viewer.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,12 @@ def test_demo_flow_end_to_end(tmp_path: Path, harness) -> None:
         model={"embed_dim": 8, "num_layers": 2},
     )
     result = flows.demo(str(cfg_path))
+
+    registry = [json.loads(line) for line in (cfg.paths.runs / "registry.jsonl").read_text().splitlines()]
+    checkpoint = Path(result["checkpoint"])
+    assert [r["checkpoint"] for r in registry] == [str(checkpoint.resolve())]
+    assert registry[0]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert registry[0]["dataset_version"].startswith("swe-") and registry[0]["code_version"]
 
     run_dir = Path(result["run_dir"])
     assert run_dir == cfg.paths.forecasts / "20000108T00"

@@ -155,3 +155,22 @@ def test_trained_checkpoint_loads_and_matches_the_store(trained) -> None:
     assert meta["train_step"] > 0 and os.path.getsize(path) > 0
     obj = ckpt.read_checkpoint(path)
     assert {"optimizer", "scheduler", "rng", "position"} <= set(obj["training"])
+
+
+def test_registry_records_a_verified_checkpoint_and_refuses_a_damaged_one(trained, tmp_path: Path) -> None:
+    import hashlib
+    import json
+    import shutil
+
+    _, path = trained
+    registry = tmp_path / "registry.jsonl"
+    entry = ckpt.register_checkpoint(path, registry)
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert entry["dataset_version"] == "testing-0" and entry["code_version"] and entry["channels"] == CHANNELS
+    assert [json.loads(line) for line in registry.read_text().splitlines()] == [entry]
+    damaged = tmp_path / "damaged.pt"
+    shutil.copy(path, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="damaged.pt"):
+        ckpt.register_checkpoint(damaged, registry)
+    assert len(registry.read_text().splitlines()) == 1
