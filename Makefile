@@ -39,6 +39,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python benches/forecast_speed.py
+	$(BIN)/python benches/ingest.py
 
 clean:
 	rm -rf $(VENV) spherecast-out .pytest_cache .ruff_cache *.egg-info
