@@ -165,7 +165,13 @@ class TrainConfig(_Section):
     lr: float = 2e-3
     """Peak learning rate (cosine decay over the budget)."""
     rollout_steps: int = 2
-    """Autoregressive steps in the multistep loss."""
+    """Autoregressive steps in the multistep loss at the end of the curriculum (its maximum)."""
+    rollout_start: int = 1
+    """Autoregressive steps at the start of training."""
+    rollout_increment: int = 1
+    """Steps added at each stage of the curriculum."""
+    rollout_ramp: float = 0.3
+    """Fraction of the budget over which the rollout grows from ``rollout_start`` to ``rollout_steps``."""
     seed: int = 0
     """Seed of weights and data order."""
     threads: int = 0
@@ -197,6 +203,11 @@ class TrainConfig(_Section):
             raise ValueError(f"val_end {self.val_end} is before val_start {self.val_start}")
         if self.batch_size < 1 or self.rollout_steps < 1:
             raise ValueError("batch_size and rollout_steps must be ≥ 1")
+        if not 1 <= self.rollout_start <= self.rollout_steps or self.rollout_increment < 1:
+            raise ValueError(f"rollout_start {self.rollout_start} must be in 1..rollout_steps ({self.rollout_steps}) "
+                             f"and rollout_increment {self.rollout_increment} ≥ 1")
+        if not 0 < self.rollout_ramp <= 1:
+            raise ValueError(f"rollout_ramp {self.rollout_ramp} must be in (0, 1]")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps {self.max_nonfinite_steps} must be ≥ 1")
         if self.powersgd_rank < 1:

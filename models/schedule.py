@@ -50,9 +50,11 @@ class BudgetCosine:
             setattr(self, key, state[key])
 
 
-def rollout_steps_at(progress: float, max_steps: int, ramp: float = 0.3) -> int:
-    """Multistep curriculum: 1 step at the start, growing linearly to ``max_steps`` at ``ramp`` of the budget."""
-    if max_steps <= 1 or ramp <= 0:
+def rollout_steps_at(progress: float, max_steps: int, ramp: float = 0.3, start: int = 1, increment: int = 1) -> int:
+    """Multistep curriculum: ``start`` steps at first, ``+increment`` per stage, ``max_steps`` from ``ramp`` of the budget on."""
+    start = max(1, min(start, max_steps))
+    if max_steps <= start or ramp <= 0:
         return max(1, max_steps)
+    stages = -(-(max_steps - start) // max(1, increment))  # stages after the first, evenly spaced over the ramp
     frac = min(1.0, max(progress, 0.0) / ramp)
-    return min(max_steps, 1 + int(frac * max_steps))
+    return min(max_steps, start + max(1, increment) * int(frac * (stages + 1)))

@@ -3,7 +3,8 @@
 Each rank loads the training and validation periods of the analysis store into memory, takes an
 equal share of every global batch (``DistributedSampler``), and DDP averages the gradients. The
 loss is the area-weighted MSE of normalized tendencies over a multistep rollout whose length grows
-from 1 to ``train.rollout_steps`` (curriculum). Adam with warm-up and cosine decay over the budget;
+from ``train.rollout_start`` by ``train.rollout_increment`` to ``train.rollout_steps`` over
+``train.rollout_ramp`` of the budget (curriculum). Adam with warm-up and cosine decay over the budget;
 rank 0 owns the clock and broadcasts progress and the stop decision, so every rank stops at the same
 step. Validation (RMSE of model vs persistence at 6 h and 24 h) runs at epoch ends roughly every
 tenth of the budget and at the end; rank 0 appends it to ``metrics.jsonl`` and writes
@@ -226,7 +227,8 @@ def fit(s: Setup) -> Path:
                 progress, stop = control()
                 if stop:
                     break
-                k = state["k"] = rollout_steps_at(progress, cfg.rollout_steps)
+                k = state["k"] = rollout_steps_at(progress, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start,
+                                                  cfg.rollout_increment)
                 lr = schedule.update(step, progress)
                 x0, target = x0.to(ctx.device), y[:, :k].to(ctx.device)
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):

@@ -97,3 +97,17 @@ def test_cosine_schedule_warms_up_and_decays() -> None:
     assert sched.update(200, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert [rollout_steps_at(p, 4, ramp=0.4) for p in (0.05, 0.15, 0.25, 0.35, 0.5)] == [1, 2, 3, 4, 4]
+    # Start 2, +2 per stage, at most 8: stages at 0, 1/4, 2/4, 3/4 of a 0.4 ramp.
+    assert [rollout_steps_at(p, 8, 0.4, 2, 2) for p in (0.0, 0.09, 0.11, 0.21, 0.31, 0.9)] == [2, 2, 4, 6, 8, 8]
+    # An increment that overshoots is capped at the maximum; start = max means no curriculum.
+    assert [rollout_steps_at(p, 5, 0.5, 1, 3) for p in (0.0, 0.26, 0.5)] == [1, 4, 5]
+    assert rollout_steps_at(0.0, 3, 0.3, 3, 1) == 3
+
+
+@pytest.mark.parametrize("bad", [{"rollout_start": 0}, {"rollout_start": 3, "rollout_steps": 2},
+                                 {"rollout_increment": 0}, {"rollout_ramp": 0.0}, {"rollout_ramp": 1.5}])
+def test_rollout_schedule_settings_are_checked(bad: dict) -> None:
+    from core.config import config_from_dict
+
+    with pytest.raises(ValueError, match="rollout_"):
+        config_from_dict({"train": bad})
