@@ -166,6 +166,8 @@ class TrainConfig(_Section):
     """Peak learning rate (cosine decay over the budget)."""
     rollout_steps: int = 2
     """Autoregressive steps in the multistep loss at the end of the curriculum (its maximum)."""
+    channel_weights: dict[str, float] = {}
+    """Loss weight per channel name (e.g. ``{geopotential_500: 2.0}``); channels not listed weigh 1."""
     rollout_start: int = 1
     """Autoregressive steps at the start of training."""
     rollout_increment: int = 1

@@ -159,6 +159,19 @@ def _summary(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def channel_loss_weights(config: Config) -> list[float]:
+    """The loss weight of every channel in order; ValueError naming unknown or negative entries."""
+    channels = config.task.channels()
+    given = config.train.channel_weights
+    unknown = sorted(set(given) - set(channels))
+    if unknown:
+        raise ValueError(f"train.channel_weights names {unknown}, not channels of this task: {channels}")
+    weights = [float(given.get(c, 1.0)) for c in channels]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"train.channel_weights must be ≥ 0 with a positive sum, got {given}")
+    return weights
+
+
 def fit(s: Setup) -> Path:
     """Run the training loop until the budget or step cap; return the best checkpoint's path."""
     cfg, ctx, model = s.config.train, s.ctx, s.model
@@ -177,7 +190,7 @@ def fit(s: Setup) -> Path:
     sampler = DistributedSampler(s.train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     loader = DataLoader(s.train_ds, batch_size=s.per_rank_batch, sampler=sampler, drop_last=True)
-    loss_fn = SphereMSE()
+    loss_fn = SphereMSE(channel_loss_weights(s.config))
     climatology = s.train_ds.time_mean()
     recorder = _Recorder(s)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)

@@ -77,3 +77,16 @@ def test_shape_and_weight_mismatches_raise() -> None:
         SphereMSE([1.0, 1.0])(torch.zeros(1, 3, 9, 16), torch.zeros(1, 3, 9, 16))
     with pytest.raises(ValueError, match="non-negative"):
         SphereMSE([1.0, -1.0, 1.0])
+
+
+def test_channel_weights_come_from_the_config_by_name() -> None:
+    from core.config import config_from_dict
+    from models.train import channel_loss_weights
+
+    cfg = config_from_dict({"train": {"channel_weights": {"geopotential_500": 3.0}}})
+    assert channel_loss_weights(cfg) == [3.0, 1.0, 1.0]  # z500, u500, v500
+    with pytest.raises(ValueError, match=r"names \['temperature_850'\], not channels"):
+        channel_loss_weights(config_from_dict({"train": {"channel_weights": {"temperature_850": 1.0}}}))
+    with pytest.raises(ValueError, match="positive sum"):
+        channel_loss_weights(config_from_dict({"train": {"channel_weights": {
+            "geopotential_500": 0, "u_component_of_wind_500": 0, "v_component_of_wind_500": 0}}}))
