@@ -159,6 +159,15 @@ def _summary(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank so far: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
 def channel_loss_weights(config: Config) -> list[float]:
     """The loss weight of every channel in order; ValueError naming unknown or negative entries."""
     channels = config.task.channels()
@@ -191,6 +200,7 @@ def fit(s: Setup) -> Path:
                                  seed=cfg.seed, drop_last=True)
     loader = DataLoader(s.train_ds, batch_size=s.per_rank_batch, sampler=sampler, drop_last=True)
     loss_fn = SphereMSE(channel_loss_weights(s.config))
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
     climatology = s.train_ds.time_mean()
     recorder = _Recorder(s)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
@@ -206,7 +216,8 @@ def fit(s: Setup) -> Path:
         losses.clear()
         record = {"event": "val", "step": step, "epoch": epoch, "elapsed_s": round(time.monotonic() - t0, 2),
                   "lr": schedule.last_lr, "rollout_steps": state["k"], "train_loss": train_loss,
-                  "skipped_steps": guard.skipped, **result}
+                  "skipped_steps": guard.skipped, "precision": "bf16" if bf16 else "fp32",
+                  "peak_memory_mb": peak_memory_mb(ctx.device), **result}
         if comm is not None:  # bytes this rank sent per step through the DDP hook
             record["comm"] = comm.as_record()
         recorder.append(record)
@@ -244,7 +255,7 @@ def fit(s: Setup) -> Path:
                                                   cfg.rollout_increment)
                 lr = schedule.update(step, progress)
                 x0, target = x0.to(ctx.device), y[:, :k].to(ctx.device)
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+                with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
                     pred = rollout(x0, k)
                 loss = loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))
                 optimizer.zero_grad(set_to_none=True)
@@ -258,7 +269,8 @@ def fit(s: Setup) -> Path:
                 losses.append(value)
                 step += 1
                 bar.update(int(progress * 100) - bar.n)
-                bar.set_postfix(step=step, loss=f"{value:.4f}", lr=f"{lr:.1e}", k=k, refresh=False)
+                bar.set_postfix(step=step, loss=f"{value:.4f}", lr=f"{lr:.1e}", k=k,
+                                mem=f"{peak_memory_mb(ctx.device):.0f}MB", refresh=False)
             else:
                 epoch += 1
                 if progress >= next_val:

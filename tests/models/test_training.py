@@ -111,3 +111,16 @@ def test_rollout_schedule_settings_are_checked(bad: dict) -> None:
 
     with pytest.raises(ValueError, match="rollout_"):
         config_from_dict({"train": bad})
+
+
+def test_bf16_autocast_on_cpu_learns_and_reports_precision_and_memory(tiny_data) -> None:
+    config = tiny_data(max_steps=30, rollout_steps=1, precision="bf16")
+    train(config)
+    vals = _records(config.paths.runs / config.train.run_name, "val")
+    assert {v["precision"] for v in vals} == {"bf16"}
+    assert vals[-1]["train_loss"] < 0.7 * vals[1]["train_loss"]
+    assert all(v["peak_memory_mb"] > 50 for v in vals)  # a Python + torch process: well above 50 MB
+    fp32 = config.model_copy(deep=True)
+    fp32.train.run_name, fp32.train.precision, fp32.train.max_steps = "fp32", "auto", 2
+    train(fp32)
+    assert {v["precision"] for v in _records(fp32.paths.runs / "fp32", "val")} == {"fp32"}  # auto on CPU
