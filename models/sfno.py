@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from torch_harmonics import InverseRealSHT, RealSHT
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ class SFNO(nn.Module):
         self.pos_embed = PositionEmbedding(embed_dim) if pos_embed else None
         self.blocks = nn.ModuleList(SFNOBlock(embed_dim, self.lmax, mlp_ratio) for _ in range(num_layers))
         self.decoder = _mlp(embed_dim, hidden, out_channels, out_gain=1.0)
+        # Training-time switch, not architecture: recompute each block in the backward pass
+        # instead of keeping its activations (less memory, ~one more forward of compute).
+        self.checkpoint_blocks = False
         self.set_grid(nlat, nlon)
 
     @property
@@ -192,5 +196,9 @@ class SFNO(nn.Module):
         for i, block in enumerate(self.blocks):
             sht = self.sht_in if i == 0 else self.sht_latent
             isht = self.isht_out if i == last else self.isht_latent
-            x = block(x, sht, isht, same_grid=(sht.nlat, sht.nlon, sht.grid) == (isht.nlat, isht.nlon, isht.grid))
+            same = (sht.nlat, sht.nlon, sht.grid) == (isht.nlat, isht.nlon, isht.grid)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x = activation_checkpoint(block, x, sht, isht, same_grid=same, use_reentrant=False)
+            else:
+                x = block(x, sht, isht, same_grid=same)
         return self.decoder(x)

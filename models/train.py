@@ -184,6 +184,7 @@ def channel_loss_weights(config: Config) -> list[float]:
 def fit(s: Setup) -> Path:
     """Run the training loop until the budget or step cap; return the best checkpoint's path."""
     cfg, ctx, model = s.config.train, s.ctx, s.model
+    model.core.checkpoint_blocks = cfg.activation_checkpointing
     rollout: torch.nn.Module = Rollout(model)
     if ctx.distributed:
         # Buffers (stats, position features) are constants: no need to re-broadcast them every step.

@@ -116,3 +116,31 @@ def test_bf16_autocast_forward_backward_on_cuda() -> None:
     y.float().pow(2).mean().backward()
     assert torch.isfinite(y.float()).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch) -> None:
+    import models.sfno as sfno_module
+
+    calls = []
+    real = sfno_module.activation_checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sfno_module, "activation_checkpoint", counting)
+    torch.manual_seed(0)
+    model = sfno_module.SFNO(3, 3, 17, 32, embed_dim=8, num_layers=3)
+    x = torch.randn(2, 3, 17, 32)
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        model.checkpoint_blocks = on
+        model(x).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == 3  # every block went through the checkpoint, only when asked
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        model(x)  # inference never checkpoints (nothing to recompute)
+    assert len(calls) == 3
