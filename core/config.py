@@ -168,6 +168,8 @@ class TrainConfig(_Section):
     """Autoregressive steps in the multistep loss at the end of the curriculum (its maximum)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Forward-pass precision: bf16 autocast (CPU or CUDA; SHTs stay fp32), fp32, or auto (bf16 on CUDA only)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``<run>/tensorboard`` (loss, lr, grad norm, throughput, memory, val RMSE)."""
     activation_checkpointing: bool = False
     """Recompute SFNO blocks in the backward pass instead of storing activations (less memory, more compute)."""
     channel_weights: dict[str, float] = {}

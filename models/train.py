@@ -52,6 +52,7 @@ from models.normalization import Normalized, Rollout
 from models.schedule import BudgetCosine, rollout_steps_at
 from models.sfno import SFNO
 from models.stats import load_stats
+from models.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +206,12 @@ def fit(s: Setup) -> Path:
     climatology = s.train_ds.time_mean()
     recorder = _Recorder(s)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
+    tracker = Tracker(s.run_dir, cfg.tensorboard and ctx.is_main)
     budget_s = cfg.budget_minutes * 60.0
     dt = s.config.task.time_step_hours
     t0 = time.monotonic()
     step, epoch, losses = 0, 0, []
-    state = {"k": 1, "val_step": -1, "batch": 0}
+    state = {"k": 1, "val_step": -1, "batch": 0, "t": time.monotonic()}
 
     def validate() -> None:
         result = evaluate(model, s.val_ds, s.lead_steps, dt, climatology, ctx)
@@ -222,6 +224,7 @@ def fit(s: Setup) -> Path:
         if comm is not None:  # bytes this rank sent per step through the DDP hook
             record["comm"] = comm.as_record()
         recorder.append(record)
+        tracker.validation(step, result)
         if ctx.is_main:
             log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(result))
         training = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
@@ -230,6 +233,7 @@ def fit(s: Setup) -> Path:
                                  "elapsed_s": time.monotonic() - t0}}
         recorder.save(step, training, result["score"])
         state["val_step"] = step
+        state["t"] = time.monotonic()  # throughput counts training steps, not validation
 
     def control() -> tuple[float, bool]:
         elapsed = time.monotonic() - t0
@@ -268,6 +272,11 @@ def fit(s: Setup) -> Path:
                 optimizer.step()
                 value = loss.item()
                 losses.append(value)
+                now = time.monotonic()
+                tracker.step(step, {"loss": value, "lr": lr, "grad_norm": float(grad_norm), "rollout_steps": k,
+                                    "samples_per_s": s.per_rank_batch * ctx.world_size / max(now - state["t"], 1e-9),
+                                    "peak_memory_mb": peak_memory_mb(ctx.device)})
+                state["t"] = now
                 step += 1
                 bar.update(int(progress * 100) - bar.n)
                 bar.set_postfix(step=step, loss=f"{value:.4f}", lr=f"{lr:.1e}", k=k,
@@ -280,6 +289,7 @@ def fit(s: Setup) -> Path:
     bar.close()
     if state["val_step"] != step:
         validate()
+    tracker.close()
     recorder.append({"event": "end", "steps": step, "epochs": epoch, "elapsed_s": round(time.monotonic() - t0, 2),
                      "best_score": recorder.best, "checkpoint": str(s.run_dir / "checkpoint.pt"),
                      **({"comm": comm.as_record()} if comm is not None else {})})

@@ -125,3 +125,22 @@ def test_bf16_autocast_on_cpu_learns_and_reports_precision_and_memory(tiny_data)
     fp32.train.run_name, fp32.train.precision, fp32.train.max_steps = "fp32", "auto", 2
     train(fp32)
     assert {v["precision"] for v in _records(fp32.paths.runs / "fp32", "val")} == {"fp32"}  # auto on CPU
+
+
+def test_tensorboard_holds_training_and_validation_scalars(tiny_data) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_data(max_steps=8)
+    train(config)
+    logdir = config.paths.runs / config.train.run_name / "tensorboard"
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("loss", "lr", "grad_norm", "samples_per_s", "peak_memory_mb", "rollout_steps"):
+        assert f"train/{name}" in tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(8))
+    assert all(e.value > 0 for e in events.Scalars("train/samples_per_s"))
+    # add_scalars writes one run per series: model and persistence side by side, per lead and channel.
+    runs = {p.relative_to(logdir).as_posix() for p in logdir.rglob("events.*")}
+    assert any(r.startswith("val_relative_error_24h_persistence") for r in runs), runs
+    assert any(r.startswith("val_rmse_24h_geopotential_500_model") for r in runs), runs
