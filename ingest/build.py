@@ -191,10 +191,11 @@ def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: boo
 def ingest_session(config: Config, append: bool = False) -> Iterator[IngestPlan]:
     """Hold the store's writer lock; create or extend the store; yield the plan; consolidate at the end."""
     path = config.paths.analysis_store
-    plan_ingest(config, append)  # refuse a bad request before creating any file (it is read-only)
+    source = source_for(config)  # one source for both plans: a FileSource scans its files once
+    plan_ingest(config, append, source)  # refuse a bad request before creating any file (it is read-only)
     path.parent.mkdir(parents=True, exist_ok=True)
     with store_lock(path):
-        plan = plan_ingest(config, append)
+        plan = plan_ingest(config, append, source)  # again under the lock: another writer may have moved on
         if not plan.exists:
             create_store(path, plan.layout, compression=config.ingest.compression, checksum=config.ingest.checksum)
         else:
