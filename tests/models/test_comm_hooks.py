@@ -101,9 +101,12 @@ def _worker(rank: int, out: str, backend: str) -> None:
         model = DistributedDataParallel(_Matrix().to(device), device_ids=ids)
         stats = register_comm_hook(model, "powersgd", rank=PSGD_RANK, start_iter=PSGD_START)
         results["powersgd"] = _steps(model, stats, *(t.to(device) for t in _matrix_grads(rank)))
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+        # Without a barrier a rank can tear down its gloo pairs while the peer's last send is still in
+        # flight, and gloo's transport thread aborts the process (seen once in CI as SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-    torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
 def _run_group(out: Path, backend: str) -> dict[int, dict[str, Any]]:
