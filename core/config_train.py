@@ -1,0 +1,91 @@
+"""The ``train`` section of the config: periods, budget, optimisation, precision, distribution and tracking."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import model_validator
+
+from core.config_base import Moment, _Section
+
+
+class TrainConfig(_Section):
+    run_name: str = "sfno-demo"
+    """Name of the run directory under ``paths.runs``."""
+    train_start: Moment = datetime(2000, 1, 1)
+    """First analysis time used for training (and statistics)."""
+    train_end: Moment = datetime(2000, 3, 5, 18)
+    """Last analysis time used for training (and statistics)."""
+    val_start: Moment = datetime(2000, 3, 6)
+    """First validation time (must come after ``train_end``)."""
+    val_end: Moment = datetime(2000, 3, 15, 18)
+    """Last validation time."""
+    budget_minutes: float = 5.0
+    """Wall-clock training budget; training stops at the first step past it."""
+    max_steps: int | None = None
+    """Optional hard cap on optimizer steps (tests use it for determinism)."""
+    batch_size: int = 8
+    """Global batch size (split evenly over ranks)."""
+    lr: float = 2e-3
+    """Peak learning rate (cosine decay over the budget)."""
+    rollout_steps: int = 2
+    """Autoregressive steps in the multistep loss at the end of the curriculum (its maximum)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Forward-pass precision: bf16 autocast (CPU or CUDA; SHTs stay fp32), fp32, or auto (bf16 on CUDA only)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``<run>/tensorboard`` (loss, lr, grad norm, throughput, memory, val RMSE)."""
+    activation_checkpointing: bool = False
+    """Recompute SFNO blocks in the backward pass instead of storing activations (less memory, more compute)."""
+    channel_weights: dict[str, float] = {}
+    """Loss weight per channel name (e.g. ``{geopotential_500: 2.0}``); channels not listed weigh 1."""
+    rollout_start: int = 1
+    """Autoregressive steps at the start of training."""
+    rollout_increment: int = 1
+    """Steps added at each stage of the curriculum."""
+    rollout_ramp: float = 0.3
+    """Fraction of the budget over which the rollout grows from ``rollout_start`` to ``rollout_steps``."""
+    seed: int = 0
+    """Seed of weights and data order."""
+    threads: int = 0
+    """torch intra-op threads per rank (0 = cores / ranks)."""
+    nproc_per_node: int = 1
+    """Ranks torchrun starts on this machine (GPUs per node, or CPU processes)."""
+    nnodes: int = 1
+    """Number of nodes in the torchrun rendezvous."""
+    rdzv_endpoint: str | None = None
+    """host:port of the rendezvous for multi-node runs (None = standalone on this machine)."""
+    max_nonfinite_steps: int = 5
+    """Steps with a NaN/Inf loss or gradient are skipped and counted; this many in a row stop the run."""
+    comm_hook: Literal["none", "powersgd", "signsgd"] = "none"
+    """DDP gradient communication: plain all-reduce, PowerSGD low-rank, or 1-bit signSGD with majority vote."""
+    powersgd_rank: int = 2
+    """Rank of PowerSGD's low-rank approximation of each gradient matrix (smaller = stronger compression)."""
+    powersgd_start_iter: int = 10
+    """Steps of plain all-reduce before PowerSGD starts compressing (≥ 2: DDP rebuilds its buckets after step 1)."""
+    signsgd_error_feedback: bool = True
+    """Carry each rank's compression residual into its next gradient (what makes signSGD converge reliably)."""
+
+    @model_validator(mode="after")
+    def _periods(self) -> TrainConfig:
+        if self.train_end < self.train_start:
+            raise ValueError(f"train_end {self.train_end} is before train_start {self.train_start}")
+        if self.val_start <= self.train_end:
+            raise ValueError(f"val_start {self.val_start} must come after train_end {self.train_end}")
+        if self.val_end < self.val_start:
+            raise ValueError(f"val_end {self.val_end} is before val_start {self.val_start}")
+        if self.batch_size < 1 or self.rollout_steps < 1:
+            raise ValueError("batch_size and rollout_steps must be ≥ 1")
+        if not 1 <= self.rollout_start <= self.rollout_steps or self.rollout_increment < 1:
+            raise ValueError(f"rollout_start {self.rollout_start} must be in 1..rollout_steps ({self.rollout_steps}) "
+                             f"and rollout_increment {self.rollout_increment} ≥ 1")
+        if not 0 < self.rollout_ramp <= 1:
+            raise ValueError(f"rollout_ramp {self.rollout_ramp} must be in (0, 1]")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps {self.max_nonfinite_steps} must be ≥ 1")
+        if self.powersgd_rank < 1:
+            raise ValueError(f"powersgd_rank {self.powersgd_rank} must be ≥ 1")
+        if self.powersgd_start_iter < 2:
+            raise ValueError(f"powersgd_start_iter {self.powersgd_start_iter} must be ≥ 2 (DDP rebuilds its "
+                             "gradient buckets after the first step)")
+        return self
