@@ -80,9 +80,9 @@ class Setup:
 
 def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
     """The SFNO the config describes, for the task's channels on an ``nlat × nlon`` grid."""
-    n, m = len(config.task.channels()), config.model
-    return SFNO(n, n, nlat, nlon, embed_dim=m.embed_dim, num_layers=m.num_layers, mlp_ratio=m.mlp_ratio,
-                scale_factor=m.scale_factor, pos_embed=m.pos_embed)
+    n = len(config.task.channels())
+    # The model section's field names are SFNO's keyword arguments: a new option is one field and one kwarg.
+    return SFNO(n, n, nlat, nlon, **config.model.model_dump())
 
 
 def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
