@@ -88,7 +88,7 @@ def write_raw_per_chunk(ds: xr.Dataset, root: Path) -> None:
 
 def write_store(ds: xr.Dataset, root: Path, grid_name: str, compression: str, checksum: bool) -> None:
     """The whole build: pre-allocate, region-write each slab, flags last, consolidate."""
-    create_store(root, layout_of(ds, grid_name), compression=compression, checksum=checksum)
+    create_store(root, layout_of(ds, grid_name), slab_size=SLAB, compression=compression, checksum=checksum)
     write_slabs(ds, root)
     consolidate(root)
 
@@ -106,7 +106,7 @@ def timed_slabs(ds: xr.Dataset, workdir: Path, grid_name: str, compression: str,
     times = []
     for k in range(repeats):
         target = workdir / f"slabs-{k}"
-        create_store(target, layout_of(ds, grid_name), compression=compression, checksum=checksum)
+        create_store(target, layout_of(ds, grid_name), slab_size=SLAB, compression=compression, checksum=checksum)
         os.sync()
         t = time.perf_counter()
         write_slabs(ds, target)

@@ -33,6 +33,7 @@ from ingest.regions import (
     open_store,
     preliminary_times,
     remove_partial_files,
+    store_slab_size,
     write_slab,
 )
 from ingest.sources import Source, SyntheticSource
@@ -130,6 +131,13 @@ def plan_ingest(config: Config, append: bool = False, source: Source | None = No
     layout = layout_for(config, source.dataset_version(), source.name, end)
     plan = IngestPlan(path, layout, store is not None, None, config.ingest.slab_size)
     if store is not None:
+        # Slabs follow the store's shard files, whatever the config says now: a slab that straddles
+        # two files would rewrite both of them.
+        stored = store_slab_size(path)
+        if stored is not None and stored != plan.slab_size:
+            log.info("store %s holds slabs of %d times (ingest.slab_size is %d): using %d", path, stored,
+                     plan.slab_size, stored)
+            plan.slab_size = stored
         added = check_layout(store, layout, path)  # a prefix of the requested period is fine: it is extended
         done = np.zeros(len(layout.times), dtype=bool)
         done[: store.sizes["time"]] = done_flags(path)
@@ -197,7 +205,8 @@ def ingest_session(config: Config, append: bool = False) -> Iterator[IngestPlan]
     with store_lock(path):
         plan = plan_ingest(config, append, source)  # again under the lock: another writer may have moved on
         if not plan.exists:
-            create_store(path, plan.layout, compression=config.ingest.compression, checksum=config.ingest.checksum)
+            create_store(path, plan.layout, slab_size=plan.slab_size, compression=config.ingest.compression,
+                         checksum=config.ingest.checksum)
         else:
             removed = remove_partial_files(path)
             if removed:

@@ -4,8 +4,10 @@
 contract and the disk: flags and chunk files agree (a done time whose chunk file is missing would
 silently read as NaN), every chunk of every done time decodes (a flipped bit fails its crc32c),
 done values are finite and physically plausible, the time axis is regular, the grid matches its
-attribute, and the consolidated metadata readers use matches the arrays. It reads one time of one
-variable at a time, so memory stays at one chunk row however large the store is.
+attribute, and the consolidated metadata readers use matches the arrays. Stores keep a slab of
+times per shard file: each file is read once and each time's chunk decoded on its own, so memory
+stays at one shard per variable however large the store is, and a damaged chunk is named by its
+time and shard.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from core.grid import parse_grid_attr
 from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, REQUIRED_FLAGS, validate_analysis
 from core.variables import VARIABLES
 from ingest.append import intent_path
+from ingest.chunkio import EMPTY, ChunkWriter, chunk_writer
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,8 @@ def inspect_store(path: Path) -> str:
     if fields:
         arr = zarr.open_array(str(path / fields[0]), mode="r")
         codecs = [type(c).__name__.removesuffix("Codec").lower() for c in arr.compressors] or ["none"]
-        lines.append(f"  chunks {tuple(arr.chunks)} ({fields[0]}), codecs: {' + '.join(codecs)}")
+        shards = f", {arr.shards[0]} times per shard file" if arr.shards else ""
+        lines.append(f"  chunks {tuple(arr.chunks)} ({fields[0]}){shards}, codecs: {' + '.join(codecs)}")
     nbytes, nfiles = _size_on_disk(path)
     lines.append(f"  size on disk {_human(nbytes)} ({nfiles} files)")
     if intent_path(path).is_file():
@@ -227,9 +231,83 @@ def _chunk_coords(arr: zarr.Array, i: int) -> list[tuple[int, ...]]:
     return [(i // arr.chunks[0],) + tuple(c) for c in itertools.product(*rest)]
 
 
+class _Shards:
+    """One variable's shard files, read once each (the scan goes through times in order)."""
+
+    def __init__(self, writer: ChunkWriter, full: bool) -> None:
+        self.w, self.full = writer, full
+        self.key: Path | None = None
+        self.found: tuple[np.ndarray, bytes] | None = None
+        self.error: str | None = None
+
+    def _load(self, key: Path) -> None:
+        self.key, self.found, self.error = key, None, None
+        try:
+            # A quick check reads only each file's index, from its end.
+            self.found = self.w.read_index(key, data=self.full)
+        except ValueError as exc:
+            self.error = str(exc)
+
+    def chunk(self, name: str, i: int, when: str, out: _Findings) -> bytes | None:
+        """Time ``i``'s stored bytes (b"" when only presence was read); None after recording why not."""
+        key = self.w.key(i)
+        label = f"{name}/{key.name}"
+        if key != self.key:
+            self._load(key)
+            if self.error is not None:
+                out.add("decode", name, f"{name}: shard {label} is damaged ({self.error}): its times cannot be read")
+        if self.error is not None:
+            return None
+        if self.found is None:
+            out.add("missing", name, f"{name} at {when}: shard {label} is missing on disk though the time is done "
+                                      "(it would read as NaN)")
+            return None
+        index, raw = self.found
+        k = i % self.w.per_file
+        if index[k, 0] == EMPTY:
+            out.add("missing", name, f"{name} at {when}: chunk {k} of shard {label} is missing though the time "
+                                      "is done (it would read as NaN)")
+            return None
+        return raw[int(index[k, 0]):int(index[k, 0] + index[k, 1])] if self.full else b""
+
+
+def _scan_sharded(shards: _Shards, name: str, i: int, when: str, out: _Findings, report: CheckReport,
+                  levels: np.ndarray | None) -> None:
+    """Check one done time of one sharded field: chunk stored, decodable, finite, in range."""
+    raw = shards.chunk(name, i, when, out)
+    if raw is None or not shards.full:
+        return
+    try:
+        values = shards.w.codec.decode(raw)
+    except ValueError as exc:
+        out.add("decode", name, f"{name} at {when}: chunk {i % shards.w.per_file} of shard {name}/"
+                                 f"{shards.w.key(i).name} does not decode ({exc})")
+        return
+    report.chunks_read += 1
+    _values(name, values, when, out, levels)
+
+
+def _values(name: str, values: np.ndarray, when: str, out: _Findings, levels: np.ndarray | None) -> None:
+    """NaN/Inf and physical-range findings for one done time of one field."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        out.add("nan", name, f"{name} at {when}: {int((~finite).sum())} NaN/Inf values in a done time")
+    if finite.any():
+        lo, hi = VARIABLES[name].valid_range if name in VARIABLES else (-np.inf, np.inf)
+        vmin, vmax = float(values[finite].min()), float(values[finite].max())
+        if vmin < lo or vmax > hi:
+            at = ""
+            if levels is not None:
+                flat = np.where(finite, values, (lo + hi) / 2).reshape(len(levels), -1)
+                bad = (flat.min(axis=1) < lo) | (flat.max(axis=1) > hi)
+                at = f" (level {', '.join(str(int(lv)) for lv in np.asarray(levels)[bad])} hPa)"
+            out.add("range", name, f"{name} at {when}{at}: values {vmin:g} .. {vmax:g} outside the "
+                                    f"physical range [{lo:g}, {hi:g}] {VARIABLES[name].units}")
+
+
 def _scan_time(path: Path, name: str, arr: zarr.Array, i: int, when: str, full: bool, out: _Findings,
                report: CheckReport, levels: np.ndarray | None) -> None:
-    """Check one done time of one field: chunk files present, decodable, finite, in range."""
+    """Check one done time of one field stored a chunk per file: present, decodable, finite, in range."""
     missing = []
     for coords in _chunk_coords(arr, i):
         key = arr.metadata.encode_chunk_key(coords)
@@ -251,20 +329,7 @@ def _scan_time(path: Path, name: str, arr: zarr.Array, i: int, when: str, full: 
                 out.add("decode", name, f"{name} at {when}: chunk {name}/{key} does not decode "
                                          f"({type(exc).__name__}: {exc})")
         return
-    finite = np.isfinite(values)
-    if not finite.all():
-        out.add("nan", name, f"{name} at {when}: {int((~finite).sum())} NaN/Inf values in a done time")
-    if finite.any():
-        lo, hi = VARIABLES[name].valid_range if name in VARIABLES else (-np.inf, np.inf)
-        vmin, vmax = float(values[finite].min()), float(values[finite].max())
-        if vmin < lo or vmax > hi:
-            at = ""
-            if levels is not None:
-                flat = np.where(finite, values, (lo + hi) / 2).reshape(len(levels), -1)
-                bad = (flat.min(axis=1) < lo) | (flat.max(axis=1) > hi)
-                at = f" (level {', '.join(str(int(lv)) for lv in np.asarray(levels)[bad])} hPa)"
-            out.add("range", name, f"{name} at {when}{at}: values {vmin:g} .. {vmax:g} outside the "
-                                    f"physical range [{lo:g}, {hi:g}] {VARIABLES[name].units}")
+    _values(name, values, when, out, levels)
 
 
 def check_store(path: Path, full: bool = True, require_complete: bool = False) -> CheckReport:
@@ -326,10 +391,15 @@ def _scan(path: Path, ds: xr.Dataset, full: bool, require_complete: bool, out: _
             report.notes.append(text)
     fields = [v for v in ds.data_vars if v not in FLAG_VARIABLES and ds[v].dims[:1] == ("time",)]
     arrays = {name: zarr.open_array(str(path / name), mode="r") for name in fields}
+    writers = {name: chunk_writer(path / name) for name in fields}
+    shards = {name: _Shards(w, full) for name, w in writers.items() if w is not None and w.sharded}
     for i in np.flatnonzero(done):
         when = f"{times[i]:%Y-%m-%dT%H}"
         for name, arr in arrays.items():
             levels = ds["level"].values if "level" in ds[name].dims else None
-            _scan_time(path, name, arr, int(i), when, full, out, report, levels)
+            if name in shards:
+                _scan_sharded(shards[name], name, int(i), when, out, report, levels)
+            else:
+                _scan_time(path, name, arr, int(i), when, full, out, report, levels)
     report.notes.append(f"{int(done.sum())} done times × {len(fields)} variables checked"
                         + (f", {report.chunks_read} chunks decoded" if full else " (chunk files only)"))

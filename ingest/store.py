@@ -51,20 +51,23 @@ from ingest.regions import (
     preliminary_times,
     read_flags,
     remove_partial_files,
+    store_slab_size,
     write_slab,
 )
 
 __all__ = [
-    "FLAGS", "TIME_CHUNK", "BuildReport", "StoreLayout", "StoreLockedError", "build_store", "check_layout",
+    "DEFAULT_SLAB", "FLAGS", "TIME_CHUNK", "BuildReport", "StoreLayout", "StoreLockedError", "build_store", "check_layout",
     "complete_pending_append", "consolidate", "contiguous_runs", "create_store", "done_flags", "extend_store",
     "intent_path", "lock_holder", "lock_path", "missing_times", "open_store", "preliminary_times", "read_flags",
-    "remove_partial_files", "replace_preliminary", "replace_slab", "slabs_to_do", "store_lock", "write_slab",
+    "remove_partial_files", "replace_preliminary", "replace_slab", "slabs_to_do", "store_lock", "store_slab_size",
+    "write_slab",
 ]
 
 log = logging.getLogger(__name__)
 
 # Times per chunk of the `time` coordinate (~11 years at 6 h): an append rewrites only its last chunk.
 TIME_CHUNK = 16384
+DEFAULT_SLAB = 4  # times per slab and per shard file when the caller does not say
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ class StoreLayout:
     dataset_version: str
 
 
-def _template(layout: StoreLayout) -> xr.Dataset:
+def _template(layout: StoreLayout, slab_size: int) -> xr.Dataset:
     g, nt = layout.grid, len(layout.times)
+    per = max(1, min(slab_size, nt))  # dask chunks of the lazy template: aligned with the shards
     data_vars = {}
     for name in layout.variables:
         var = get_variable(name)
@@ -90,14 +94,14 @@ def _template(layout: StoreLayout) -> xr.Dataset:
         else:
             dims = ("time", "latitude", "longitude")
             shape = (nt, g.nlat, g.nlon)
-        lazy = da.zeros(shape, dtype=np.float32, chunks=(1,) + shape[1:])
+        lazy = da.zeros(shape, dtype=np.float32, chunks=(per,) + shape[1:])
         data_vars[name] = (dims, lazy, {"units": var.units, "long_name": var.long_name})
-    data_vars["done"] = (("time",), da.zeros(nt, dtype=np.uint8, chunks=1),
+    data_vars["done"] = (("time",), da.zeros(nt, dtype=np.uint8, chunks=per),
                          {"long_name": "slab written completely (1) or not (0)"})
-    data_vars["expver"] = (("time",), da.zeros(nt, dtype=np.int8, chunks=1),
+    data_vars["expver"] = (("time",), da.zeros(nt, dtype=np.int8, chunks=per),
                            {"long_name": "ERA5 experiment version", "flag_values": [0, 1, 5],
                             "flag_meanings": "unknown final preliminary"})
-    data_vars["replaced"] = (("time",), da.zeros(nt, dtype=np.uint8, chunks=1),
+    data_vars["replaced"] = (("time",), da.zeros(nt, dtype=np.uint8, chunks=per),
                              {"long_name": "preliminary values replaced by final (1) or not (0)"})
     coords = {
         "time": ("time", layout.times.values.astype("datetime64[ns]"), {"standard_name": "time"}),
@@ -118,21 +122,30 @@ def chunk_codecs(compression: Literal["zstd", "none"] = "zstd", checksum: bool =
     return codecs + ([Crc32cCodec()] if checksum else [])
 
 
-def create_store(path: Path, layout: StoreLayout, *, compression: Literal["zstd", "none"] = "zstd",
-                 checksum: bool = True) -> None:
+def create_store(path: Path, layout: StoreLayout, *, slab_size: int = DEFAULT_SLAB,
+                 compression: Literal["zstd", "none"] = "zstd", checksum: bool = True) -> None:
     """Pre-allocate an empty store for the layout's whole period (metadata only, atomically)."""
     path = Path(path)
     if path.exists():
         raise ValueError(f"store {path} already exists")
+    if slab_size < 1:
+        raise ValueError(f"slab_size {slab_size} must be ≥ 1")
     codecs = chunk_codecs(compression, checksum)
-    ds = _template(layout)
+    ds = _template(layout, slab_size)
     validate_analysis(ds, what=f"template for {path}")
-    # "c.<t>.0.0" keys: one flat directory per array. Nested "c/<t>/0/0" keys cost a chain of
-    # mkdir calls per chunk, which measured ≈ 2 ms per chunk here — more than writing the chunk.
+    # One time per chunk (a reader fetches a single time), one slab of times per shard file (a
+    # slab write is one file per variable: per-file cost dominated writes with a file per time).
+    # "c.<k>.0.0" keys: one flat directory per array. Nested "c/<k>/0/0" keys cost a chain of
+    # mkdir calls per file, which measured ≈ 2 ms per file here — more than writing a chunk.
     flat = {"name": "default", "separator": "."}
-    encoding = {name: {"fill_value": np.nan, "compressors": codecs, "chunk_key_encoding": flat}
-                for name in layout.variables}
-    encoding.update({flag: {"fill_value": 0, "compressors": codecs, "chunk_key_encoding": flat} for flag in FLAGS})
+
+    def sharded(var: xr.DataArray, fill: float) -> dict:
+        rest = tuple(var.shape[1:])
+        return {"fill_value": fill, "compressors": codecs, "chunk_key_encoding": flat, "chunks": (1, *rest),
+                "shards": (slab_size, *rest)}
+
+    encoding = {name: sharded(ds[name], np.nan) for name in layout.variables}
+    encoding.update({flag: sharded(ds[flag], 0) for flag in FLAGS})
     encoding["time"] = {"units": "hours since 1900-01-01", "calendar": "proleptic_gregorian", "dtype": "int64",
                         "chunks": (TIME_CHUNK,)}
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
@@ -214,7 +227,7 @@ def build_store(path: Path, layout: StoreLayout,
             if extra:
                 extend_store(path, layout.times[-1])
         else:
-            create_store(path, layout, compression=compression, checksum=checksum)
+            create_store(path, layout, slab_size=slab_size, compression=compression, checksum=checksum)
         store = open_store(path)
         done = done_flags(path)
         todo = slabs_to_do(done, slab_size)

@@ -8,7 +8,7 @@ the ``nth`` time it reaches that point; nothing is cleaned up, exactly as after 
                         chunks of ``DOWNLOAD_CHUNK`` bytes are on disk (the ``nth`` download);
 ``region-write``        inside ``ingest.regions.write_region``: the first variable of the ``nth`` data
                         region is written, the others are not;
-``mid-chunk``           the ``nth`` field chunk is half on disk, in its ``*.partial`` temporary file;
+``mid-chunk``           the ``nth`` field shard file is half on disk, in its ``*.partial`` temporary file;
 ``before-done``         the ``nth`` slab's data and ``expver`` are written, its ``done`` flag is not;
 ``before-consolidate``  every slab is written; the final metadata refresh never happens.
 
@@ -52,7 +52,7 @@ _CHUNK_KEY = re.compile(r"c[./](\d+)(?:[./]|$)")
 
 
 def chunk_time(store: Path, path: Path) -> tuple[str, int] | None:
-    """(array, first chunk index) if ``path`` is a chunk file of ``store`` (either key separator), else None."""
+    """(array, chunk or shard index along time) if ``path`` is a chunk/shard file of ``store``, else None."""
     try:
         rel = Path(path).resolve().relative_to(Path(store).resolve()).parts
     except ValueError:

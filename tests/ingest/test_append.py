@@ -30,6 +30,7 @@ from ingest.store import (
     replace_slab,
     store_lock,
 )
+from tests.ingest.shards import stored_chunks
 
 VARS = ("geopotential", "u_component_of_wind", "v_component_of_wind")
 REPO = Path(__file__).resolve().parents[2]
@@ -75,8 +76,11 @@ def test_extend_adds_undone_times_without_touching_a_data_chunk(tmp_path: Path) 
     ds = analysis_dataset(periods=10)
     path = built(tmp_path / "a.zarr", ds, 6)
     before = chunk_files(path)
-    # fields, done and expver of 6 times (replaced = 0 is the fill value, not stored), level/lat/lon
-    assert len(before) == 6 * (len(VARS) + 2) + 3
+    chunks_before = stored_chunks(path)
+    # Two shard files (times 0–3 and 4–5) of the fields, done and expver (replaced = 0 is the fill
+    # value, not stored), and level/lat/lon; 6 times of chunks inside them.
+    assert len(before) == 2 * (len(VARS) + 2) + 3
+    assert sorted({t for _, t in chunks_before}) == list(range(6)) and len(chunks_before) == 6 * (len(VARS) + 2)
     assert extend_store(path, pd.Timestamp(ds.time.values[9])) == 4
     assert chunk_files(path) == before  # same files, same bytes, same mtimes: nothing rewritten or added
     store = open_store(path)
@@ -95,7 +99,11 @@ def test_extend_adds_undone_times_without_touching_a_data_chunk(tmp_path: Path) 
     calls: list = []
     report = build_store(path, layout(ds.time.values), fetcher(ds, calls=calls), slab_size=4)
     assert [len(c) for c in calls] == [2, 2] and report.skipped == 1
-    assert {k: v for k, v in chunk_files(path).items() if k in before} == before
+    # The full first shard is untouched; the second was completed around its stored chunks, whose
+    # bytes are unchanged (the shard file is replaced atomically, so a crash keeps the old one).
+    first_shards = {k: v for k, v in before.items() if k.split("/")[1].startswith("c.0")}
+    assert {k: v for k, v in chunk_files(path).items() if k in first_shards} == first_shards
+    assert {k: v for k, v in stored_chunks(path).items() if k in chunks_before} == chunks_before
     direct = built(tmp_path / "direct.zarr", ds, 10)
     assert tree_digest(path) == tree_digest(direct)
 
@@ -187,6 +195,7 @@ def test_era5t_is_replaced_by_final_and_final_is_never_overwritten(tmp_path: Pat
     path = built(tmp_path / "a.zarr", first, 8, expver=stored)
     assert preliminary_times(path).equals(pd.DatetimeIndex(first.time.values[4:]))
     before = chunk_files(path)
+    chunks_before = stored_chunks(path)
     # Fresh data: preliminary where the store is final (must not win), final for 4..6, still ERA5T at 7.
     fresh = np.array([5, 5, 5, 5, 1, 1, 1, 5])
     with store_lock(path):
@@ -200,9 +209,13 @@ def test_era5t_is_replaced_by_final_and_final_is_never_overwritten(tmp_path: Pat
     assert store.expver.values.tolist() == [1, 1, 1, 1, 1, 1, 1, 5]
     assert store.replaced.values.tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
     assert preliminary_times(path).equals(pd.DatetimeIndex(first.time.values[7:]))
-    rewritten = {f"c.{t}" for t in (4, 5, 6)}
-    untouched = {k: v for k, v in before.items() if ".".join(k.split("/")[1].split(".")[:2]) not in rewritten}
+    # Times 0–3 (final) are in a shard nobody rewrote; time 7's chunks keep their bytes in the rewritten one.
+    untouched = {k: v for k, v in before.items() if k.split("/")[1].startswith("c.0")}
     assert {k: v for k, v in chunk_files(path).items() if k in untouched} == untouched
+    kept = {k: v for k, v in chunks_before.items() if k[1] == 7 and k[0] != "done"}
+    assert kept and {k: stored_chunks(path)[k] for k in kept} == kept
+    changed = [k for k, v in stored_chunks(path, VARS).items() if k[1] in (4, 5, 6) and chunks_before[k] != v]
+    assert len(changed) == 3 * len(VARS)
 
     # The orchestrated pass fetches only preliminary times (from `since`) and is idempotent.
     calls: list = []

@@ -22,6 +22,7 @@ from ingest.store import (
     open_store,
     write_slab,
 )
+from tests.ingest.shards import drop_chunk, flip_bit
 
 VARS = ("geopotential", "u_component_of_wind", "v_component_of_wind")
 N = 8
@@ -61,7 +62,12 @@ def test_a_healthy_store_passes(store: Path) -> None:
 
 def test_checksum_codec_is_in_every_field_and_flag(tmp_path: Path) -> None:
     def codecs(path: Path, name: str) -> list[str]:
-        return [c["name"] for c in json.loads((path / name / "zarr.json").read_text())["codecs"]]
+        (shard,) = json.loads((path / name / "zarr.json").read_text())["codecs"]
+        assert shard["name"] == "sharding_indexed"  # a slab of times per file, one time per chunk
+        conf = shard["configuration"]
+        index = [c["name"] for c in conf["index_codecs"]]
+        assert index == ["bytes", "crc32c"], name  # Zarr's default: a shard index is always checksummed
+        return [c["name"] for c in conf["codecs"]]
 
     path = make_store(tmp_path / "a.zarr")
     for name in VARS + ("done", "expver", "replaced"):
@@ -78,29 +84,37 @@ def test_checksum_codec_is_in_every_field_and_flag(tmp_path: Path) -> None:
 
 
 def test_deleted_and_bit_flipped_chunks_are_reported_by_name(store: Path) -> None:
-    (store / "geopotential/c.3.0.0.0").unlink()
-    flipped = store / "u_component_of_wind/c.5.0.0.0"
-    raw = bytearray(flipped.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    flipped.write_bytes(bytes(raw))
+    drop_chunk(store, "geopotential", 3)  # one time gone from a shard that is otherwise fine
+    flip_bit(store, "u_component_of_wind", 5)
     with pytest.raises(ValueError, match="checksum"):  # what a reader would hit
         xr.open_zarr(store).u_component_of_wind.isel(time=5).load()
     report = check_store(store)
     assert not report.ok and len(report.problems) == 2, report.report()
-    missing = only(report, "missing on disk")
-    assert "geopotential at 2000-01-01T18" in missing and "geopotential/c.3.0.0.0" in missing
+    missing = only(report, "missing")
+    assert "geopotential at 2000-01-01T18" in missing and "chunk 3 of shard geopotential/c.0.0.0.0" in missing
     broken = only(report, "does not decode")
-    assert "u_component_of_wind at 2000-01-02T06" in broken and "u_component_of_wind/c.5.0.0.0" in broken
+    assert "u_component_of_wind at 2000-01-02T06" in broken and "chunk 1 of shard u_component_of_wind/c.1.0.0.0" in broken
     assert "checksum" in broken
-    done = store / "done/c.1"
-    raw = bytearray(done.read_bytes())
-    raw[-1] ^= 0x01
-    done.write_bytes(bytes(raw))
-    assert "flag 'done' at 2000-01-01T06 does not decode" in only(check_store(store), "flag 'done'")
-    done.write_bytes(bytes(raw[:-1]) + bytes([raw[-1] ^ 0x01]))
-    quick = check_store(store, full=False)  # chunk files only: finds the hole, cannot see the flip
-    assert [p for p in quick.problems if "missing on disk" in p] and not [p for p in quick.problems if "decode" in p]
     assert "PROBLEM geopotential at 2000-01-01T18" in report.report()
+    quick = check_store(store, full=False)  # shard indexes only: finds the hole, cannot see the flip
+    assert [p for p in quick.problems if "missing" in p] and not [p for p in quick.problems if "decode" in p]
+    flipped_done = flip_bit(store, "done", 1)
+    assert "flag 'done' at 2000-01-01T06 does not decode" in only(check_store(store), "flag 'done'")
+    flipped_done.unlink()  # (the whole first slab's done flags gone: its times read as not done)
+    (store / "v_component_of_wind/c.1.0.0.0").unlink()  # a whole shard file: each done time is named
+    report = check_store(store)
+    lost = [p for p in report.problems if "shard v_component_of_wind/c.1.0.0.0 is missing on disk" in p]
+    assert [p.split(":")[0] for p in lost] == [f"v_component_of_wind at 2000-01-02T{h:02d}" for h in (0, 6, 12, 18)]
+
+
+def test_a_damaged_shard_index_is_reported_once_with_the_file(store: Path) -> None:
+    shard = store / "geopotential/c.1.0.0.0"
+    raw = bytearray(shard.read_bytes())
+    raw[-8] ^= 0x01  # inside the index, not a chunk
+    shard.write_bytes(bytes(raw))
+    report = check_store(store)
+    assert "shard geopotential/c.1.0.0.0 is damaged (" in only(report, "damaged")
+    assert "crc32c" in only(report, "damaged") and len(report.problems) == 1, report.report()
 
 
 def test_nan_and_out_of_range_values_in_done_times_are_reported(store: Path) -> None:
@@ -170,7 +184,8 @@ def test_inspect_shows_the_key_facts(tmp_path: Path) -> None:
                  "done 8 of 10 times", "missing: 2000-01-03T00 .. 2000-01-03T06 (2 times)",
                  "preliminary (ERA5T): 2000-01-02T06 .. 2000-01-02T18 (3 times)",
                  "replaced by final ERA5: 0 times", "dataset_version: testing-0", "source: testing",
-                 "codecs: zstd + crc32c", "size on disk "]:
+                 "chunks (1, 1, 17, 32) (geopotential), 4 times per shard file, codecs: zstd + crc32c",
+                 "size on disk "]:
         assert fact in text, f"{fact!r} not in\n{text}"
 
 

@@ -48,6 +48,7 @@ from tests.ingest.faults import (
     unmount,
     used_bytes,
 )
+from tests.ingest.shards import stored_chunks, time_arrays
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +135,22 @@ def references(server: CdsServer, tmp_path_factory: pytest.TempPathFactory) -> C
 COORDS = ("time", "level", "latitude", "longitude")
 
 
-def per_time_chunks(store: Path) -> dict[str, int]:
-    """Chunk files of the per-time arrays (fields and flags), relative path → time index."""
+def shard_files(store: Path) -> dict[str, int]:
+    """Files of the per-time arrays (fields and flags), relative path → first time they hold."""
     out = {}
-    for p in sorted(store.rglob("*")):
-        found = chunk_time(store, p) if p.is_file() and not p.name.endswith(".partial") else None
-        if found is not None and found[0] not in COORDS:
-            out[p.relative_to(store).as_posix()] = found[1]
+    for w in time_arrays(store).values():
+        for p in sorted(w.dir.glob("c.*")):
+            found = chunk_time(store, p) if not p.name.endswith(".partial") else None
+            if found is not None:
+                out[p.relative_to(store).as_posix()] = found[1] * w.per_file
     return out
 
 
 def chunk_times(store: Path, names: list[str]) -> dict[str, set[int]]:
-    """For each array, the time indices that have chunk files on disk."""
+    """For each array, the time indices whose chunks are on disk (read from the shard indexes)."""
     out: dict[str, set[int]] = {name: set() for name in names}
-    for key, t in per_time_chunks(store).items():
-        out.setdefault(key.split("/")[0], set()).add(t)
+    for name, t in stored_chunks(store):
+        out.setdefault(name, set()).add(t)
     return out
 
 
@@ -184,7 +186,7 @@ KILLS = [
     # (format, kill point, n-th occurrence): every n puts the kill inside slab 1 (times 3..5).
     pytest.param("netcdf", "download", 4, id="netcdf-download"),  # 2nd pressure request of slab 1
     pytest.param("netcdf", "region-write", 2, id="netcdf-region-write"),
-    pytest.param("netcdf", "mid-chunk", SLAB * 3 + 5, id="netcdf-mid-chunk"),  # 9 field chunks per slab
+    pytest.param("netcdf", "mid-chunk", 5, id="netcdf-mid-chunk"),  # a shard file per field per slab: slab 1's 2nd
     pytest.param("netcdf", "before-done", 2, id="netcdf-before-done"),
     pytest.param("netcdf", "before-consolidate", 1, id="netcdf-before-consolidate"),
     pytest.param("grib", "download", 4, id="grib-download"),
@@ -237,8 +239,8 @@ class DiskFull:
 
 
 def _trim_to_slabs(store: Path, keep_times: int) -> None:
-    """Delete every per-time chunk at or after ``keep_times`` (what the store holds after that many times)."""
-    for key, t in per_time_chunks(store).items():
+    """Delete every shard file from ``keep_times`` on (what the store holds after that many times; slab-aligned)."""
+    for key, t in shard_files(store).items():
         if t >= keep_times:
             (store / key).unlink()
 
@@ -281,8 +283,9 @@ def disk_full(request: pytest.FixtureRequest, server: CdsServer, references: Cal
         trimmed = root / "trimmed.zarr"
         shutil.copytree(ref.store, trimmed)
         _trim_to_slabs(trimmed, FULL_SLABS * SLAB)
-        fits = len(per_time_chunks(trimmed))
-        with full_disk_after(config.paths.analysis_store, fits + SLAB * 3 // 2) as refused, \
+        fits = len(shard_files(trimmed))
+        # The disk fills after all but the last field's shard of the next slab.
+        with full_disk_after(config.paths.analysis_store, fits + len(TASK["variables"]) - 1) as refused, \
                 pytest.raises((OSError, ValueError)) as info:
             ingest(config, progress=False)
         assert refused() > 0
@@ -313,8 +316,8 @@ def test_disk_full_keeps_done_slabs_and_resume_is_byte_identical(
     fields = [v for v in open_store(ref.store).data_vars if v not in FLAG_VARIABLES]
     xr.testing.assert_identical(open_store(store)[fields].isel(time=kept).load(),
                                 open_store(ref.store)[fields].isel(time=kept).load())
-    done_chunks = {k: ref.digest[k] for k, t in per_time_chunks(ref.store).items() if t < kept.stop}
-    assert len(done_chunks) == kept.stop * (len(fields) + 2)  # fields, done, expver
+    done_chunks = {k: ref.digest[k] for k, t in shard_files(ref.store).items() if t < kept.stop}
+    assert len(done_chunks) == FULL_SLABS * (len(fields) + 2)  # a shard of each field, done and expver per slab
     now = tree_digest(store)
     assert {k: now.get(k) for k in done_chunks} == done_chunks
 

@@ -13,7 +13,7 @@ import xarray as xr
 
 from core.grid import get_grid
 from core.testing import analysis_dataset
-from ingest.build import ingest, layout_for
+from ingest.build import ingest, layout_for, plan_ingest
 from ingest.check import describe_missing
 from ingest.store import (
     StoreLayout,
@@ -26,6 +26,7 @@ from ingest.store import (
     write_slab,
 )
 from tests.ingest.conftest import TINY, tiny_config
+from tests.ingest.shards import stored_chunks
 
 VARS = ("geopotential", "u_component_of_wind", "v_component_of_wind")
 
@@ -99,10 +100,8 @@ def test_missing_times_are_reported_and_refetched_without_rewriting_done_ones(tm
     write_slab(path, store, ds.isel(time=[6, 7]), 6)
     assert missing_times(path).equals(pd.DatetimeIndex(ds.time.values[3:6]))
     assert describe_missing(path) == "3 of 8 times missing: 2000-01-01T18 .. 2000-01-02T06 (3 times)"
-    done_chunks = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.rglob("*")
-                   if p.is_file() and p.name.split(".")[:2] in [["c", str(i)] for i in (0, 1, 2, 6, 7)]
-                   and p.relative_to(path).parts[0] in VARS + ("done", "expver")}
-    assert len(done_chunks) == 5 * (len(VARS) + 2)
+    done_chunks = stored_chunks(path)
+    assert sorted(done_chunks) == sorted((name, t) for name in VARS + ("done", "expver") for t in (0, 1, 2, 6, 7))
     calls: list[list[pd.Timestamp]] = []
 
     def fetch(times):
@@ -112,7 +111,8 @@ def test_missing_times_are_reported_and_refetched_without_rewriting_done_ones(tm
     report = build_store(path, layout_of(ds), fetch, slab_size=4)
     assert calls == [[pd.Timestamp(ds.time.values[3])], list(pd.DatetimeIndex(ds.time.values[4:6]))]
     assert (report.written, report.skipped) == (2, 0)
-    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in done_chunks} == done_chunks
+    # The refetched times joined the done ones' shards around them; every done chunk kept its bytes.
+    assert {k: v for k, v in stored_chunks(path).items() if k in done_chunks} == done_chunks
     xr.testing.assert_identical(open_store(path)[list(VARS)].load().drop_attrs(), ds[list(VARS)].drop_attrs())
     # A slab over done times writes nothing: done values are never overwritten by a plain write.
     before = tree_digest(path)
@@ -201,3 +201,14 @@ def test_layout_from_config(tiny) -> None:
     cfg, _ = tiny
     layout = layout_for(cfg, "v", "s")
     assert len(layout.times) == 16 and layout.times[1] - layout.times[0] == pd.Timedelta(hours=6)
+
+
+def test_slabs_follow_the_stores_shard_files_whatever_the_config_says_now(tmp_path: Path) -> None:
+    config, _ = tiny_config(tmp_path / "run", ingest={"slab_size": 2})
+    fresh = plan_ingest(config)
+    assert fresh.slab_size == 2 and [s.stop - s.start for s in fresh.todo[:2]] == [2, 2]
+    create_store(config.paths.analysis_store, fresh.layout, slab_size=4)  # built earlier with slabs of 4
+    again = plan_ingest(config)
+    assert again.slab_size == 4 and "slabs of 4" in again.describe()
+    assert all(s.start % 4 == 0 and s.stop - s.start <= 4 for s in again.todo)
+    assert sum(s.stop - s.start for s in again.todo) == len(fresh.layout.times)

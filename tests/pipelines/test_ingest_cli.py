@@ -38,8 +38,8 @@ from pipelines import flows  # noqa: F401
 from pipelines.cli import main
 from tests.ingest.cds_server import CdsServer, request_times, serve_cds
 from tests.ingest.conftest import tiny_config
-from tests.ingest.faults import chunk_time
-from tests.ingest.test_append import chunk_files, tree_digest
+from tests.ingest.shards import drop_chunk, stored_chunks
+from tests.ingest.test_append import tree_digest
 from tests.ingest.test_cds import oracle
 
 log = logging.getLogger(__name__)
@@ -137,13 +137,12 @@ def test_data_inspect_and_check_a_healthy_then_damaged_store(reference, tmp_path
     assert main(["data", "check", "--store", str(store)]) == 0
     assert capsys.readouterr().out.startswith(f"store {store}: OK")
 
-    key = zarr.open_array(str(store / "geopotential"), mode="r").metadata.encode_chunk_key((3, 0, 0, 0))
-    (store / "geopotential" / key).unlink()  # the chunk of 2000-01-01T18
+    shard = drop_chunk(store, "geopotential", 3)  # the chunk of 2000-01-01T18, from the shard of times 2–3
     for quick in ([], ["--quick"]):
         assert main(["data", "check", "--store", str(store), *quick]) == 1
         report = capsys.readouterr().out
         assert report.startswith(f"store {store}: 1 problem(s)")
-        assert (f"PROBLEM geopotential at 2000-01-01T18: chunk geopotential/{key} is missing on disk "
+        assert (f"PROBLEM geopotential at 2000-01-01T18: chunk 1 of shard geopotential/{shard.name} is missing "
                 "though the time is done") in report
 
 
@@ -292,7 +291,7 @@ def test_daily_append_grows_to_the_newest_time_then_replaces_era5t_by_final(
     cfg, path = cds_config(tmp_path / "run", end="2000-01-01T18")
     store = cfg.paths.analysis_store
     assert main(["ingest", "--config", str(path)]) == 0
-    old = chunk_files(store)
+    old = stored_chunks(store)
     server.set_era5t(pd.Timestamp("2000-01-02T00"))  # later times are still ERA5T (expver 5)
 
     # --plan --append says what the append will do, and does nothing.
@@ -311,7 +310,7 @@ def test_daily_append_grows_to_the_newest_time_then_replaces_era5t_by_final(
     assert pd.DatetimeIndex(flags["time"].values).equals(times)
     assert flags["done"].values.tolist() == [1] * 9
     assert flags["expver"].values.tolist() == [1] * 5 + [5] * 4
-    assert {k: v for k, v in chunk_files(store).items() if k in old} == old  # nothing old rewritten
+    assert {k: v for k, v in stored_chunks(store).items() if k in old} == old  # no old chunk changed
     capsys.readouterr()
     assert main(["data", "inspect", "--config", str(path)]) == 0
     out = capsys.readouterr().out
@@ -330,14 +329,14 @@ def test_daily_append_grows_to_the_newest_time_then_replaces_era5t_by_final(
     # re-fetched and replaced, and nothing else is rewritten.
     server.set_era5t(None)
     server.seed = 1
-    kept = {k: v for k, v in chunk_files(store).items() if chunk_time(store, store / k)[1] not in range(5, 9)}
+    kept = {k: v for k, v in stored_chunks(store).items() if k[1] not in range(5, 9)}
     mark = len(server.received)
     assert main(["ingest", "--config", str(path), "--append"]) == 0
     assert submitted_since(server, mark) == recheck
     flags = read_flags(store)
     assert flags["expver"].values.tolist() == [1] * 9
     assert flags["replaced"].values.tolist() == [0] * 5 + [1] * 4
-    assert {k: v for k, v in chunk_files(store).items() if k in kept} == kept
+    assert {k: v for k, v in stored_chunks(store).items() if k in kept} == kept
     assert_values_from(store, list(range(5, 9)), seed=1)
     assert_values_from(store, list(range(0, 5)), seed=0)
     capsys.readouterr()
