@@ -1,0 +1,161 @@
+"""Training windows read from the analysis store item by item: history, multistep targets, static fields.
+
+:class:`models.data.WindowDataset` loads a period into memory, which is right for the planet and
+wrong for years of 0.25° ERA5. This dataset keeps only the window index and reads each window's
+times from the Zarr store when asked (one inner chunk per time and variable: the store keeps one
+time per chunk), so a ``DataLoader`` with ``num_workers`` prefetches batches in worker processes
+while the model trains. Store handles are opened lazily in each process (they are dropped when the
+dataset is pickled into a worker).
+
+A window at analysis index ``j`` is ``(x, targets)``::
+
+    x        the states at j − (history−1)·s, …, j − s, j (oldest first), channels concatenated,
+             followed by the static fields: shape (history·C + S, lat, lon)
+    targets  the states at j + s, …, j + steps·s: shape (steps, C, lat, lon)
+
+with ``s`` the model step in analysis times. Every one of those times must be inside the period
+and marked done (completeness comes from the ``done`` flags, never from the values).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+import zarr
+from torch.utils.data import Dataset
+
+from core.grid import parse_grid_attr
+from core.variables import parse_channel
+from models.data import open_analysis, time_stride
+
+log = logging.getLogger(__name__)
+
+# Fields computed from the grid (no data needed): what a model cannot learn from a translation-
+# invariant operator — where it is on the sphere. Store variables without a time axis (e.g. a
+# land-sea mask or orography, if the store holds them) can be named too.
+GRID_STATICS = ("cos_latitude", "sin_latitude", "cos_longitude", "sin_longitude")
+
+
+def static_fields(analysis: xr.Dataset, names: list[str] | tuple[str, ...]) -> np.ndarray:
+    """The named static fields on the store's grid, ``(len(names), lat, lon)`` float32, standardised."""
+    grid = parse_grid_attr(str(analysis.attrs["grid"]))
+    lat = np.deg2rad(grid.latitudes)[:, None] * np.ones((1, grid.nlon))
+    lon = np.ones((grid.nlat, 1)) * np.deg2rad(grid.longitudes)[None, :]
+    computed = {"cos_latitude": np.cos(lat), "sin_latitude": np.sin(lat),
+                "cos_longitude": np.cos(lon), "sin_longitude": np.sin(lon)}
+    out = []
+    for name in names:
+        if name in computed:
+            field = computed[name]
+        elif name in analysis.data_vars and "time" not in analysis[name].dims:
+            field = np.asarray(analysis[name].values, dtype=np.float64)
+            if field.shape != (grid.nlat, grid.nlon):
+                raise ValueError(f"static field {name!r} has shape {field.shape}, not the grid's {grid.shape}")
+            # Standardised here (inputs to the network are O(1)); a constant field stays 0.
+            std = field.std()
+            field = (field - field.mean()) / (std if std > 0 else 1.0)
+        else:
+            have = sorted(v for v in analysis.data_vars if "time" not in analysis[v].dims)
+            raise ValueError(f"unknown static field {name!r}: use one of {list(GRID_STATICS)} or a store "
+                             f"variable without a time axis ({have or 'the store has none'})")
+        if not np.isfinite(field).all():
+            raise ValueError(f"static field {name!r} has NaN or Inf values")
+        out.append(field)
+    return np.asarray(out, dtype=np.float32).reshape(len(names), grid.nlat, grid.nlon)
+
+
+class ZarrWindowDataset(Dataset):
+    """``(x, targets)`` windows read from the store per item; see the module docstring for shapes."""
+
+    def __init__(self, path: Path | str, channels: list[str], start: datetime | str, end: datetime | str,
+                 steps: int, time_step_hours: int, history: int = 1, static: list[str] | tuple[str, ...] = ()) -> None:
+        if steps < 1 or history < 1:
+            raise ValueError(f"steps and history must be ≥ 1, got steps={steps}, history={history}")
+        self.path = Path(path)
+        analysis = open_analysis(self.path)
+        self.channels, self.steps, self.history = list(channels), steps, history
+        self.stride = time_stride(analysis, time_step_hours)
+        times = pd.DatetimeIndex(analysis["time"].values)
+        lo, hi = times.searchsorted(pd.Timestamp(start)), times.searchsorted(pd.Timestamp(end), side="right")
+        done = analysis["done"].values.astype(bool)
+        back, ahead = (history - 1) * self.stride, steps * self.stride
+        offsets = np.arange(-back, ahead + 1, self.stride)
+        starts = [j for j in range(lo + back, hi - ahead) if done[j + offsets].all()]
+        self.index = np.asarray(starts, dtype=np.int64)
+        self.offsets = offsets
+        self.times = times.values
+        self.sources = self._sources(analysis)
+        self.static = torch.from_numpy(static_fields(analysis, static)) if static else None
+        self.static_names = list(static)
+        self._arrays: dict[str, Any] | None = None
+        log.info("%d windows (history %d, %d steps) in %s..%s, read from %s", len(self.index), history, steps,
+                 pd.Timestamp(start), pd.Timestamp(end), self.path)
+
+    def _sources(self, analysis: xr.Dataset) -> list[tuple[str, int | None]]:
+        """For each channel, the store variable and level index it is read from."""
+        out = []
+        levels = [int(v) for v in analysis["level"].values] if "level" in analysis.coords else []
+        for ch in self.channels:
+            name, level = parse_channel(ch)
+            if name not in analysis.data_vars:
+                raise ValueError(f"analysis store {self.path} has no variable {name!r} (channel {ch!r})")
+            if level is not None and level not in levels:
+                raise ValueError(f"analysis store {self.path} has no level {level} for channel {ch!r}")
+            out.append((name, levels.index(level) if level is not None else None))
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes open their own store handles: an open Zarr array is not shared state.
+        return {**self.__dict__, "_arrays": None}
+
+    def _array(self, name: str) -> Any:
+        if self._arrays is None:
+            group = zarr.open_group(str(self.path), mode="r", use_consolidated=None)
+            self._arrays = {n: group[n] for n, _ in self.sources}
+        return self._arrays[name]
+
+    def __len__(self) -> int:
+        """Number of complete windows."""
+        return len(self.index)
+
+    def read_states(self, rows: np.ndarray) -> torch.Tensor:
+        """The states at analysis indices ``rows``: ``(len(rows), C, lat, lon)`` float32."""
+        first = self._array(self.sources[0][0])
+        out = np.empty((len(rows), len(self.channels), *first.shape[-2:]), dtype=np.float32)
+        by_var: dict[str, list[tuple[int, int | None]]] = {}
+        for c, (name, level) in enumerate(self.sources):
+            by_var.setdefault(name, []).append((c, level))
+        for name, targets in by_var.items():
+            values = self._array(name).get_orthogonal_selection((rows,))  # one read per variable
+            for c, level in targets:
+                out[:, c] = values[:, level] if level is not None else values
+        return torch.from_numpy(out)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window ``i``: the input stack (history, then static fields) and the ``steps`` target states."""
+        j = int(self.index[i])
+        states = self.read_states(j + self.offsets)
+        if not torch.isfinite(states).all():
+            bad = pd.Timestamp(self.times[j])
+            raise ValueError(f"analysis store {self.path}: NaN/Inf in a done time of the window at {bad}")
+        x = states[: self.history].reshape(-1, *states.shape[-2:])
+        if self.static is not None:
+            x = torch.cat([x, self.static])
+        return x, states[self.history:]
+
+    @property
+    def init_times(self) -> np.ndarray:
+        """Initial (latest input) times of the windows (datetime64)."""
+        return self.times[self.index]
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input stack: history × prognostic channels + static fields."""
+        return self.history * len(self.channels) + len(self.static_names)
