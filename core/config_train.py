@@ -22,19 +22,28 @@ class TrainConfig(_Section):
     val_end: Moment = datetime(2000, 3, 15, 18)
     """Last validation time."""
     budget_minutes: float = 5.0
-    """Wall-clock training budget; training stops at the first step past it."""
+    """Wall-clock training budget, summed over every attempt of the run (resumes and restarts); training stops at
+    the first step past it. Without ``max_steps`` the learning rate, rollout curriculum and validation points follow
+    the fraction of this budget used."""
     max_steps: int | None = None
-    """Optional hard cap on optimizer steps (tests use it for determinism)."""
+    """Optimizer steps of the run. When set, the schedules (learning rate, rollout curriculum, validation points)
+    follow ``step / max_steps`` — a function of the step alone, so a resumed run repeats an uninterrupted one bit for
+    bit — and ``budget_minutes`` only stops a run that is too slow (a safety net; it logs a warning)."""
     batch_size: int = 8
     """Global batch size (split evenly over ranks)."""
     lr: float = 2e-3
     """Peak learning rate (cosine decay over the budget)."""
     rollout_steps: int = 2
     """Autoregressive steps in the multistep loss at the end of the curriculum (its maximum)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Forward-pass precision: bf16 autocast (CPU or CUDA; SHTs stay fp32), fp32, or auto (bf16 on CUDA only)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Forward-pass precision: bf16 autocast (CPU or CUDA; SHTs stay fp32), fp16 autocast with a dynamic loss scale
+    (``torch.amp.GradScaler``; CUDA only), fp32, or auto (bf16 on CUDA, fp32 on CPU)."""
     tensorboard: bool = True
     """Write TensorBoard event files to ``<run>/tensorboard`` (loss, lr, grad norm, throughput, memory, val RMSE)."""
+    mlflow_tracking_uri: str | None = None
+    """Also log params and metrics to MLflow at this URI (e.g. ``sqlite:///mlflow.db``, ``http://host:5000``)."""
+    mlflow_experiment: str = "spherecast"
+    """MLflow experiment the runs are filed under."""
     activation_checkpointing: bool = False
     """Recompute SFNO blocks in the backward pass instead of storing activations (less memory, more compute)."""
     channel_weights: dict[str, float] = {}
@@ -65,6 +74,27 @@ class TrainConfig(_Section):
     """Steps of plain all-reduce before PowerSGD starts compressing (≥ 2: DDP rebuilds its buckets after step 1)."""
     signsgd_error_feedback: bool = True
     """Carry each rank's compression residual into its next gradient (what makes signSGD converge reliably)."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto``: continue from ``<run>/last.pt`` when it exists (exactly: weights, optimizer, schedule, loss scale,
+    RNGs, data position, budget used, best score) and append to ``metrics.jsonl``; start fresh otherwise. ``never``:
+    always start fresh — an existing ``last.pt`` is kept until the new run's first checkpoint replaces it (with a
+    warning) and the old metrics lines stay above the new ``start`` record. A ``last.pt`` that does not fit the
+    config or data (channels, grid, model, dataset version, stats, batch size, seed, training windows) or cannot be
+    read stops the run before any step, naming what differs."""
+    checkpoint_every_steps: int | None = None
+    """Also write ``last.pt`` every this many optimizer steps (None = not by step count)."""
+    checkpoint_every_minutes: float | None = 10.0
+    """Also write ``last.pt`` when this many minutes passed since the previous checkpoint (None = not by time).
+    ``last.pt`` is always written at each validation and at the end; ``checkpoint.pt`` holds the best validation."""
+    deterministic: bool = False
+    """Use only deterministic kernels (``torch.use_deterministic_algorithms``, no cuDNN autotuning, a fixed cuBLAS
+    workspace): with ``max_steps`` set, a killed and resumed run ends with the uninterrupted run's exact weights."""
+    max_restarts: int = 0
+    """How often torchrun restarts all ranks after one fails (``--max-restarts``); each restart resumes from
+    ``last.pt`` (needs ``resume: auto``)."""
+    compile: bool = False
+    """Compile the SFNO's training forward with ``torch.compile`` (inductor; on CPU it needs a C++ compiler, and the
+    first steps spend tens of seconds compiling). Checkpoints keep the plain parameter names."""
 
     @model_validator(mode="after")
     def _periods(self) -> TrainConfig:
@@ -85,6 +115,17 @@ class TrainConfig(_Section):
             raise ValueError(f"max_nonfinite_steps {self.max_nonfinite_steps} must be ≥ 1")
         if self.powersgd_rank < 1:
             raise ValueError(f"powersgd_rank {self.powersgd_rank} must be ≥ 1")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ValueError(f"checkpoint_every_steps {self.checkpoint_every_steps} must be ≥ 1 (or null)")
+        if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
+            raise ValueError(f"checkpoint_every_minutes {self.checkpoint_every_minutes} must be > 0 (or null)")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts {self.max_restarts} must be ≥ 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps {self.max_steps} must be ≥ 1 (or null)")
+        if self.max_restarts > 0 and self.resume == "never":
+            raise ValueError("max_restarts > 0 needs resume: auto (a restarted rank must continue from last.pt, "
+                             "not start over)")
         if self.powersgd_start_iter < 2:
             raise ValueError(f"powersgd_start_iter {self.powersgd_start_iter} must be ≥ 2 (DDP rebuilds its "
                              "gradient buckets after the first step)")

@@ -138,7 +138,7 @@ def majority_vote(packed: torch.Tensor, numel: int) -> torch.Tensor:
 def decode(gathered: torch.Tensor, numel: int) -> torch.Tensor:
     """Majority vote × mean scale from the ``(world, nbytes + 4)`` rows every rank sent."""
     nbytes = gathered.shape[1] - _SCALE_BYTES
-    scales = gathered[:, nbytes:].contiguous().view(torch.float32)
+    scales = gathered[:, nbytes:].clone().view(torch.float32)  # own storage: a 1-row slice keeps an odd offset
     return majority_vote(gathered[:, :nbytes], numel) * scales.mean()
 
 

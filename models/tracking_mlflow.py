@@ -80,3 +80,17 @@ class MlflowSink:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def open_sink(config: Any, run_dir: Path, dataset_version: str, code_version: str, resume: bool,
+              is_main: bool) -> MlflowSink | None:
+    """The MLflow sink a training config asks for, on the main rank only (None otherwise)."""
+    t = config.train
+    if not is_main or not t.mlflow_tracking_uri:
+        return None
+    from core.config import dump_config
+
+    tags = {"dataset_version": dataset_version, "code_version": code_version, "grid": config.grid.preset,
+            "spherecast.run_dir": str(Path(run_dir).resolve())}
+    return MlflowSink(t.mlflow_tracking_uri, t.mlflow_experiment, run_dir, t.run_name, dump_config(config), tags,
+                      resume)

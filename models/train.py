@@ -4,20 +4,23 @@ Each rank loads the training and validation periods of the analysis store into m
 equal share of every global batch (``DistributedSampler``), and DDP averages the gradients. The
 loss is the area-weighted MSE of normalized tendencies over a multistep rollout whose length grows
 from ``train.rollout_start`` by ``train.rollout_increment`` to ``train.rollout_steps`` over
-``train.rollout_ramp`` of the budget (curriculum). Adam with warm-up and cosine decay over the budget;
-rank 0 owns the clock and broadcasts progress and the stop decision, so every rank stops at the same
-step. Validation (RMSE of model vs persistence at 6 h and 24 h) runs at epoch ends roughly every
-tenth of the budget and at the end; rank 0 appends it to ``metrics.jsonl`` and writes
-``checkpoint.pt`` (best validation score) and ``last.pt`` atomically.
+``train.rollout_ramp`` of the run (curriculum). Adam with warm-up and cosine decay.
+
+Progress ∈ [0, 1] drives the schedules: ``step / max_steps`` when ``train.max_steps`` is set (a
+function of the step alone, so a resumed run repeats an uninterrupted one exactly), else the
+fraction of ``train.budget_minutes`` used over all attempts. Rank 0 owns the clock and broadcasts
+progress, the stop decision and the checkpoint decision, so every rank acts at the same step.
+Validation (RMSE of model vs persistence at 6 h and 24 h) runs at epoch ends every tenth of the run
+and at the end. ``last.pt`` is written at each validation, every ``checkpoint_every_steps`` steps,
+every ``checkpoint_every_minutes`` and at the end; ``checkpoint.pt`` holds the best validation
+score. With ``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,13 +30,13 @@ from typing import Any
 import torch
 import xarray as xr
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from core.config import Config, dump_config, load_config
+from core.config import Config, load_config
 from core.grid import Grid, parse_grid_attr
-from models.checkpoint import build_meta, save_checkpoint
+from models.checkpoint import build_meta, code_version
 from models.comm_hooks import CommStats, comm_hook_options, register_comm_hook
 from models.data import WindowDataset, open_analysis
 from models.distributed import (
@@ -49,15 +52,27 @@ from models.evaluate import evaluate
 from models.guards import NonFiniteGuard
 from models.losses import SphereMSE
 from models.normalization import Normalized, Rollout
+from models.recorder import LAST, Recorder, peak_memory_mb, start_record
+from models.resume import Position, ResumableSampler, TrainingParts, capture, data_signature, load_resumable, restore
+from models.runtime import (
+    autocast,
+    check_compile,
+    grad_scaler,
+    join_attempt_group,
+    resolve_precision,
+    set_deterministic,
+    training_model,
+)
 from models.schedule import BudgetCosine, rollout_steps_at
 from models.sfno import SFNO
 from models.stats import load_stats
 from models.tracking import Tracker
+from models.tracking_mlflow import open_sink
 
 log = logging.getLogger(__name__)
 
 VAL_LEAD_HOURS = (6, 24)
-VAL_EVERY = 0.1  # fraction of the budget between validations (taken at the next epoch end)
+VAL_EVERY = 0.1  # fraction of the run between validations (taken at the next epoch end)
 GRAD_CLIP = 1.0
 
 
@@ -76,6 +91,9 @@ class Setup:
     lead_steps: list[int]
     model: Normalized
     run_dir: Path
+    precision: str
+    signature: dict[str, Any]
+    resume: dict[str, Any] | None  # the checked ``last.pt`` to continue, weights already loaded into ``model``
 
 
 def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
@@ -86,11 +104,14 @@ def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
 
 
 def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
-    """Open and check data and stats, build datasets and model; every ``ValueError`` comes from here."""
+    """Open and check data, stats and any ``last.pt`` to resume, build datasets and model; all ValueErrors are here."""
     threads = set_threads(config.train.threads, ctx.world_size)
     t = config.train
     if config.task.history != 1:
         raise ValueError(f"task.history={config.task.history}: the SFNO trainer supports history 1 only")
+    precision = resolve_precision(t.precision, ctx.device)
+    if t.compile:
+        check_compile(ctx.device)
     analysis = open_analysis(config.paths.analysis_store)
     grid = parse_grid_attr(str(analysis.attrs["grid"]))
     if grid.shape != config.grid.grid().shape:
@@ -106,67 +127,34 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
                          f"cannot fill a batch of {t.batch_size} over {ctx.world_size} ranks")
     if len(val_ds) == 0:
         raise ValueError(f"no complete validation windows of {max(lead_steps)} steps in {t.val_start}..{t.val_end}")
+    set_deterministic(t.deterministic)
     torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
     model = Normalized(build_sfno(config, grid.nlat, grid.nlon), stats["mean"].values, stats["std"].values,
                        stats["diff_std"].values).to(ctx.device)
     run_dir = config.paths.runs / t.run_name
+    dataset_version = str(analysis.attrs["dataset_version"])
+    signature = data_signature(config, len(train_ds))
+    resumed = None
+    if t.resume == "auto":
+        expected = build_meta(config, stats, grid, model.core.arch, model.state_dict(), 0, dataset_version)
+        resumed = load_resumable(run_dir / LAST, expected, signature, ctx)
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+    elif ctx.is_main and (run_dir / LAST).exists():
+        log.warning("train.resume=never: starting %s over; its last.pt is replaced at this run's first checkpoint",
+                    run_dir)
     if ctx.is_main:
         log.info("training on %s, %d train / %d val windows, batch %d (%d/rank × %d ranks), %d threads/rank, "
-                 "%d parameters", grid.describe(), len(train_ds), len(val_ds), t.batch_size, batch,
-                 ctx.world_size, threads, sum(p.numel() for p in model.parameters()))
-    return Setup(config, ctx, batch, grid, stats, str(analysis.attrs["dataset_version"]), train_ds, val_ds,
-                 lead_steps, model, run_dir)
-
-
-class _Recorder:
-    """Rank 0's side effects: metrics lines and checkpoints."""
-
-    def __init__(self, s: Setup) -> None:
-        self.s = s
-        self.metrics = s.run_dir / "metrics.jsonl"
-        self.best = float("inf")
-        if s.ctx.is_main:
-            s.run_dir.mkdir(parents=True, exist_ok=True)
-            # A fresh run starts a fresh metrics file: it describes the checkpoint beside it.
-            self.metrics.write_text("")
-            self.append({"event": "start", "world_size": s.ctx.world_size, "grid": s.grid.describe(),
-                         "train_windows": len(s.train_ds), "val_windows": len(s.val_ds),
-                         "dataset_version": s.dataset_version, "config": dump_config(s.config)})
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to ``metrics.jsonl`` (rank 0 only)."""
-        if self.s.ctx.is_main:
-            with open(self.metrics, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def save(self, step: int, training: dict[str, Any], score: float) -> None:
-        """Write ``last.pt``, and ``checkpoint.pt`` when ``score`` is the best so far (rank 0 only)."""
-        if not self.s.ctx.is_main:
-            return
-        model = self.s.model
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        meta = build_meta(self.s.config, self.s.stats, self.s.grid, model.core.arch, state, step, self.s.dataset_version)
-        meta["val_score"] = score
-        save_checkpoint(self.s.run_dir / "last.pt", model, meta, training)
-        if score < self.best:
-            self.best = score
-            save_checkpoint(self.s.run_dir / "checkpoint.pt", model, meta, training)
-            log.info("step %d: new best validation score %.4f → %s", step, score, self.s.run_dir / "checkpoint.pt")
+                 "%d parameters, %s", grid.describe(), len(train_ds), len(val_ds), t.batch_size, batch,
+                 ctx.world_size, threads, sum(p.numel() for p in model.parameters()), precision)
+    return Setup(config, ctx, batch, grid, stats, dataset_version, train_ds, val_ds, lead_steps, model, run_dir,
+                 precision, signature, resumed["training"] if resumed is not None else None)
 
 
 def _summary(result: dict[str, Any]) -> str:
     parts = [f"{lead}: rel.err {v['model']:.3f} (persistence {v['persistence']:.3f})"
              for lead, v in result["relative_error"].items()]
     return "; ".join(parts)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank so far: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def channel_loss_weights(config: Config) -> list[float]:
@@ -183,10 +171,10 @@ def channel_loss_weights(config: Config) -> list[float]:
 
 
 def fit(s: Setup) -> Path:
-    """Run the training loop until the budget or step cap; return the best checkpoint's path."""
+    """Run (or continue) the training loop until the step cap or budget; return the best checkpoint's path."""
     cfg, ctx, model = s.config.train, s.ctx, s.model
     model.core.checkpoint_blocks = cfg.activation_checkpointing
-    rollout: torch.nn.Module = Rollout(model)
+    rollout: torch.nn.Module = Rollout(training_model(model, cfg.compile))
     if ctx.distributed:
         # Buffers (stats, position features) are constants: no need to re-broadcast them every step.
         rollout = DistributedDataParallel(rollout, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
@@ -198,104 +186,137 @@ def fit(s: Setup) -> Path:
         log.warning("train.comm_hook=%r needs a distributed run; training with one process and no hook", cfg.comm_hook)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     schedule = BudgetCosine(optimizer, cfg.lr)
-    sampler = DistributedSampler(s.train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    scaler = grad_scaler(s.precision, ctx.device)
+    sampler = ResumableSampler(s.train_ds, ctx, cfg.seed, s.per_rank_batch)
     loader = DataLoader(s.train_ds, batch_size=s.per_rank_batch, sampler=sampler, drop_last=True)
     loss_fn = SphereMSE(channel_loss_weights(s.config))
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
-    climatology = s.train_ds.time_mean()
-    recorder = _Recorder(s)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
-    tracker = Tracker(s.run_dir, cfg.tensorboard and ctx.is_main)
-    budget_s = cfg.budget_minutes * 60.0
-    dt = s.config.task.time_step_hours
-    t0 = time.monotonic()
-    step, epoch, losses = 0, 0, []
-    state = {"k": 1, "val_step": -1, "batch": 0, "t": time.monotonic()}
+    parts = TrainingParts(ctx, model, rollout, optimizer, schedule, scaler, guard, s.signature, cfg.seed)
+    pos = Position(next_val=VAL_EVERY)
+    if s.resume is not None:
+        prime = torch.zeros(s.per_rank_batch, *s.train_ds[0][0].shape, device=ctx.device)
+        pos = restore(parts, s.resume, prime, cfg.rollout_start)
+    sampler.skip_batches(pos.batch)
+    climatology = s.train_ds.time_mean()
+    recorder = Recorder(s, start_record(s, pos))
+    sink = open_sink(s.config, s.run_dir, s.dataset_version, code_version(), s.resume is not None, ctx.is_main)
+    tracker = Tracker(s.run_dir, cfg.tensorboard and ctx.is_main, mlflow=sink)
+    budget_s, dt = cfg.budget_minutes * 60.0, s.config.task.time_step_hours
+    t0 = last_save = time.monotonic()
+    losses: list[float] = []
+    k = rollout_steps_at(0.0, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start, cfg.rollout_increment)
+    progress, clock = 0.0, {"t": t0}
+
+    def elapsed() -> float:
+        return pos.elapsed_s + time.monotonic() - t0
+
+    def checkpoint(reason: str, score: float | None = None, best: bool = False) -> None:
+        nonlocal last_save
+        recorder.save(pos.step, capture(parts, pos, elapsed()), reason, score, best)
+        pos.saved_step, last_save = pos.step, time.monotonic()
 
     def validate() -> None:
         result = evaluate(model, s.val_ds, s.lead_steps, dt, climatology, ctx)
         train_loss = sum(losses) / len(losses) if losses else None
         losses.clear()
-        record = {"event": "val", "step": step, "epoch": epoch, "elapsed_s": round(time.monotonic() - t0, 2),
-                  "lr": schedule.last_lr, "rollout_steps": state["k"], "train_loss": train_loss,
-                  "skipped_steps": guard.skipped, "precision": "bf16" if bf16 else "fp32",
+        record = {"event": "val", "step": pos.step, "epoch": pos.epoch, "elapsed_s": round(elapsed(), 2),
+                  "lr": schedule.last_lr, "rollout_steps": k, "train_loss": train_loss,
+                  "skipped_steps": guard.skipped, "precision": s.precision,
                   "peak_memory_mb": peak_memory_mb(ctx.device), **result}
         if comm is not None:  # bytes this rank sent per step through the DDP hook
             record["comm"] = comm.as_record()
         recorder.append(record)
-        tracker.validation(step, result)
+        tracker.validation(pos.step, result)
         if ctx.is_main:
-            log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(result))
-        training = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                    "position": {"step": step, "epoch": epoch, "batch_in_epoch": state["batch"],
-                                 "elapsed_s": time.monotonic() - t0}}
-        recorder.save(step, training, result["score"])
-        state["val_step"] = step
-        state["t"] = time.monotonic()  # throughput counts training steps, not validation
+            log.info("validation at step %d (epoch %d): %s", pos.step, pos.epoch, _summary(result))
+        best = result["score"] < pos.best
+        pos.val_step, pos.best = pos.step, min(pos.best, result["score"])
+        checkpoint("validation", result["score"], best)
+        clock["t"] = time.monotonic()  # throughput counts training steps, not validation
 
-    def control() -> tuple[float, bool]:
-        elapsed = time.monotonic() - t0
-        progress = elapsed / budget_s if budget_s > 0 else 1.0
-        if cfg.max_steps:
-            progress = max(progress, step / cfg.max_steps)
-        stop = elapsed >= budget_s or (cfg.max_steps is not None and step >= cfg.max_steps)
-        progress, stop_f = broadcast_floats([min(progress, 1.0), float(stop)], ctx)
-        return progress, stop_f > 0.5
+    def control() -> tuple[float, bool, bool]:
+        el, now = elapsed(), time.monotonic()
+        progress = pos.step / cfg.max_steps if cfg.max_steps else (el / budget_s if budget_s > 0 else 1.0)
+        at_cap = cfg.max_steps is not None and pos.step >= cfg.max_steps
+        stop = at_cap or el >= budget_s
+        if stop and not at_cap and cfg.max_steps and ctx.is_main:
+            log.warning("budget of %.1f min used up at step %d of max_steps %d: stopping early", cfg.budget_minutes,
+                        pos.step, cfg.max_steps)
+        every_n, every_m = cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes
+        due = pos.step != pos.saved_step and ((every_n is not None and pos.step % every_n == 0)
+                                              or (every_m is not None and now - last_save >= every_m * 60))
+        progress, stop_f, due_f = broadcast_floats([min(progress, 1.0), float(stop), float(due)], ctx)
+        return progress, stop_f > 0.5, due_f > 0.5
 
-    validate()
-    next_val = VAL_EVERY
+    if pos.val_step < 0:
+        validate()
     bar = tqdm(total=100, desc="train", unit="%", disable=not ctx.is_main, mininterval=1.0)
     model.train()
     stop = False
     with logging_redirect_tqdm() if ctx.is_main else nullcontext():  # log lines above the bar, not through it
         while not stop:
-            sampler.set_epoch(epoch)
-            for state["batch"], (x0, y) in enumerate(loader):
-                progress, stop = control()
+            sampler.set_epoch(pos.epoch)
+            for batch, (x0, y) in enumerate(loader, start=pos.batch):
+                pos.batch = batch
+                progress, stop, due = control()
                 if stop:
                     break
-                k = state["k"] = rollout_steps_at(progress, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start,
-                                                  cfg.rollout_increment)
-                lr = schedule.update(step, progress)
+                if due:  # before this batch: the position reads "pos.batch batches consumed"
+                    checkpoint("steps" if cfg.checkpoint_every_steps and pos.step % cfg.checkpoint_every_steps == 0
+                               else "minutes")
+                k = rollout_steps_at(progress, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start,
+                                     cfg.rollout_increment)
+                lr = schedule.update(pos.step, progress)
                 x0, target = x0.to(ctx.device), y[:, :k].to(ctx.device)
-                with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+                with autocast(s.precision, ctx.device):
                     pred = rollout(x0, k)
                 loss = loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                if not guard.step_is_finite(loss.detach(), grad_norm, step, lr):
+                # With a loss scale, overflowing gradients are the scaler's to skip (it lowers the scale).
+                checked = grad_norm if scaler is None else loss.new_zeros(())
+                if not guard.step_is_finite(loss.detach(), checked, pos.step, lr):
+                    if scaler is not None:
+                        scaler.update()
                     optimizer.zero_grad(set_to_none=True)  # skipped: the weights and Adam's moments stay as they were
                     continue
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 value = loss.item()
                 losses.append(value)
                 now = time.monotonic()
-                tracker.step(step, {"loss": value, "lr": lr, "grad_norm": float(grad_norm), "rollout_steps": k,
-                                    "samples_per_s": s.per_rank_batch * ctx.world_size / max(now - state["t"], 1e-9),
-                                    "peak_memory_mb": peak_memory_mb(ctx.device)})
-                state["t"] = now
-                step += 1
+                tracker.step(pos.step, {"loss": value, "lr": lr, "grad_norm": float(grad_norm), "rollout_steps": k,
+                                        "samples_per_s": s.per_rank_batch * ctx.world_size / max(now - clock["t"], 1e-9),
+                                        "peak_memory_mb": peak_memory_mb(ctx.device)})
+                clock["t"] = now
+                pos.step += 1
                 bar.update(int(progress * 100) - bar.n)
-                bar.set_postfix(step=step, loss=f"{value:.4f}", lr=f"{lr:.1e}", k=k,
+                bar.set_postfix(step=pos.step, loss=f"{value:.4f}", lr=f"{lr:.1e}", k=k,
                                 mem=f"{peak_memory_mb(ctx.device):.0f}MB", refresh=False)
             else:
-                epoch += 1
-                if progress >= next_val:
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+                if progress >= pos.next_val:
+                    pos.next_val = progress + VAL_EVERY  # before validate(): its checkpoint carries it
                     validate()
-                    next_val = progress + VAL_EVERY
     bar.close()
-    if state["val_step"] != step:
+    if pos.val_step != pos.step:
         validate()
-    tracker.close()
-    recorder.append({"event": "end", "steps": step, "epochs": epoch, "elapsed_s": round(time.monotonic() - t0, 2),
-                     "best_score": recorder.best, "checkpoint": str(s.run_dir / "checkpoint.pt"),
+    elif pos.saved_step != pos.step:
+        checkpoint("end")
+    tracker.close({"checkpoint": str(s.run_dir / "checkpoint.pt"), "best_score": f"{pos.best:.6g}",
+                   "steps": str(pos.step)})
+    recorder.append({"event": "end", "steps": pos.step, "epochs": pos.epoch, "elapsed_s": round(elapsed(), 2),
+                     "best_score": pos.best, "checkpoint": str(s.run_dir / "checkpoint.pt"),
                      **({"comm": comm.as_record()} if comm is not None else {})})
     if ctx.is_main:
-        log.info("finished after %d steps (%d epochs, %.0f s); best score %.4f", step, epoch,
-                 time.monotonic() - t0, recorder.best)
+        log.info("finished after %d steps (%d epochs, %.0f s); best score %.4f", pos.step, pos.epoch, elapsed(),
+                 pos.best)
         if comm is not None:
             log.info("DDP hook %r sent %d bytes/step (plain all-reduce: %d)", comm.kind, comm.bytes_per_step(),
                      comm.dense_bytes_per_step())
@@ -305,12 +326,16 @@ def fit(s: Setup) -> Path:
 def train(config: Config) -> Path:
     """Train per ``config`` (in-process or as one torchrun rank); return the best checkpoint's path."""
     batch = per_rank_batch(config.train.batch_size, world_size_from_env())  # fail before joining a group
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    join_attempt_group()  # before init_distributed, which then finds the group joined
     ctx = init_distributed()
     try:
         path = fit(prepare(config, ctx, batch))
     except BaseException:
         shutdown_distributed(ctx, clean=False)
         raise
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # in-process callers get their mode back
     shutdown_distributed(ctx, clean=True)
     return path
 

@@ -58,9 +58,11 @@ def stats_task(config: Config) -> str | None:
 
 
 def torchrun_command(config: Config, config_file: Path) -> list[str]:
-    """The torchrun invocation for a training config (standalone or multi-node rendezvous)."""
+    """The torchrun invocation for a training config (standalone or multi-node rendezvous, with restarts)."""
     t = config.train
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}", f"--nnodes={t.nnodes}"]
+    # After a rank dies torchrun restarts every rank up to max_restarts times; they resume from last.pt.
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}", f"--nnodes={t.nnodes}",
+           f"--max-restarts={t.max_restarts}"]
     if t.rdzv_endpoint:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={t.rdzv_endpoint}", f"--rdzv_id={t.run_name}"]
     else:

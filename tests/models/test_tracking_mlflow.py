@@ -64,3 +64,20 @@ def test_without_mlflow_installed_the_error_says_what_to_install(tmp_path: Path,
 def test_nested_config_is_flattened_to_strings() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x", "f": {}}) == \
         {"a.b": "1", "a.c.d": "[1, 2]", "e": "x", "f": "{}"}
+
+
+def test_a_training_run_logs_to_mlflow_when_configured(tiny_data, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from models.train import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_data(max_steps=6, tensorboard=False, mlflow_tracking_uri=uri, mlflow_experiment="tiny")
+    checkpoint = train(config)
+    run_id = json.loads((checkpoint.parent / RUN_FILE).read_text())["run_id"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(checkpoint)
+    assert run.data.params["train.max_steps"] == "6" and run.data.tags["grid"] == "tiny"
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]
+    assert steps == list(range(6))
+    assert "val/relative_error_24h/model" in run.data.metrics

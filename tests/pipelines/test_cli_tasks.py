@@ -20,6 +20,11 @@ def test_torchrun_command_standalone_and_rendezvous(tmp_path: Path) -> None:
     multi = load_config(env={}, overrides={"train": {"nnodes": 2, "rdzv_endpoint": "node0:29400"}})
     cmd = torchrun_command(multi, tmp_path / "c.yaml")
     assert "--rdzv_endpoint=node0:29400" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
+    # torchrun restarts every rank after one fails, train.max_restarts times (0 by default); they resume from last.pt.
+    assert "--max-restarts=0" in cmd
+    again = load_config(env={}, overrides={"train": {"max_restarts": 3}})
+    cmd = torchrun_command(again, tmp_path / "c.yaml")
+    assert "--max-restarts=3" in cmd and cmd.index("--max-restarts=3") < cmd.index("models.train")
 
 
 @pytest.mark.parametrize(
