@@ -21,13 +21,15 @@ log = logging.getLogger(__name__)
 class Tracker:
     """Writes scalars to ``<run_dir>/tensorboard`` when enabled on the main rank, and to MLflow if given."""
 
-    def __init__(self, run_dir: Path, enabled: bool, mlflow: MlflowSink | None = None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, mlflow: MlflowSink | None = None,
+                 resumed_step: int | None = None) -> None:
         self.writer = None
         self.mlflow = mlflow
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # A resumed run drops what a killed attempt logged after its checkpoint (those steps are redone).
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resumed_step)
 
     def step(self, step: int, values: dict[str, float]) -> None:
         """Record per-step scalars under ``train/``."""

@@ -200,7 +200,8 @@ def fit(s: Setup) -> Path:
     climatology = s.train_ds.time_mean()
     recorder = Recorder(s, start_record(s, pos))
     sink = open_sink(s.config, s.run_dir, s.dataset_version, code_version(), s.resume is not None, ctx.is_main)
-    tracker = Tracker(s.run_dir, cfg.tensorboard and ctx.is_main, mlflow=sink)
+    tracker = Tracker(s.run_dir, cfg.tensorboard and ctx.is_main, mlflow=sink,
+                      resumed_step=pos.step if s.resume is not None else None)
     budget_s, dt = cfg.budget_minutes * 60.0, s.config.task.time_step_hours
     t0 = last_save = time.monotonic()
     losses: list[float] = []
