@@ -100,29 +100,40 @@ def write_slabs(ds: xr.Dataset, root: Path) -> None:
         write_slab(root, store, ds.isel(time=slice(start, start + SLAB)), start)
 
 
-def timed_slabs(ds: xr.Dataset, workdir: Path, grid_name: str, compression: str, checksum: bool,
-                repeats: int) -> float:
-    """Median time of the slab writes alone, into a store pre-allocated outside the timing."""
-    times = []
+def paired(ds: xr.Dataset, workdir: Path, grid_name: str, compression: str, checksum: bool,
+           repeats: int) -> list[tuple[float, float, float]]:
+    """``(numpy.save per slab, numpy.save per chunk, store slab writes)`` seconds, measured side by side.
+
+    The page cache's writeback state drifts over a run (other processes, earlier runs' dirty
+    pages), so each store measurement is paired with references taken right beside it, in an
+    order that rotates, and the ratio is taken per pair.
+    """
+    out = []
     for k in range(repeats):
         target = workdir / f"slabs-{k}"
         create_store(target, layout_of(ds, grid_name), slab_size=SLAB, compression=compression, checksum=checksum)
-        os.sync()
-        t = time.perf_counter()
-        write_slabs(ds, target)
-        times.append(time.perf_counter() - t)
+        times = [0.0, 0.0, 0.0]
+        for j in [(k + i) % 3 for i in range(3)]:
+            if j == 2:
+                os.sync()
+                t = time.perf_counter()
+                write_slabs(ds, target)
+                times[2] = time.perf_counter() - t
+            else:
+                times[j] = timed(write_raw if j == 0 else write_raw_per_chunk, workdir, 1, ds)
         shutil.rmtree(target)
-    return statistics.median(times)
+        out.append((times[0], times[1], times[2]))
+    return out
 
 
-def timed(fn: Callable[[Path], None], workdir: Path, repeats: int) -> float:
-    """Median wall time of ``fn`` writing into a fresh directory."""
+def timed(fn: Callable[..., None], workdir: Path, repeats: int, *args: object) -> float:
+    """Median wall time of ``fn(*args, target)`` writing into a fresh directory."""
     times = []
     for k in range(repeats):
         target = workdir / f"run-{k}"
         os.sync()  # earlier runs' dirty pages must not be flushed on this run's clock
         t = time.perf_counter()
-        fn(target)
+        fn(*args, target)
         times.append(time.perf_counter() - t)
         shutil.rmtree(target)
     return statistics.median(times)
@@ -142,27 +153,22 @@ def main() -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores; disk of {workdir}")
         print(f"data: grid {args.grid}, {args.times} times × {len(VARIABLES)} variables "
               f"({len(LEVELS)} levels) = {nbytes / 1e6:.0f} MB float32, slabs of {SLAB}")
-        raw = timed(lambda p: write_raw(ds, p), workdir, args.repeats)
-        print(f"numpy.save             {raw:7.3f} s  {nbytes / raw / 1e6:8.1f} MB/s")
-        per_chunk = timed(lambda p: write_raw_per_chunk(ds, p), workdir, args.repeats)
-        print(f"numpy.save per chunk   {per_chunk:7.3f} s  {nbytes / per_chunk / 1e6:8.1f} MB/s  "
-              f"(one file per time and variable, as many files as the store)")
-        raw_runs, chunk_runs, results = [raw], [per_chunk], []
-        print("slab writes only (store pre-allocated; the steady state of an ingest):")
+        print("slab writes only (store pre-allocated; the steady state of an ingest), each run paired with "
+              "numpy.save of the same slabs and of the same bytes one file per time, in rotating order:")
+        raw_all: list[float] = []
         for compression, checksum, label in (("none", False, "uncompressed        "),
                                              ("none", True, "crc32c only         "),
                                              ("zstd", True, "zstd + crc32c       ")):
-            results.append((label, timed_slabs(ds, workdir, args.grid, compression, checksum, args.repeats)))
-            # Both references re-measured beside each variant; the ratio uses their median over the run,
-            # so one disturbed reference measurement does not decide it.
-            raw_runs.append(timed(lambda p: write_raw(ds, p), workdir, args.repeats))
-            chunk_runs.append(timed(lambda p: write_raw_per_chunk(ds, p), workdir, args.repeats))
-        raw, per_chunk = statistics.median(raw_runs), statistics.median(chunk_runs)
-        for label, t in results:
-            print(f"  {label} {t:7.3f} s  {nbytes / t / 1e6:8.1f} MB/s  ratio {raw / t:.2f}× numpy.save per slab, "
-                  f"{per_chunk / t:.2f}× per chunk")
-        print(f"numpy.save per slab measured: {', '.join(f'{r:.3f}' for r in raw_runs)} s (median {raw:.3f}); "
-              f"per chunk: {', '.join(f'{r:.3f}' for r in chunk_runs)} s (median {per_chunk:.3f})")
+            runs = paired(ds, workdir, args.grid, compression, checksum, args.repeats)
+            raw_all += [r for r, _, _ in runs]
+            store = statistics.median(t for _, _, t in runs)
+            per_slab = statistics.median(r / t for r, _, t in runs)
+            per_chunk = statistics.median(c / t for _, c, t in runs)
+            print(f"  {label} {store:7.3f} s  {nbytes / store / 1e6:8.1f} MB/s  ratio {per_slab:.2f}× numpy.save "
+                  f"per slab, {per_chunk:.2f}× per chunk (medians of {len(runs)} paired runs)")
+        raw = statistics.median(raw_all)
+        print(f"numpy.save per slab: median {raw:.3f} s ({nbytes / raw / 1e6:.1f} MB/s) over {len(raw_all)} runs, "
+              f"range {min(raw_all):.3f}–{max(raw_all):.3f} s")
         print("whole build (pre-allocate + slabs + consolidate):")
         for compression, checksum, label in (("none", False, "uncompressed        "),
                                              ("zstd", True, "zstd + crc32c       ")):

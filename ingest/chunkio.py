@@ -193,6 +193,26 @@ class ChunkWriter:
             pieces.append(crc32c.crc32c(index_bytes).to_bytes(4, "little"))
         _write_file(path, pieces)
 
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Times ``start:stop`` as stored (fill where a chunk is absent); ``ValueError`` on a damaged file."""
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        out[...] = self.fill
+        for first in range(start // self.per_file * self.per_file, stop, self.per_file):
+            found = self.read_index(self.key(first)) if self.sharded else None
+            for t in range(max(first, start), min(first + self.per_file, stop)):
+                if self.sharded:
+                    if found is None or found[0][t - first, 0] == EMPTY:
+                        continue
+                    off, length = (int(v) for v in found[0][t - first])
+                    raw: bytes | memoryview = memoryview(found[1])[off:off + length]
+                else:
+                    try:
+                        raw = self.key(t).read_bytes()
+                    except FileNotFoundError:
+                        continue
+                out[t - start] = self.codec.decode(raw)
+        return out
+
     def _write_one(self, t: int, chunk: np.ndarray) -> None:
         path = self.key(t)
         if self._is_fill(chunk):
@@ -227,10 +247,24 @@ def run_all(tasks: Sequence[Callable[[], None]]) -> None:
         future.result()
 
 
-def _read_meta(array_dir: Path) -> dict | None:
+@functools.lru_cache(maxsize=256)
+def _parse_meta(path: str, mtime_ns: int, size: int) -> dict | None:
     try:
-        meta = json.loads((Path(array_dir) / "zarr.json").read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def _read_meta(array_dir: Path) -> dict | None:
+    # Parsed once per version of zarr.json (its mtime and size change when an append grows the
+    # shape): a slab write asks for every array's writer, and re-parsing cost ~0.2 ms each.
+    meta_path = Path(array_dir) / "zarr.json"
+    try:
+        st = meta_path.stat()
+    except OSError:
+        return None
+    meta = _parse_meta(str(meta_path), st.st_mtime_ns, st.st_size)
+    if meta is None:
         return None
     if meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
         return None

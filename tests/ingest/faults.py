@@ -115,7 +115,7 @@ def _patch_write_region(point: str, nth: int) -> None:
 
     def write_region(path: Path, data: xr.Dataset, where: slice) -> None:
         flags = set(data.data_vars) & set(FLAG_VARIABLES)
-        if not flags:
+        if "done" not in flags:  # the fields (with expver): everything before the done flag
             counts["data"] += 1
             if point == "region-write" and counts["data"] == nth:
                 real(path, data[[list(data.data_vars)[0]]], where)
