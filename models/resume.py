@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from core.config import Config
+from core.config_model import ModelConfig
 from core.schema import validate_checkpoint_meta
 from models.checkpoint import read_checkpoint, state_dict_sha256
 from models.distributed import DistContext
@@ -47,6 +48,7 @@ from models.rank_state import (
     set_rng_state,
 )
 from models.schedule import BudgetCosine
+from models.sfno import complete_arch
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,10 @@ def _differences(meta: dict[str, Any], data: dict[str, Any], expected: dict[str,
     yield "grid", meta.get("grid"), expected["grid"]
     for section, label in (("model", "model.{}"), ("arch", "model architecture {}"), ("task", "task.{}")):
         old, new = meta.get(section, {}), expected[section]
+        if section == "model":  # options added since that checkpoint took their defaults
+            old = {**ModelConfig().model_dump(), **old}
+        elif section == "arch":
+            old = complete_arch(old)
         for key in sorted(set(old) | set(new)):
             yield label.format(key), old.get(key), new.get(key)
     yield "dataset_version", meta.get("dataset_version"), expected["dataset_version"]

@@ -1,40 +1,45 @@
 """Spherical Fourier Neural Operator (Bonev et al. 2023) on torch-harmonics' transforms, grid-agnostic.
 
-Layout (after torch-harmonics' ``examples/models/sfno.py``, written as its own small module)::
+Layout (after torch-harmonics' ``examples/models/sfno.py`` and makani's SFNO, as its own small module)::
 
     x ─ encoder (1×1 MLP) ─ + pos-embed(φ, λ) ─ block × num_layers ─ decoder (1×1 MLP) ─ y
+    └───────────────────────── big skip (optional: concat to decoder input, or add) ──────┘
 
-A block maps ``x`` on grid A to grid B (A = data grid for the first block, B = data grid for the
-last one, the latent Gauss–Legendre grid otherwise)::
+The first block maps the data grid to the latent grid (Gauss–Legendre by default, downsampled by
+``scale_factor``), the last one maps back; see :mod:`models.sfno_layers` for a block and
+:mod:`models.sfno_transforms` for the transforms. Internally fields are ``(nlon, nlat, batch,
+channel)``: 1×1 layers are single GEMMs and the transforms need no complex tensors or transposes.
 
-    x̂ = SHT_A(x)                                  (complex, degrees l < L, orders m < L)
-    r = x if A == B else ISHT_B(x̂)                 (spectral resampling of the skip path)
-    s = ISHT_B( Σ_i W[o, i, l] · x̂[i, l, m] )       ("Driscoll–Healy": one weight per degree l,
-                                                    shared by every order m → rotation-equivariant)
-    out = r + MLP(GELU(s + Conv1×1(r)))
-
-Grid-agnostic: weights are indexed by spherical-harmonic degree up to a fixed ``lmax`` chosen at
-construction, and the positional embedding is an MLP of (sin φ, cos φ, cos φ·cos kλ, cos φ·sin kλ),
-so :meth:`SFNO.set_grid` only rebuilds the (parameter-free) transforms for another ``nlat × nlon``
-and the same weights run there (zero-shot super-/sub-resolution).
+Grid-agnostic: spectral weights are indexed by spherical-harmonic degree up to a fixed ``lmax``
+chosen at construction, every other layer is pointwise, normalizations use area-weighted
+statistics, and the positional embedding is an MLP of (sin φ, cos φ, cos φ·cos kλ, cos φ·sin kλ), so
+:meth:`SFNO.set_grid` only rebuilds the (parameter-free) transforms for another ``nlat × nlon`` and
+the same weights run there (zero-shot super-/sub-resolution).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, get_args
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
-from torch_harmonics import InverseRealSHT, RealSHT
+
+from core.config_model import Activation, BigSkip, GridType, Normalization, OperatorType, PosEmbed, Skip
+from models.sfno_layers import MLP, Pointwise, SFNOBlock
+from models.sfno_transforms import GridTransform, latitudes
 
 log = logging.getLogger(__name__)
 
 DATA_GRID = "equiangular"  # 90 → −90 with both poles: torch-harmonics' "equiangular" nodes
 LATENT_GRID = "legendre-gauss"  # exact quadrature up to degree nlat inside the network
 POS_HARMONICS = 2  # longitude wavenumbers seen by the positional embedding
+_CHOICES = {"skip": Skip, "big_skip": BigSkip, "normalization": Normalization, "activation": Activation,
+            "operator_type": OperatorType, "data_grid": GridType, "model_grid": GridType, "pos_embed": PosEmbed}
 
 
 def latent_shape(nlat: int, nlon: int, scale_factor: int) -> tuple[int, int]:
@@ -48,117 +53,110 @@ def default_lmax(nlat: int, nlon: int, scale_factor: int = 1) -> int:
     return min(h, w // 2)
 
 
-def make_transforms(nlat: int, nlon: int, lmax: int, grid: str) -> tuple[RealSHT, InverseRealSHT]:
-    """Forward and inverse real SHT pair on one grid, truncated triangularly at ``lmax``."""
-    # Explicit lmax/mmax: the implicit defaults changed in torch-harmonics 0.9 and warn.
-    return (RealSHT(nlat, nlon, lmax=lmax, mmax=lmax, grid=grid).float(),
-            InverseRealSHT(nlat, nlon, lmax=lmax, mmax=lmax, grid=grid).float())
+def pos_embed_kind(value: bool | str) -> str:
+    """The position embedding kind for a config value: ``true`` → "latlon", ``false`` → "none"."""
+    if isinstance(value, bool):
+        return "latlon" if value else "none"
+    return value
 
 
-class Pointwise(nn.Module):
-    """A 1×1 convolution written as a channel contraction (several times faster than mkldnn's on CPU)."""
-
-    def __init__(self, cin: int, cout: int, gain: float, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(math.sqrt(gain / cin) * torch.randn(cout, cin))
-        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mix channels of ``(batch, cin, nlat, nlon)`` independently at every grid point."""
-        y = torch.einsum("bihw,oi->bohw", x, self.weight.to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)[:, None, None]
+def complete_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """``arch`` as this version records it: options it lacks (older checkpoints) get their defaults."""
+    defaults = {name: p.default for name, p in inspect.signature(SFNO.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    full = {**defaults, **arch}
+    full["pos_embed"] = pos_embed_kind(full["pos_embed"])
+    if full["lmax"] is None:
+        full["lmax"] = default_lmax(full["nlat"], full["nlon"], full["scale_factor"])
+    return full
 
 
-def _mlp(cin: int, hidden: int, cout: int, out_gain: float) -> nn.Sequential:
-    return nn.Sequential(Pointwise(cin, hidden, 2.0), nn.GELU(), Pointwise(hidden, cout, out_gain, bias=False))
-
-
-class SpectralConv(nn.Module):
-    """Per-degree complex weights contracted over channels: ``y[o,l,m] = Σ_i W[o,i,l] x[i,l,m]``."""
-
-    def __init__(self, channels: int, lmax: int, gain: float = 1.0) -> None:
-        super().__init__()
-        # Stored as real (…, 2) rather than complex: DDP buckets and every optimizer handle it.
-        scale = math.sqrt(gain / channels / 2.0)
-        self.weight = nn.Parameter(scale * torch.randn(channels, channels, lmax, 2))
-
-    def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """Apply the weights to SHT coefficients ``(batch, channel, l, m)`` with l ≤ lmax."""
-        lmax = coeffs.shape[-2]
-        w = torch.view_as_complex(self.weight[:, :, :lmax].contiguous()).to(coeffs.dtype)
-        return torch.einsum("bilm,oil->bolm", coeffs, w)
-
-
-class SFNOBlock(nn.Module):
-    """One spherical Fourier block: global spectral convolution + local skip, GELU, residual MLP."""
-
-    def __init__(self, dim: int, lmax: int, mlp_ratio: float) -> None:
-        super().__init__()
-        # Spectral and 1×1 paths are summed, so each gets half the He gain.
-        self.spectral = SpectralConv(dim, lmax, gain=1.0)
-        self.skip = Pointwise(dim, dim, 1.0)
-        self.act = nn.GELU()
-        # Small output gain: the block starts close to the identity, which keeps deep rollouts tame.
-        self.mlp = _mlp(dim, int(dim * mlp_ratio), dim, out_gain=0.5)
-
-    def forward(self, x: torch.Tensor, sht: RealSHT, isht: InverseRealSHT, same_grid: bool) -> torch.Tensor:
-        """Map ``x`` from ``sht``'s grid to ``isht``'s grid."""
-        dtype = x.dtype
-        # SHTs stay in float32 even under autocast: bf16 Legendre sums lose the small scales.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            coeffs = sht(x)
-            residual = x if same_grid else isht(coeffs)
-            spectral = isht(self.spectral(coeffs))
-        y = self.act(spectral.to(dtype) + self.skip(residual.to(dtype)))
-        return residual.to(dtype) + self.mlp(y)
+def check_options(**options: Any) -> None:
+    """Raise one ``ValueError`` naming every SFNO option whose value is not allowed."""
+    bad = []
+    for name, value in options.items():
+        if name in _CHOICES:
+            allowed = get_args(_CHOICES[name])
+            if (pos_embed_kind(value) if name == "pos_embed" else value) not in allowed:
+                bad.append(f"{name}={value!r} (expected one of {', '.join(map(repr, allowed))})")
+        elif name == "mlp_ratio":
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+                bad.append(f"mlp_ratio={value!r} (expected > 0)")
+        elif name == "use_mlp":
+            if not isinstance(value, bool):
+                bad.append(f"use_mlp={value!r} (expected true or false)")
+        elif not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            bad.append(f"{name}={value!r} (expected an integer ≥ 1)")
+    if bad:
+        raise ValueError("invalid SFNO options: " + "; ".join(bad))
 
 
 class PositionEmbedding(nn.Module):
     """A learned function of position on the sphere, evaluated on whatever grid is current."""
 
-    def __init__(self, dim: int, harmonics: int = POS_HARMONICS) -> None:
+    def __init__(self, dim: int, kind: str = "latlon", harmonics: int = POS_HARMONICS, act: str = "gelu") -> None:
         super().__init__()
-        self.harmonics = harmonics
-        self.net = _mlp(2 + 2 * harmonics, dim, dim, out_gain=0.1)
+        self.harmonics = harmonics if kind == "latlon" else 0
+        self.net = MLP(2 + 2 * self.harmonics, dim, dim, 2, out_gain=0.1, act=act)
         self.register_buffer("features", torch.zeros(0), persistent=False)
 
-    def set_grid(self, nlat: int, nlon: int) -> None:
-        """Precompute the input features for an equiangular ``nlat × nlon`` grid."""
-        lat = torch.linspace(math.pi / 2, -math.pi / 2, nlat, dtype=torch.float64)[:, None].expand(nlat, nlon)
-        lon = (torch.arange(nlon, dtype=torch.float64) * (2 * math.pi / nlon))[None, :].expand(nlat, nlon)
+    def set_grid(self, nlat: int, nlon: int, grid: str = DATA_GRID) -> None:
+        """Precompute the input features ``(nlon, nlat, feature)`` for a grid."""
+        lat = latitudes(nlat, grid)[None, :].expand(nlon, nlat)
+        lon = (torch.arange(nlon, dtype=torch.float64) * (2 * math.pi / nlon))[:, None].expand(nlon, nlat)
         feats = [torch.sin(lat), torch.cos(lat)]
         for k in range(1, self.harmonics + 1):
             # cos φ factor: longitude harmonics vanish at the poles, so the embedding is continuous there.
             feats += [torch.cos(lat) * torch.cos(k * lon), torch.cos(lat) * torch.sin(k * lon)]
-        self.features = torch.stack(feats)[None].float().to(self.features.device)
+        self.features = torch.stack(feats, dim=-1).float().to(self.features.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Add the embedding (one vector per grid point) to ``x``."""
-        return x + self.net(self.features.to(x.dtype))
+        """Add the embedding (one vector per grid point, shared by the batch) to ``(nlon, nlat, batch, dim)``."""
+        return x + self.net(self.features.to(x.dtype))[:, :, None, :]
 
 
 class SFNO(nn.Module):
     """Spherical Fourier Neural Operator mapping ``(batch, in_channels, nlat, nlon)`` to ``out_channels``."""
 
     def __init__(self, in_channels: int, out_channels: int, nlat: int, nlon: int, embed_dim: int = 32,
-                 num_layers: int = 4, mlp_ratio: float = 2.0, scale_factor: int = 1, pos_embed: bool = True,
-                 lmax: int | None = None) -> None:
+                 num_layers: int = 4, mlp_ratio: float = 2.0, scale_factor: int = 1, pos_embed: bool | str = True,
+                 lmax: int | None = None, *, encoder_layers: int = 2, decoder_layers: int = 2, use_mlp: bool = True,
+                 skip: str = "linear", big_skip: str = "none", normalization: str = "none", activation: str = "gelu",
+                 operator_type: str = "driscoll-healy", data_grid: str = DATA_GRID,
+                 model_grid: str = LATENT_GRID) -> None:
         super().__init__()
-        if num_layers < 1 or embed_dim < 1 or scale_factor < 1:
-            raise ValueError(f"SFNO needs num_layers, embed_dim, scale_factor ≥ 1, got {num_layers}, {embed_dim}, {scale_factor}")
+        check_options(in_channels=in_channels, out_channels=out_channels, nlat=nlat, nlon=nlon,
+                      embed_dim=embed_dim, num_layers=num_layers, mlp_ratio=mlp_ratio, scale_factor=scale_factor,
+                      encoder_layers=encoder_layers, decoder_layers=decoder_layers, use_mlp=use_mlp, skip=skip,
+                      big_skip=big_skip, normalization=normalization, activation=activation,
+                      operator_type=operator_type, data_grid=data_grid, model_grid=model_grid, pos_embed=pos_embed)
+        if lmax is not None:
+            check_options(lmax=lmax)
         self.lmax = lmax or default_lmax(nlat, nlon, scale_factor)
-        self.scale_factor = scale_factor
+        self.scale_factor, self.data_grid, self.model_grid, self.big_skip = scale_factor, data_grid, model_grid, big_skip
+        kind = pos_embed_kind(pos_embed)
+        # Complete and JSON-serialisable: checkpoint.build_model rebuilds the network as SFNO(**arch).
         self.arch: dict[str, Any] = {
             "in_channels": in_channels, "out_channels": out_channels, "nlat": nlat, "nlon": nlon,
             "embed_dim": embed_dim, "num_layers": num_layers, "mlp_ratio": mlp_ratio,
-            "scale_factor": scale_factor, "pos_embed": pos_embed, "lmax": self.lmax,
+            "scale_factor": scale_factor, "pos_embed": kind, "lmax": self.lmax,
+            "encoder_layers": encoder_layers, "decoder_layers": decoder_layers, "use_mlp": use_mlp, "skip": skip,
+            "big_skip": big_skip, "normalization": normalization, "activation": activation,
+            "operator_type": operator_type, "data_grid": data_grid, "model_grid": model_grid,
         }
         hidden = int(embed_dim * mlp_ratio)
-        self.encoder = _mlp(in_channels, hidden, embed_dim, out_gain=1.0)
-        self.pos_embed = PositionEmbedding(embed_dim) if pos_embed else None
-        self.blocks = nn.ModuleList(SFNOBlock(embed_dim, self.lmax, mlp_ratio) for _ in range(num_layers))
-        self.decoder = _mlp(embed_dim, hidden, out_channels, out_gain=1.0)
+        # Construction order is part of the contract: with the default options the same seed gives the
+        # same initial weights as every earlier version of this model.
+        self.encoder = MLP(in_channels, hidden, embed_dim, encoder_layers, out_gain=1.0, act=activation)
+        self.pos_embed = PositionEmbedding(embed_dim, kind, act=activation) if kind != "none" else None
+        self.blocks = nn.ModuleList(
+            SFNOBlock(embed_dim, self.lmax, mlp_ratio, use_mlp=use_mlp, skip=skip, normalization=normalization,
+                      activation=activation, operator_type=operator_type) for _ in range(num_layers))
+        decoder_in = embed_dim + (in_channels if big_skip == "concat" else 0)
+        self.decoder = MLP(decoder_in, hidden, out_channels, decoder_layers, out_gain=0.5 if big_skip == "add" else 1.0,
+                           act=activation)
+        # makani's big skip: a learned 1×1 map of the input added to the output (no channel-count constraint).
+        self.residual_transform = Pointwise(in_channels, out_channels, 0.5, bias=False) if big_skip == "add" else None
         # Training-time switch, not architecture: recompute each block in the backward pass
         # instead of keeping its activations (less memory, ~one more forward of compute).
         self.checkpoint_blocks = False
@@ -177,28 +175,34 @@ class SFNO(nn.Module):
             raise ValueError(f"grid {nlat}x{nlon} is too coarse for scale_factor {self.scale_factor}")
         self.nlat, self.nlon, self.grid_lmax = nlat, nlon, lmax
         # Transforms hold only non-persistent buffers, so the state_dict is the same on every grid.
-        self.sht_in, self.isht_out = make_transforms(nlat, nlon, lmax, DATA_GRID)
-        self.sht_latent, self.isht_latent = make_transforms(h, w, lmax, LATENT_GRID)
+        self.data_transform = GridTransform(nlat, nlon, lmax, self.data_grid)
+        if (h, w, self.model_grid) == (nlat, nlon, self.data_grid):
+            self.latent_transform = self.data_transform  # one set of tables; blocks then skip the resampling
+        else:
+            self.latent_transform = GridTransform(h, w, lmax, self.model_grid)
         if self.pos_embed is not None:
-            self.pos_embed.set_grid(nlat, nlon)
+            self.pos_embed.set_grid(nlat, nlon, self.data_grid)
         device = next(self.parameters()).device
         self.to(device)
-        log.debug("SFNO grid set to %dx%d (latent %dx%d, lmax %d)", nlat, nlon, h, w, lmax)
+        log.debug("SFNO grid set to %dx%d (latent %dx%d %s, lmax %d)", nlat, nlon, h, w, self.model_grid, lmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the operator to ``(batch, in_channels, nlat, nlon)`` on the current grid."""
         if tuple(x.shape[-2:]) != (self.nlat, self.nlon):
             raise ValueError(f"input grid {tuple(x.shape[-2:])} != model grid {(self.nlat, self.nlon)}; call set_grid first")
-        x = self.encoder(x)
+        inp = x.permute(3, 2, 0, 1).contiguous()  # (nlon, nlat, batch, channel)
+        h = self.encoder(inp)
         if self.pos_embed is not None:
-            x = self.pos_embed(x)
+            h = self.pos_embed(h)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            sht = self.sht_in if i == 0 else self.sht_latent
-            isht = self.isht_out if i == last else self.isht_latent
-            same = (sht.nlat, sht.nlon, sht.grid) == (isht.nlat, isht.nlon, isht.grid)
+            sht = self.data_transform if i == 0 else self.latent_transform
+            isht = self.data_transform if i == last else self.latent_transform
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
-                x = activation_checkpoint(block, x, sht, isht, same_grid=same, use_reentrant=False)
+                h = activation_checkpoint(block, h, sht, isht, use_reentrant=False)
             else:
-                x = block(x, sht, isht, same_grid=same)
-        return self.decoder(x)
+                h = block(h, sht, isht)
+        if self.big_skip == "concat":
+            h = torch.cat([h, inp.to(h.dtype)], dim=-1)
+        residual = self.residual_transform(inp) if self.residual_transform is not None else None
+        return self.decoder(h, residual=residual).permute(2, 3, 1, 0).contiguous()
