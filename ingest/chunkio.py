@@ -239,6 +239,11 @@ class ChunkWriter:
         run_all(self.tasks(start, values))
 
 
+def map_parallel(fn: Callable[[np.ndarray], float], items: Sequence[np.ndarray]) -> list[float]:
+    """``fn`` over ``items`` on the writer threads, in order."""
+    return list(_POOL.map(fn, items))
+
+
 def run_all(tasks: Sequence[Callable[[], None]]) -> None:
     """Run file writes on the writer threads (one variable's shard beside another's); re-raise the first error."""
     futures = [_POOL.submit(task) for task in tasks]
