@@ -4,7 +4,9 @@
 wrong for years of 0.25° ERA5. This dataset keeps only the window index and reads each window's
 times from the Zarr store when asked (one inner chunk per time and variable: the store keeps one
 time per chunk), so a ``DataLoader`` with ``num_workers`` prefetches batches in worker processes
-while the model trains. Store handles are opened lazily in each process (they are dropped when the
+while the model trains. Use spawned workers (``multiprocessing_context="spawn"``): Zarr runs an
+event-loop thread that a forked child would inherit locked but not running. Store handles are
+opened lazily in each process (they are dropped when the
 dataset is pickled into a worker).
 
 A window at analysis index ``j`` is ``(x, targets)``::

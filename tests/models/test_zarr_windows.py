@@ -90,8 +90,12 @@ def test_worker_processes_prefetch_the_same_batches_as_the_main_process(store) -
     for workers in (0, 2):
         sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True)
         sampler.set_epoch(1)
+        # Spawned workers, as a trainer must use: Zarr keeps an event-loop thread and the store writer
+        # a thread pool, and a forked child inherits their locks but not their threads (in the full
+        # suite a forked worker died there).
         loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=workers,
-                            prefetch_factor=2 if workers else None, persistent_workers=False)
+                            prefetch_factor=2 if workers else None, persistent_workers=False,
+                            multiprocessing_context="spawn" if workers else None)
         batches.append([(x.clone(), y.clone()) for x, y in loader])
     assert len(batches[0]) == len(ds) // 2 // 2 > 0
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*batches, strict=True))
