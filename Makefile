@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-skill clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ test: setup lint
 bench: setup
 	$(BIN)/python benches/forecast_speed.py
 	$(BIN)/python benches/ingest.py
+
+# Skill on the shallow-water planet: ~17 min of simulation on the first run, ~13 min per run after.
+bench-skill: setup
+	$(BIN)/python benches/skill_swe.py --json spherecast-out/skill_swe/report.json
 
 clean:
 	rm -rf $(VENV) spherecast-out .pytest_cache .ruff_cache *.egg-info

@@ -13,8 +13,12 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+# Run as a script, benches/ comes first on sys.path and "ingest" would name benches/ingest.py.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
 

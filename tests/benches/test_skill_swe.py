@@ -1,0 +1,139 @@
+"""Smoke test of benches/skill_swe.py: the real script, end to end, at its ``--quick`` size.
+
+One run (tiny grid, a 25×48 planet, 12 days, 1.8 s of training per model) is shared by the tests:
+its JSON report must hold every figure, finite and sane; a rerun must reuse both stores; bad
+inputs must fail with one clear error before anything is simulated, trained or overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benches" / "skill_swe.py"
+LEADS = ("6h", "24h", "72h", "120h")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run ``python benches/skill_swe.py --quick`` once, as a user would, and return its outputs."""
+    out = tmp_path_factory.mktemp("skill")
+    report = out / "report.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in env.items() if not k.startswith("SPHERECAST_")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out / "work"), "--json", str(report)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out / "work", "report": json.loads(report.read_text()), "stdout": proc.stdout}
+
+
+def _finite_positive(v: float | None) -> bool:
+    return v is not None and math.isfinite(v) and v > 0
+
+
+@pytest.mark.slow
+def test_report_has_every_figure_finite_and_sane(quick: dict[str, Any]) -> None:
+    r = quick["report"]
+    assert set(r["relative_error"]) == set(LEADS)
+    for lead in LEADS:
+        row = r["relative_error"][lead]
+        assert set(row) == {"sfno", "example", "persistence", "climatology"}
+        assert all(_finite_positive(v) for v in row.values()), (lead, row)
+        assert row["climatology"] == pytest.approx(1.0, abs=1e-6)  # the definition's normalization
+    # A 6 h persistence forecast of a continuous flow is far better than its climatology.
+    assert r["relative_error"]["6h"]["persistence"] < 0.9
+    assert r["data"]["test_initial_times"] >= 4
+    # Both stores are the same planet: the coarse one is the fine one spectrally truncated.
+    assert r["data"]["same_truth_max_diff_std"] < 1e-4
+    assert [s["reused"] for s in r["data"]["stores"]] == [False, False]
+    for name in ("training_sfno", "training_example"):
+        assert r[name]["steps"] > 0 and r[name]["wall_s"] > 0 and r[name]["parameters"] > 0
+    for lead in LEADS:
+        assert set(r["rmse_sfno"][lead]) == {"geopotential_500", "u_component_of_wind_500", "v_component_of_wind_500"}
+    ro = r["rollout"]["sfno"]
+    assert ro["steps"] == 60 and _finite_positive(ro["planet_mean_ke"])
+    # The planet's mean kinetic energy is that of a jet of tens of m/s, not a number off by units.
+    assert 20 < ro["planet_mean_ke"] < 1000
+    if ro["finite"]:
+        assert _finite_positive(ro["mean_ke"]) and ro["ke_ratio"] == pytest.approx(ro["mean_ke"] / ro["planet_mean_ke"])
+        assert len(ro["ke_per_30_days"]) == 1
+    else:
+        assert 1 <= ro["first_nonfinite_step"] <= 60 and ro["pass"] is False
+    z = r["zero_shot"]
+    assert "33x64" in z["grid"] and z["initial_times"] == r["data"]["test_initial_times"]
+    for lead in LEADS:
+        v = z["leads"][lead]
+        assert v["native"] == r["relative_error"][lead]["sfno"]
+        assert _finite_positive(v["zero_shot"]) and v["ratio"] == pytest.approx(v["zero_shot"] / v["native"])
+    goals = {g["goal"]: g for g in r["goals"]}
+    assert len(goals) == 4 and all(isinstance(g["pass"], bool) for g in goals.values())
+    g24 = goals["24 h SFNO / persistence"]
+    assert g24["value"] == pytest.approx(r["relative_error"]["24h"]["sfno"] / r["relative_error"]["24h"]["persistence"])
+    assert g24["pass"] == (g24["value"] <= 0.5)
+    # The printed report carries the table and one verdict per goal.
+    assert "relative error" in quick["stdout"] and "zero-shot" in quick["stdout"]
+    assert sum(quick["stdout"].count(w) for w in (" PASS", " FAIL")) == 4
+
+
+def _digest(root: Path) -> str:
+    """sha256 over every file's path and bytes under ``root`` (stores, stats, checkpoints, metrics)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_rerun_reuses_both_stores(quick: dict[str, Any]) -> None:
+    from benches import skill_data as sd
+    from benches.skill_swe import parse_args, plan
+
+    coarse, fine, _, _ = plan(parse_args(["--quick", "--out", str(quick["out"])]))
+    before = _digest(quick["out"] / "tiny" / "data")
+    infos = [sd.build_store(c, progress=False) for c in (coarse, fine)]
+    assert [(i["reused"], i["slabs_written"]) for i in infos] == [(True, 0), (True, 0)]
+    assert infos[0]["slabs_reused"] == 12  # 12 days in slabs of 4 six-hourly times
+    # Nothing was re-simulated: the store is byte-identical (the stats are recomputed identically).
+    assert _digest(quick["out"] / "tiny" / "data") == before
+
+
+@pytest.mark.slow
+def test_store_of_another_planet_is_refused_and_untouched(quick: dict[str, Any], capsys) -> None:
+    from benches.skill_swe import main
+
+    before = _digest(quick["out"])
+    rc = main(["--quick", "--out", str(quick["out"]), "--set", "ingest.synthetic.seed=7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "does not match the request" in err[0] and "dataset_version" in err[0]
+    assert _digest(quick["out"]) == before  # stores, stats, checkpoint and metrics untouched
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--days", "3"], "--days 3 gives 12 analysis times; need at least 12 days"),
+    (["--budget-minutes", "0"], "--budget-minutes must be positive"),
+    (["--set", "grid.preset=1.5deg"], "--set grid.preset is set by the bench itself"),
+    (["--set", "train.lr"], "--set 'train.lr' is not KEY.PATH=VALUE"),
+    (["--set", "train.lr=fast"], "train.lr: Input should be a valid number"),
+    (["--set", "model.scale_factor=16"], "grid 17x32 is too coarse for scale_factor 16"),  # caught by the SFNO itself
+    (["--zero-shot-grid", "tiny"], "--zero-shot-grid must differ from --grid"),
+    (["--grid", "3deg"], "unknown grid preset '3deg'"),
+])
+def test_bad_input_fails_first_with_one_clear_error(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    from benches.skill_swe import main
+
+    out = tmp_path / "never"
+    assert main(["--quick", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()  # refused before any store was created
