@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 import yaml
 
-from core.config import Config, SyntheticConfig, TrainConfig, config_from_dict
+from core.config import Config, SyntheticConfig, TrainConfig, config_from_dict, deep_merge
 from core.fields import to_channels
 from core.grid import get_grid, parse_grid_attr
 
@@ -90,17 +90,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ValueError(f"--set {dotted} conflicts with another --set of {part!r}")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
-    return out
-
-
-def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in, recursively for nested mappings."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
     return out
 
 

@@ -26,7 +26,7 @@ from core.variables import channel_names, check_level, get_variable
 # The ingest, model and train sections live in their own modules; they are re-exported here, the one import path.
 __all__ = ["CdsConfig", "Config", "FilesConfig", "IngestConfig", "MirrorConfig", "ModelConfig", "SyntheticConfig",
            "TrainConfig", "Moment",
-           "config_from_dict", "load_config", "dump_config", "channels_of"]
+           "config_from_dict", "deep_merge", "load_config", "dump_config", "channels_of"]
 
 ENV_PREFIX = "SPHERECAST_"
 
@@ -168,11 +168,12 @@ class Config(_Section):
         return self.forecast.checkpoint or self.paths.runs / self.train.run_name / "checkpoint.pt"
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, recursively for nested mappings (``extra`` wins)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -227,10 +228,10 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
     from_env = _env_overrides(os.environ if env is None else env)
     if from_env:
         origin += " + SPHERECAST_* environment"
-        data = _deep_merge(data, from_env)
+        data = deep_merge(data, from_env)
     if overrides:
         origin += " + parameters"
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     return config_from_dict(data, origin)
 
 
