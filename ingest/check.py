@@ -27,7 +27,7 @@ from core.grid import parse_grid_attr
 from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, REQUIRED_FLAGS, validate_analysis
 from core.variables import VARIABLES
 from ingest.append import intent_path
-from ingest.chunkio import EMPTY, ChunkWriter, chunk_writer
+from ingest.chunkio import ChunkWriter, chunk_writer, stored_chunk
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +262,13 @@ class _Shards:
             out.add("missing", name, f"{name} at {when}: shard {label} is missing on disk though the time is done "
                                       "(it would read as NaN)")
             return None
-        index, raw = self.found
         k = i % self.w.per_file
-        if index[k, 0] == EMPTY:
+        chunk = stored_chunk(*self.found, k)
+        if chunk is None:
             out.add("missing", name, f"{name} at {when}: chunk {k} of shard {label} is missing though the time "
                                       "is done (it would read as NaN)")
             return None
-        return raw[int(index[k, 0]):int(index[k, 0] + index[k, 1])] if self.full else b""
+        return bytes(chunk) if self.full else b""
 
 
 def _scan_sharded(shards: _Shards, name: str, i: int, when: str, out: _Findings, report: CheckReport,

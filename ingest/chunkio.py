@@ -41,6 +41,14 @@ class ShardIndexError(ValueError):
     """A shard file whose index is truncated or fails its checksum."""
 
 
+def stored_chunk(index: np.ndarray, raw: bytes, k: int) -> memoryview | None:
+    """The stored bytes of a shard's ``k``-th chunk (``index``/``raw`` from ``read_index``), None if absent."""
+    if index[k, 0] == EMPTY:
+        return None
+    off = int(index[k, 0])
+    return memoryview(raw)[off:off + int(index[k, 1])]
+
+
 def _codec_chain(codecs: list[dict]) -> tuple[numcodecs.Zstd | None, bool] | None:
     """``(zstd or None, crc32c?)`` for a supported ``bytes → [zstd] → [crc32c]`` chain, else None."""
     names = [c.get("name") for c in codecs]
@@ -166,9 +174,9 @@ class ChunkWriter:
             if found is not None:
                 index, raw = found
                 for k in range(self.per_file):
-                    t = first + k
-                    if t not in values and index[k, 0] != EMPTY:
-                        kept[t] = memoryview(raw)[int(index[k, 0]):int(index[k, 0] + index[k, 1])]
+                    chunk = stored_chunk(index, raw, k) if first + k not in values else None
+                    if chunk is not None:
+                        kept[first + k] = chunk
         pieces: Pieces = []
         index = np.full((self.per_file, 2), EMPTY, dtype="<u8")
         offset = 0
@@ -201,10 +209,9 @@ class ChunkWriter:
             found = self.read_index(self.key(first)) if self.sharded else None
             for t in range(max(first, start), min(first + self.per_file, stop)):
                 if self.sharded:
-                    if found is None or found[0][t - first, 0] == EMPTY:
+                    raw: bytes | memoryview | None = stored_chunk(*found, t - first) if found else None
+                    if raw is None:
                         continue
-                    off, length = (int(v) for v in found[0][t - first])
-                    raw: bytes | memoryview = memoryview(found[1])[off:off + length]
                 else:
                     try:
                         raw = self.key(t).read_bytes()

@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 import crc32c
-import numpy as np
 
-from ingest.chunkio import EMPTY, ChunkWriter, chunk_writer
+from ingest.chunkio import EMPTY, ChunkWriter, chunk_writer, stored_chunk
 
 
 def time_arrays(store: Path) -> dict[str, ChunkWriter]:
@@ -40,10 +39,10 @@ def stored_chunks(store: Path, names: list[str] | tuple[str, ...] | None = None)
             if not w.sharded:
                 out[(name, first)] = key.read_bytes()
                 continue
-            index, raw = found
-            for k in np.flatnonzero(index[:, 0] != EMPTY):
-                off, length = int(index[k, 0]), int(index[k, 1])
-                out[(name, first + int(k))] = bytes(raw[off:off + length])
+            for k in range(w.per_file):
+                chunk = stored_chunk(*found, k)
+                if chunk is not None:
+                    out[(name, first + k)] = bytes(chunk)
     return out
 
 
