@@ -2,10 +2,12 @@
 
 Part 1: the same in-memory analysis (float32) is written (a) by ``numpy.save``, one file per
 variable per slab, and also one file per variable per time (as many files as the store has
-chunks: this isolates the writer's own overhead from the filesystem's per-file cost), and (b) by the store writer (region writes + done flags into a pre-allocated
-store: the steady state of an ingest; and the whole build including pre-allocation and metadata
-consolidation), uncompressed and with the default codec (zstd + crc32c). Throughput ratio = raw
-time / writer time (goal ≥ 0.7 uncompressed, slab writes). Part 2: writer time for 4 period lengths, to see whether it is linear.
+chunks: this isolates the writer's own overhead from the filesystem's per-file cost), and (b) by
+the store writer (region writes + done flags into a pre-allocated store, opened once, from slabs
+as a source delivers them: the steady state of an ingest worker; and the whole build including
+pre-allocation and metadata consolidation), uncompressed and with the default codec (zstd + crc32c). Throughput ratio = raw
+time / writer time (goal ≥ 0.7 uncompressed, slab writes). Part 2: writer time for 4 period
+lengths, to see whether it is linear.
 Each measurement starts after a sync and, unless ``--page-cache``, ends with one: the time is
 for the bytes reaching the disk, the same for both sides. Page-cache-only timings (``--page-cache``)
 measured memory copies whose speed varied tenfold between runs on a shared VM (writeback and
@@ -96,11 +98,18 @@ def write_store(ds: xr.Dataset, root: Path, grid_name: str, compression: str, ch
     consolidate(root)
 
 
-def write_slabs(ds: xr.Dataset, root: Path) -> None:
+def slabs_of(ds: xr.Dataset) -> list[tuple[int, xr.Dataset]]:
+    """The writer's input: ``(start, slab)`` as a source delivers them (numpy.save's are free array views)."""
+    return [(start, ds.isel(time=slice(start, start + SLAB))) for start in range(0, ds.sizes["time"], SLAB)]
+
+
+def write_slabs(ds: xr.Dataset, root: Path, store: xr.Dataset | None = None,
+                slabs: list[tuple[int, xr.Dataset]] | None = None) -> None:
     """The steady state of an ingest: region-write each slab (data, then its flags) into the store."""
-    store = open_store(root)
-    for start in range(0, ds.sizes["time"], SLAB):
-        write_slab(root, store, ds.isel(time=slice(start, start + SLAB)), start)
+    # An ingest worker opens the store once and keeps it (ingest.build._cached_store).
+    store = open_store(root) if store is None else store
+    for start, slab in slabs_of(ds) if slabs is None else slabs:
+        write_slab(root, store, slab, start)
 
 
 def paired(ds: xr.Dataset, workdir: Path, grid_name: str, compression: str, checksum: bool,
@@ -115,12 +124,13 @@ def paired(ds: xr.Dataset, workdir: Path, grid_name: str, compression: str, chec
     for k in range(repeats):
         target = workdir / f"slabs-{k}"
         create_store(target, layout_of(ds, grid_name), slab_size=SLAB, compression=compression, checksum=checksum)
+        store, slabs = open_store(target), slabs_of(ds)
         times = [0.0, 0.0, 0.0]
         for j in [(k + i) % 3 for i in range(3)]:
             if j == 2:
                 os.sync()
                 t = time.perf_counter()
-                write_slabs(ds, target)
+                write_slabs(ds, target, store, slabs)
                 if DURABLE:
                     os.sync()
                 times[2] = time.perf_counter() - t

@@ -167,12 +167,32 @@ def _cached_source(config: Config) -> Source:
     return _SOURCES[key]
 
 
+_STORES: dict[tuple, Any] = {}
+
+
+def _cached_store(path: Path) -> Any:
+    """The opened store, reused while its root and time metadata are unchanged (an append changes both)."""
+    # Opening and validating a store costs 20–50 ms: more than writing a coarse-grid slab.
+    stamps = []
+    for meta in (Path(path) / "zarr.json", Path(path) / "time" / "zarr.json"):
+        try:
+            st = meta.stat()
+        except OSError:
+            return open_store(path)  # let open_store name what is missing
+        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    key = (str(path), *stamps)
+    if key not in _STORES:
+        _STORES.clear()  # one store per worker at a time: old versions are of no further use
+        _STORES[key] = open_store(path)
+    return _STORES[key]
+
+
 def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: bool = False) -> dict[str, Any]:
     """Fetch, regrid and write one slab of the store (or replace its preliminary times); picklable."""
     config = config_from_dict(config_data)
     path = config.paths.analysis_store
     source = _cached_source(config)
-    store = open_store(path)
+    store = _cached_store(path)
     began = time.perf_counter()
     if replace:
         parts = [slice(start, stop)]

@@ -253,30 +253,29 @@ def map_parallel(fn: Callable[[np.ndarray], float], items: Sequence[np.ndarray])
 
 def run_all(tasks: Sequence[Callable[[], None]]) -> None:
     """Run file writes on the writer threads (one variable's shard beside another's); re-raise the first error."""
+    if len(tasks) == 1:  # nothing to overlap (a slab's done flag): skip the pool's round trip
+        tasks[0]()
+        return
     futures = [_POOL.submit(task) for task in tasks]
     wait(futures)  # all of them, even after a failure: nothing may still be writing once this returns
     for future in futures:
         future.result()
 
 
-@functools.lru_cache(maxsize=256)
-def _parse_meta(path: str, mtime_ns: int, size: int) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_meta(array_dir: Path) -> dict | None:
-    # Parsed once per version of zarr.json (its mtime and size change when an append grows the
-    # shape): a slab write asks for every array's writer, and re-parsing cost ~0.2 ms each.
+def _stamp(array_dir: Path) -> tuple[str, int, int, int] | None:
     meta_path = Path(array_dir) / "zarr.json"
     try:
         st = meta_path.stat()
     except OSError:
         return None
-    meta = _parse_meta(str(meta_path), st.st_mtime_ns, st.st_size)
-    if meta is None:
+    # The inode too: a rewrite within one timestamp tick with an equal size must still be seen.
+    return str(meta_path), st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _parse_meta(path: str) -> dict | None:
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return None
     if meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
         return None
@@ -287,7 +286,15 @@ def _read_meta(array_dir: Path) -> dict | None:
 
 def chunk_writer(array_dir: Path) -> ChunkWriter | None:
     """A ChunkWriter for a local array with one time per (inner) chunk and a supported codec chain, else None."""
-    meta = _read_meta(array_dir)
+    stamp = _stamp(array_dir)
+    return None if stamp is None else _writer_for(*stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _writer_for(meta_path: str, mtime_ns: int, size: int, inode: int) -> ChunkWriter | None:
+    # Built once per version of zarr.json (its mtime and size change when an append grows the
+    # shape): a slab write asks for every array's writer, and rebuilding cost ~0.1 ms each.
+    meta = _parse_meta(meta_path)
     if meta is None:
         return None
     shape = list(meta["shape"])
@@ -308,4 +315,4 @@ def chunk_writer(array_dir: Path) -> ChunkWriter | None:
     if chain is None:
         return None
     codec = Codec(chain[0], chain[1], np.dtype(meta["data_type"]), tuple(shape[1:]))
-    return ChunkWriter(Path(array_dir), meta, codec, per_file, index_checksum)
+    return ChunkWriter(Path(meta_path).parent, meta, codec, per_file, index_checksum)

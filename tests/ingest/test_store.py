@@ -212,3 +212,19 @@ def test_slabs_follow_the_stores_shard_files_whatever_the_config_says_now(tmp_pa
     assert again.slab_size == 4 and "slabs of 4" in again.describe()
     assert all(s.start % 4 == 0 and s.stop - s.start <= 4 for s in again.todo)
     assert sum(s.stop - s.start for s in again.todo) == len(fresh.layout.times)
+
+
+def test_a_worker_reuses_its_opened_store_until_an_append_changes_it(tmp_path: Path) -> None:
+    from ingest.append import extend_store
+    from ingest.build import _cached_store
+
+    ds = analysis_dataset(periods=4)
+    path = tmp_path / "a.zarr"
+    create_store(path, layout_of(ds))
+    first = _cached_store(path)
+    assert _cached_store(path) is first  # no re-open per slab
+    extend_store(path, pd.Timestamp(ds.time.values[-1]) + pd.Timedelta(hours=12))
+    grown = _cached_store(path)
+    assert grown is not first and grown.sizes["time"] == 6  # the new times are seen, not a stale length
+    with pytest.raises(ValueError, match="not an analysis store"):
+        _cached_store(tmp_path / "nothing.zarr")
