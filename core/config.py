@@ -91,6 +91,8 @@ class TaskConfig(_Section):
     """Model step and analysis spacing in hours."""
     history: int = 1
     """Number of past analysis times the model sees (1 = the current state only)."""
+    static_fields: list[str] = []
+    """Static inputs appended to the model's input: cos/sin_latitude, cos/sin_longitude, or store variables without time."""
 
     @field_validator("variables")
     @classmethod
@@ -105,6 +107,13 @@ class TaskConfig(_Section):
     @classmethod
     def _levels(cls, value: list[int]) -> list[int]:
         return [check_level(v) for v in value]
+
+    @field_validator("static_fields")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a field twice: {value}")
+        return value
 
     @field_validator("time_step_hours", "history")
     @classmethod

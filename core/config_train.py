@@ -58,6 +58,10 @@ class TrainConfig(_Section):
     """Seed of weights and data order."""
     threads: int = 0
     """torch intra-op threads per rank (0 = cores / ranks)."""
+    loader: Literal["memory", "zarr"] = "memory"
+    """Training windows held in memory (small periods), or read from the store per item (years of ERA5)."""
+    num_workers: int = 0
+    """DataLoader worker processes prefetching windows (spawned; useful with ``loader: zarr``)."""
     nproc_per_node: int = 1
     """Ranks torchrun starts on this machine (GPUs per node, or CPU processes)."""
     nnodes: int = 1
@@ -121,6 +125,8 @@ class TrainConfig(_Section):
             raise ValueError(f"checkpoint_every_minutes {self.checkpoint_every_minutes} must be > 0 (or null)")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts {self.max_restarts} must be ≥ 0")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers {self.num_workers} must be ≥ 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps {self.max_steps} must be ≥ 1 (or null)")
         if self.max_restarts > 0 and self.resume == "never":

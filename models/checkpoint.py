@@ -28,7 +28,7 @@ import torch
 import xarray as xr
 
 from core.config import Config
-from core.grid import Grid
+from core.grid import Grid, parse_grid_attr
 from core.schema import SCHEMA_VERSION, validate_checkpoint_meta
 from models.normalization import Normalized
 from models.sfno import SFNO
@@ -140,7 +140,16 @@ def build_model(meta: Mapping[str, Any]) -> Normalized:
     """An untrained ``Normalized(SFNO)`` with the architecture and stats a checkpoint describes."""
     arch = dict(meta["arch"])
     stats = meta["stats"]
-    return Normalized(SFNO(**arch), stats["mean"], stats["std"], stats["diff_std"])
+    history, names = model_inputs(meta)
+    # The static fields' values are weights-side buffers: zeros here, filled by load_state_dict.
+    static = np.zeros((len(names), *parse_grid_attr(meta["grid"]).shape), np.float32) if names else None
+    return Normalized(SFNO(**arch), stats["mean"], stats["std"], stats["diff_std"], history, static, names)
+
+
+def model_inputs(meta: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """``(history, static field names)`` of a checkpoint (1 and none for checkpoints older than them)."""
+    task = meta.get("task", {})
+    return int(task.get("history", 1)), list(task.get("static_fields", []))
 
 
 def load_for_inference(path: Path | str) -> tuple[Normalized, dict[str, Any]]:
@@ -157,9 +166,10 @@ def load_for_inference(path: Path | str) -> tuple[Normalized, dict[str, Any]]:
         raise ValueError(f"{what}: weights_sha256 mismatch (meta {meta['weights_sha256'][:12]}…, "
                          f"weights {digest[:12]}…): the weights are corrupt or were altered")
     n = len(meta["channels"])
-    if meta["arch"].get("in_channels") != n or meta["arch"].get("out_channels") != n:
-        raise ValueError(f"{what}: {n} channels in meta but the network maps "
-                         f"{meta['arch'].get('in_channels')} → {meta['arch'].get('out_channels')}")
+    history, names = model_inputs(meta)
+    if meta["arch"].get("in_channels") != history * n + len(names) or meta["arch"].get("out_channels") != n:
+        raise ValueError(f"{what}: {n} channels × history {history} + {len(names)} static fields in meta but the "
+                         f"network maps {meta['arch'].get('in_channels')} → {meta['arch'].get('out_channels')}")
     model = build_model(meta)
     try:
         model.load_state_dict(state, strict=True)

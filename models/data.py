@@ -1,8 +1,9 @@
 """Training windows from the analysis store: an initial state and the K states that follow it.
 
 A window starting at analysis time ``t`` is ``(x(t), [x(t+Δ), …, x(t+KΔ)])`` with Δ the task's time
-step. It exists only if every one of those K+1 times lies inside the requested period and is
-marked done in the store (completeness comes from the ``done`` flags, never from the values).
+step; with a history of h states the input is the stack ``x(t−(h−1)Δ), …, x(t)`` (oldest first,
+channels concatenated). It exists only if every one of those times lies inside the requested
+period and is marked done in the store (completeness comes from the ``done`` flags, never from the values).
 The selected period is small, so it is loaded once into memory as float32; the dataset is a plain
 map-style dataset and works with ``DistributedSampler``.
 """
@@ -47,21 +48,21 @@ def time_stride(analysis: xr.Dataset, time_step_hours: int) -> int:
 
 
 class WindowDataset(Dataset):
-    """``(x0, targets)`` windows, ``x0`` ``(channel, lat, lon)`` and ``targets`` ``(steps, channel, lat, lon)``."""
+    """``(x0, targets)`` windows, ``x0`` ``(history·channel, lat, lon)`` and ``targets`` ``(steps, channel, lat, lon)``."""
 
     def __init__(self, analysis: xr.Dataset, channels: list[str], start: datetime | str, end: datetime | str,
-                 steps: int, time_step_hours: int) -> None:
-        if steps < 1:
-            raise ValueError(f"steps must be ≥ 1, got {steps}")
+                 steps: int, time_step_hours: int, history: int = 1) -> None:
+        if steps < 1 or history < 1:
+            raise ValueError(f"steps and history must be ≥ 1, got steps={steps}, history={history}")
         self.channels = list(channels)
-        self.steps = steps
+        self.steps, self.history = steps, history
         self.stride = time_stride(analysis, time_step_hours)
         period = analysis.sel(time=slice(pd.Timestamp(start), pd.Timestamp(end)))
         self.times = period["time"].values
         self.done = period["done"].values.astype(bool)
-        span = steps * self.stride
-        starts = [i for i in range(len(self.times) - span)
-                  if all(self.done[i + k * self.stride] for k in range(steps + 1))]
+        span, back = steps * self.stride, (history - 1) * self.stride
+        starts = [i for i in range(back, len(self.times) - span)
+                  if all(self.done[i + k * self.stride] for k in range(1 - history, steps + 1))]
         self.index = np.asarray(starts, dtype=np.int64)
         names = sorted({v for v in period.data_vars if v not in FLAG_VARIABLES})
         arr = to_channels(period[names], self.channels).values if len(self.times) else np.zeros((0,))
@@ -79,11 +80,12 @@ class WindowDataset(Dataset):
         """Window ``i``: the initial state and the ``steps`` states that follow it."""
         j = int(self.index[i])
         stop = j + self.steps * self.stride + 1
-        return self.data[j], self.data[j + self.stride:stop:self.stride]
+        x = self.data[j] if self.history == 1 else self.data[j - (self.history - 1) * self.stride:j + 1:self.stride].flatten(0, 1)
+        return x, self.data[j + self.stride:stop:self.stride]
 
     @property
     def init_times(self) -> np.ndarray:
-        """Initial times of the windows (datetime64)."""
+        """Initial (latest input) times of the windows (datetime64)."""
         return self.times[self.index]
 
     @property

@@ -17,6 +17,7 @@ from models.data import WindowDataset
 from models.distributed import DistContext, all_reduce_sum
 from models.losses import latitude_weights
 from models.normalization import Normalized
+from models.zarr_windows import ZarrWindowDataset
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -28,16 +29,18 @@ def _area_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def rollout_states(model: Normalized, x0: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """States after 1 … ``steps`` autoregressive model steps from ``x0``."""
+    """States after 1 … ``steps`` autoregressive model steps from the input stack ``x0``."""
     out, x = [], x0
+    advance = getattr(model, "advance", None)  # any one-step model of history 1 works too (the benches' references)
     for _ in range(steps):
-        x = model(x)
-        out.append(x)
+        new = model(x)
+        out.append(new)
+        x = advance(x, new) if advance is not None else new
     return out
 
 
 @torch.no_grad()
-def evaluate(model: Normalized, dataset: WindowDataset, lead_steps: list[int], time_step_hours: int,
+def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead_steps: list[int], time_step_hours: int,
              climatology: torch.Tensor, ctx: DistContext = SINGLE, batch_size: int = 16) -> dict[str, Any]:
     """RMSE per channel of model, persistence and climatology at ``lead_steps``, over all ranks' shares."""
     if max(lead_steps) > dataset.steps:
@@ -56,10 +59,11 @@ def evaluate(model: Normalized, dataset: WindowDataset, lead_steps: list[int], t
         x0 = torch.stack([it[0] for it in items]).to(device)
         y = torch.stack([it[1] for it in items]).to(device)
         states = rollout_states(model, x0, max(lead_steps))
+        now = model.latest(x0) if hasattr(model, "latest") else x0  # persistence keeps the latest input state
         for j, k in enumerate(lead_steps):
             truth = y[:, k - 1]
             sums[0, j] += _area_mse(states[k - 1], truth, w).double()
-            sums[1, j] += _area_mse(x0, truth, w).double()
+            sums[1, j] += _area_mse(now, truth, w).double()
             sums[2, j] += _area_mse(clim.expand_as(truth), truth, w).double()
         count += len(items)
     all_reduce_sum(sums, ctx)

@@ -57,6 +57,23 @@ def initial_state(analysis: xr.Dataset, channels: list[str], init_time: datetime
     return arr
 
 
+def initial_stack(analysis: xr.Dataset, channels: list[str], init_time: datetime | str | pd.Timestamp,
+                  history: int, step_h: int) -> np.ndarray:
+    """The ``history`` analyses up to ``init_time`` (oldest first), channels concatenated: ``(history·C, lat, lon)``."""
+    t = pd.Timestamp(init_time)
+    out = []
+    for k in range(history - 1, -1, -1):
+        when = t - pd.Timedelta(hours=k * step_h)
+        try:
+            out.append(initial_state(analysis, channels, when))
+        except ValueError as exc:
+            if k == 0:
+                raise
+            raise ValueError(f"the model sees {history} states {step_h} h apart, so init_time {t} needs the "
+                             f"analysis at {when}: {exc}") from None
+    return np.concatenate(out)
+
+
 @torch.no_grad()
 def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
             init_time: datetime | str | pd.Timestamp, lead_hours: int) -> xr.Dataset:
@@ -65,7 +82,7 @@ def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
     if lead_hours < 0 or lead_hours % step_h:
         raise ValueError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
     channels = list(meta["channels"])
-    x = torch.from_numpy(initial_state(analysis, channels, init_time))[None]
+    x = torch.from_numpy(initial_stack(analysis, channels, init_time, getattr(model, "history", 1), step_h))[None]
     nlat, nlon = analysis.sizes["latitude"], analysis.sizes["longitude"]
     trained = parse_grid_attr(meta["grid"])
     if (nlat, nlon) != trained.shape:
@@ -75,10 +92,11 @@ def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
     model.eval()
     device = next(model.parameters()).device
     x = x.to(device)
-    states = [x]
+    states = [model.latest(x)]
     for _ in range(lead_hours // step_h):
-        x = model(x)
-        states.append(x)
+        new = model(x)
+        states.append(new)
+        x = model.advance(x, new)
     data = torch.cat(states).cpu().numpy().astype(np.float32)  # (lead, channel, lat, lon)
     if not np.all(np.isfinite(data)):
         raise FloatingPointError(f"forecast from {init_time} became non-finite within {lead_hours} h")

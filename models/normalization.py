@@ -6,6 +6,12 @@ The core network sees the state normalized per channel, ``z = (x − mean) / std
     x_next = x + core((x − mean) / std) · diff_std
 
 A core that outputs zeros is persistence; the loss compares tendencies scaled by ``diff_std``.
+
+With ``history`` h > 1 the input is the stack of the h latest states, oldest first, channels
+concatenated (``(batch, h·C, lat, lon)``), each normalized alike; the tendency is added to the
+latest. Static fields (``models.statics``) ride along as a buffer appended to the core's input, so
+a checkpoint carries them and a forecast cannot feed the wrong ones; grid statics are recomputed
+when the model moves to another grid.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from core.grid import grid_for_shape
+from models.statics import GRID_STATICS, grid_statics
 
 
 def _as_buffer(values: Sequence[float] | np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
@@ -29,7 +38,8 @@ class Normalized(nn.Module):
 
     def __init__(self, core: nn.Module, mean: Sequence[float] | np.ndarray | torch.Tensor,
                  std: Sequence[float] | np.ndarray | torch.Tensor,
-                 diff_std: Sequence[float] | np.ndarray | torch.Tensor) -> None:
+                 diff_std: Sequence[float] | np.ndarray | torch.Tensor, history: int = 1,
+                 static: np.ndarray | torch.Tensor | None = None, static_names: Sequence[str] = ()) -> None:
         super().__init__()
         self.core = core
         mean_t, std_t, diff_t = (_as_buffer(v, n) for v, n in ((mean, "mean"), (std, "std"), (diff_std, "diff_std")))
@@ -37,10 +47,24 @@ class Normalized(nn.Module):
             raise ValueError(f"mean/std/diff_std lengths differ: {len(mean_t)}, {len(std_t)}, {len(diff_t)}")
         if torch.any(std_t <= 0) or torch.any(diff_t <= 0):
             raise ValueError("std and diff_std must be positive")
+        if history < 1:
+            raise ValueError(f"history must be ≥ 1, got {history}")
         # Persistent buffers: the stats travel inside the state_dict and its checksum.
         self.register_buffer("mean", mean_t)
         self.register_buffer("std", std_t)
         self.register_buffer("diff_std", diff_t)
+        self.history = int(history)
+        self.static_names = list(static_names)
+        if (static is None) != (not self.static_names) or (static is not None and len(static) != len(self.static_names)):
+            raise ValueError(f"{len(self.static_names)} static names for "
+                             f"{'no' if static is None else len(static)} static fields")
+        if static is not None:
+            self.register_buffer("static", torch.as_tensor(np.asarray(static, dtype=np.float32)))
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the core's input: the history stack and the static fields."""
+        return self.history * self.num_channels + len(self.static_names)
 
     @property
     def num_channels(self) -> int:
@@ -64,14 +88,34 @@ class Normalized(nn.Module):
         return dx / self._b(self.diff_std)
 
     def set_grid(self, nlat: int, nlon: int) -> None:
-        """Move the wrapped core model to another grid (zero-shot)."""
+        """Move the wrapped core model (and grid statics) to another grid (zero-shot)."""
+        if self.static_names:
+            fixed = [n for n in self.static_names if n not in GRID_STATICS]
+            if fixed and tuple(self.static.shape[-2:]) != (nlat, nlon):
+                raise ValueError(f"static fields {fixed} come from the training store's grid "
+                                 f"{tuple(self.static.shape[-2:])}; the model cannot run on {nlat}x{nlon}")
+            if not fixed:
+                fields = grid_statics(grid_for_shape(nlat, nlon), self.static_names)
+                self.static = torch.from_numpy(fields).to(self.static.device)
         self.core.set_grid(nlat, nlon)
 
+    def latest(self, x: torch.Tensor) -> torch.Tensor:
+        """The latest state of an input stack ``(batch, history·C, lat, lon)``."""
+        return x[:, -self.num_channels:] if self.history > 1 else x
+
+    def advance(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """The input stack one step later: drop the oldest state, append ``new``."""
+        return torch.cat([x[:, self.num_channels:], new], dim=1) if self.history > 1 else new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One model step in physical units: ``x + core(normalize(x)) · diff_std``."""
-        if x.shape[-3] != self.num_channels:
-            raise ValueError(f"input has {x.shape[-3]} channels, model expects {self.num_channels}")
-        return x + self.core(self.normalize(x)) * self._b(self.diff_std)
+        """One model step in physical units: ``latest + core(normalized stack, statics) · diff_std``."""
+        c = self.num_channels
+        if x.shape[-3] != self.history * c:
+            raise ValueError(f"input has {x.shape[-3]} channels, model expects {self.history} × {c}")
+        z = self.normalize(x.unflatten(-3, (self.history, c))).flatten(-4, -3) if self.history > 1 else self.normalize(x)
+        if self.static_names:
+            z = torch.cat([z, self.static.to(z.dtype).expand(z.shape[0], -1, -1, -1)], dim=-3)
+        return self.latest(x) + self.core(z) * self._b(self.diff_std)
 
 
 class Rollout(nn.Module):
@@ -82,9 +126,11 @@ class Rollout(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, steps: int) -> torch.Tensor:
-        """States after 1 … ``steps`` steps from ``x``: ``(batch, steps, channel, lat, lon)``."""
+        """States after 1 … ``steps`` steps from the input stack ``x``: ``(batch, steps, channel, lat, lon)``."""
         out = []
+        advance = getattr(self.model, "advance", None)  # a bare core (benches) has history 1
         for _ in range(steps):
-            x = self.model(x)
-            out.append(x)
+            new = self.model(x)
+            out.append(new)
+            x = advance(x, new) if advance is not None else new
         return torch.stack(out, dim=1)

@@ -126,6 +126,8 @@ def _differences(meta: dict[str, Any], data: dict[str, Any], expected: dict[str,
             old = {**ModelConfig().model_dump(), **old}
         elif section == "arch":
             old = complete_arch(old)
+        else:  # task fields added since that checkpoint (static_fields) took their defaults
+            old = {"static_fields": [], **old}
         for key in sorted(set(old) | set(new)):
             yield label.format(key), old.get(key), new.get(key)
     yield "dataset_version", meta.get("dataset_version"), expected["dataset_version"]

@@ -91,7 +91,9 @@ def training_model(model: Normalized, compile: bool) -> Normalized:
     if not compile:
         return model
     core = torch.compile(model.core)
-    twin = Normalized(core, model.mean.cpu(), model.std.cpu(), model.diff_std.cpu())
+    static = model.static.cpu() if model.static_names else None
+    twin = Normalized(core, model.mean.cpu(), model.std.cpu(), model.diff_std.cpu(), model.history, static,
+                      model.static_names)
     log.info("SFNO core compiled with torch.compile (inductor); the first steps include compilation")
     return twin.to(model.mean.device)
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import xarray as xr
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -65,9 +65,11 @@ from models.runtime import (
 )
 from models.schedule import BudgetCosine, rollout_steps_at
 from models.sfno import SFNO
+from models.statics import static_fields
 from models.stats import load_stats
 from models.tracking import Tracker
 from models.tracking_mlflow import open_sink
+from models.zarr_windows import ZarrWindowDataset
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class Setup:
     grid: Grid
     stats: xr.Dataset
     dataset_version: str
-    train_ds: WindowDataset
+    train_ds: WindowDataset | ZarrWindowDataset
     val_ds: WindowDataset
     lead_steps: list[int]
     model: Normalized
@@ -97,18 +99,31 @@ class Setup:
 
 
 def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
-    """The SFNO the config describes, for the task's channels on an ``nlat × nlon`` grid."""
+    """The SFNO the config describes: the history stack and static fields in, the task's channels out."""
     n = len(config.task.channels())
+    n_in = config.task.history * n + len(config.task.static_fields)
     # The model section's field names are SFNO's keyword arguments: a new option is one field and one kwarg.
-    return SFNO(n, n, nlat, nlon, **config.model.model_dump())
+    return SFNO(n_in, n, nlat, nlon, **config.model.model_dump())
+
+
+def training_windows(config: Config, analysis: xr.Dataset) -> tuple[Dataset, WindowDataset]:
+    """The training windows (in memory, or read from the store per item) and the validation windows."""
+    t, task = config.train, config.task
+    channels, dt = task.channels(), task.time_step_hours
+    lead_steps = max(max(1, h // dt) for h in VAL_LEAD_HOURS)
+    if t.loader == "zarr":
+        train_ds: Dataset = ZarrWindowDataset(config.paths.analysis_store, channels, t.train_start, t.train_end,
+                                              t.rollout_steps, dt, task.history)
+    else:
+        train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt, task.history)
+    val_ds = WindowDataset(analysis, channels, t.val_start, t.val_end, lead_steps, dt, task.history)
+    return train_ds, val_ds
 
 
 def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
     """Open and check data, stats and any ``last.pt`` to resume, build datasets and model; all ValueErrors are here."""
     threads = set_threads(config.train.threads, ctx.world_size)
     t = config.train
-    if config.task.history != 1:
-        raise ValueError(f"task.history={config.task.history}: the SFNO trainer supports history 1 only")
     precision = resolve_precision(t.precision, ctx.device)
     if t.compile:
         check_compile(ctx.device)
@@ -120,8 +135,8 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
     dt = config.task.time_step_hours
     stats = load_stats(config.paths.stats_file, analysis, channels, dt, (t.val_start, t.val_end))
     lead_steps = sorted({max(1, h // dt) for h in VAL_LEAD_HOURS})
-    train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt)
-    val_ds = WindowDataset(analysis, channels, t.val_start, t.val_end, max(lead_steps), dt)
+    static = static_fields(analysis, config.task.static_fields) if config.task.static_fields else None
+    train_ds, val_ds = training_windows(config, analysis)
     if len(train_ds) // ctx.world_size < batch:
         raise ValueError(f"{len(train_ds)} complete training windows in {t.train_start}..{t.train_end} "
                          f"cannot fill a batch of {t.batch_size} over {ctx.world_size} ranks")
@@ -130,7 +145,7 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
     set_deterministic(t.deterministic)
     torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
     model = Normalized(build_sfno(config, grid.nlat, grid.nlon), stats["mean"].values, stats["std"].values,
-                       stats["diff_std"].values).to(ctx.device)
+                       stats["diff_std"].values, config.task.history, static, config.task.static_fields).to(ctx.device)
     run_dir = config.paths.runs / t.run_name
     dataset_version = str(analysis.attrs["dataset_version"])
     signature = data_signature(config, len(train_ds))
@@ -188,7 +203,11 @@ def fit(s: Setup) -> Path:
     schedule = BudgetCosine(optimizer, cfg.lr)
     scaler = grad_scaler(s.precision, ctx.device)
     sampler = ResumableSampler(s.train_ds, ctx, cfg.seed, s.per_rank_batch)
-    loader = DataLoader(s.train_ds, batch_size=s.per_rank_batch, sampler=sampler, drop_last=True)
+    workers = cfg.num_workers
+    # Spawned workers: Zarr's event-loop thread would be inherited locked by a forked child.
+    loader = DataLoader(s.train_ds, batch_size=s.per_rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
+                        multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
+                        prefetch_factor=2 if workers else None)
     loss_fn = SphereMSE(channel_loss_weights(s.config))
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
     parts = TrainingParts(ctx, model, rollout, optimizer, schedule, scaler, guard, s.signature, cfg.seed)

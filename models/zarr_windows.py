@@ -33,44 +33,13 @@ import xarray as xr
 import zarr
 from torch.utils.data import Dataset
 
-from core.grid import parse_grid_attr
 from core.variables import parse_channel
 from models.data import open_analysis, time_stride
+from models.statics import GRID_STATICS, static_fields
+
+__all__ = ["GRID_STATICS", "ZarrWindowDataset", "static_fields"]
 
 log = logging.getLogger(__name__)
-
-# Fields computed from the grid (no data needed): what a model cannot learn from a translation-
-# invariant operator — where it is on the sphere. Store variables without a time axis (e.g. a
-# land-sea mask or orography, if the store holds them) can be named too.
-GRID_STATICS = ("cos_latitude", "sin_latitude", "cos_longitude", "sin_longitude")
-
-
-def static_fields(analysis: xr.Dataset, names: list[str] | tuple[str, ...]) -> np.ndarray:
-    """The named static fields on the store's grid, ``(len(names), lat, lon)`` float32, standardised."""
-    grid = parse_grid_attr(str(analysis.attrs["grid"]))
-    lat = np.deg2rad(grid.latitudes)[:, None] * np.ones((1, grid.nlon))
-    lon = np.ones((grid.nlat, 1)) * np.deg2rad(grid.longitudes)[None, :]
-    computed = {"cos_latitude": np.cos(lat), "sin_latitude": np.sin(lat),
-                "cos_longitude": np.cos(lon), "sin_longitude": np.sin(lon)}
-    out = []
-    for name in names:
-        if name in computed:
-            field = computed[name]
-        elif name in analysis.data_vars and "time" not in analysis[name].dims:
-            field = np.asarray(analysis[name].values, dtype=np.float64)
-            if field.shape != (grid.nlat, grid.nlon):
-                raise ValueError(f"static field {name!r} has shape {field.shape}, not the grid's {grid.shape}")
-            # Standardised here (inputs to the network are O(1)); a constant field stays 0.
-            std = field.std()
-            field = (field - field.mean()) / (std if std > 0 else 1.0)
-        else:
-            have = sorted(v for v in analysis.data_vars if "time" not in analysis[v].dims)
-            raise ValueError(f"unknown static field {name!r}: use one of {list(GRID_STATICS)} or a store "
-                             f"variable without a time axis ({have or 'the store has none'})")
-        if not np.isfinite(field).all():
-            raise ValueError(f"static field {name!r} has NaN or Inf values")
-        out.append(field)
-    return np.asarray(out, dtype=np.float32).reshape(len(names), grid.nlat, grid.nlon)
 
 
 class ZarrWindowDataset(Dataset):
@@ -91,6 +60,7 @@ class ZarrWindowDataset(Dataset):
         offsets = np.arange(-back, ahead + 1, self.stride)
         starts = [j for j in range(lo + back, hi - ahead) if done[j + offsets].all()]
         self.index = np.asarray(starts, dtype=np.int64)
+        self.done_rows = lo + np.flatnonzero(done[lo:hi])  # the period's done times, for its climatology
         self.offsets = offsets
         self.times = times.values
         self.sources = self._sources(analysis)
@@ -156,6 +126,21 @@ class ZarrWindowDataset(Dataset):
     def init_times(self) -> np.ndarray:
         """Initial (latest input) times of the windows (datetime64)."""
         return self.times[self.index]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(nlat, nlon)`` of the states."""
+        shape = self._array(self.sources[0][0]).shape
+        return int(shape[-2]), int(shape[-1])
+
+    def time_mean(self, max_times: int = 1024) -> torch.Tensor:
+        """Mean state over the period's done times (a climatology); above ``max_times`` over that many evenly spaced."""
+        rows = self.done_rows
+        if rows.size == 0:
+            raise ValueError(f"no done times in {self.path} to average")
+        if rows.size > max_times:  # years of ERA5: a sample of the period, not all of it in memory
+            rows = np.unique(rows[np.linspace(0, rows.size - 1, max_times).round().astype(int)])
+        return self.read_states(rows).mean(dim=0)
 
     @property
     def in_channels(self) -> int:
