@@ -87,7 +87,8 @@ def one_rank(root: Path) -> dict[str, Path]:
     train(ref)
     killed = run_config(root, "killed-1")
     kill_after_checkpoint(killed, 1)
-    return {"ref": run_dir(ref), "killed": run_dir(killed)}
+    shutil.copytree(run_dir(killed), root / "runs" / "killed-1-copy")  # resumed on 2 ranks below
+    return {"ref": run_dir(ref), "killed": run_dir(killed), "copy": root / "runs" / "killed-1-copy"}
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,23 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks: dict[str, Path], roo
     assert len(resume) == 1 and resume[0]["previous_world_size"] == 2 and resume[0]["step"] == saved
     ref = read_checkpoint(two_ranks["ref"] / "last.pt")["model"]
     mine = read_checkpoint(two_ranks["copy"] / "last.pt")
+    assert mine["meta"]["train_step"] == STEPS
+    for key, tensor in ref.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(mine["model"][key], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(one_rank: dict[str, Path], root: Path) -> None:
+    """1 → 2 ranks: the same global batches, split over two ranks, end where the 1-rank run ends (fp)."""
+    config = run_config(root, "killed-1-copy")
+    saved = read_checkpoint(one_rank["copy"] / "last.pt")["meta"]["train_step"]
+    path = write_config(config, root / "killed-1-copy.yaml")
+    with cleanup_on_error(launch(path, 2)) as proc:
+        finish(proc, path)
+    resume = [r for r in records(one_rank["copy"]) if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["previous_world_size"] == 1 and resume[0]["step"] == saved
+    ref = read_checkpoint(one_rank["ref"] / "last.pt")["model"]
+    mine = read_checkpoint(one_rank["copy"] / "last.pt")
     assert mine["meta"]["train_step"] == STEPS
     for key, tensor in ref.items():
         if tensor.is_floating_point():
