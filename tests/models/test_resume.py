@@ -168,6 +168,30 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(one_rank: dict[str, Path], roo
             torch.testing.assert_close(mine["model"][key], tensor, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def signsgd(root: Path) -> dict[str, Path]:
+    """2-rank runs with the signSGD hook (error feedback on): one uninterrupted, one killed after a checkpoint."""
+    ref = run_config(root, "sign-ref", comm_hook="signsgd")
+    ref_path = write_config(ref, root / "sign-ref.yaml")
+    killed = run_config(root, "sign-killed", comm_hook="signsgd")
+    with cleanup_on_error(launch(ref_path, 2)) as reference:
+        path, _ = kill_after_checkpoint(killed, 2)
+        finish(reference, ref_path)
+    return {"ref": run_dir(ref), "killed": run_dir(killed), "config": path}
+
+
+def test_a_killed_signsgd_run_resumes_bit_identical(signsgd: dict[str, Path]) -> None:
+    """The hook's per-rank residuals (error feedback) are restored: without them the weights would drift."""
+    saved = read_checkpoint(signsgd["killed"] / "last.pt")["meta"]["train_step"]
+    with cleanup_on_error(launch(signsgd["config"], 2)) as proc:
+        finish(proc, signsgd["config"])
+    resume = [r for r in records(signsgd["killed"]) if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == saved
+    assert_identical(signsgd["ref"], signsgd["killed"])
+    end = next(r for r in records(signsgd["killed"]) if r["event"] == "end")
+    assert end["comm"]["kind"] == "signsgd" and end["comm"]["bytes_per_step"] < end["comm"]["dense_bytes_per_step"] / 16
+
+
 # ---- bad input: refused before any step, nothing on disk touched ---------------------------------
 
 def _fingerprint(directory: Path) -> dict[str, str]:
