@@ -48,6 +48,9 @@ class TrainConfig(_Section):
     """Recompute SFNO blocks in the backward pass instead of storing activations (less memory, more compute)."""
     channel_weights: dict[str, float] = {}
     """Loss weight per channel name (e.g. ``{geopotential_500: 2.0}``); channels not listed weigh 1."""
+    input_noise: float = 0.0
+    """Std of Gaussian noise added to each training window's input state, in units of each channel's std
+    (0 = none): the model learns to pull states slightly off the data back, which keeps long rollouts bounded."""
     rollout_start: int = 1
     """Autoregressive steps at the start of training."""
     rollout_increment: int = 1
@@ -123,6 +126,8 @@ class TrainConfig(_Section):
             raise ValueError(f"checkpoint_every_steps {self.checkpoint_every_steps} must be ≥ 1 (or null)")
         if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
             raise ValueError(f"checkpoint_every_minutes {self.checkpoint_every_minutes} must be > 0 (or null)")
+        if not 0 <= self.input_noise < 1:
+            raise ValueError(f"input_noise {self.input_noise} must be in [0, 1) (a fraction of each channel's std)")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts {self.max_restarts} must be ≥ 0")
         if self.num_workers < 0:

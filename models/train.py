@@ -288,6 +288,9 @@ def fit(s: Setup) -> Path:
                                      cfg.rollout_increment)
                 lr = schedule.update(pos.step, progress)
                 x0, target = x0.to(ctx.device), y[:, :k].to(ctx.device)
+                if cfg.input_noise > 0:  # drawn from the rank's torch RNG, which checkpoints carry: resume stays exact
+                    scale = model.std.repeat(model.history)[:, None, None] * cfg.input_noise
+                    x0 = x0 + torch.randn_like(x0) * scale
                 with autocast(s.precision, ctx.device):
                     pred = rollout(x0, k)
                 loss = loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))

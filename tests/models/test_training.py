@@ -144,3 +144,23 @@ def test_tensorboard_holds_training_and_validation_scalars(tiny_data) -> None:
     runs = {p.relative_to(logdir).as_posix() for p in logdir.rglob("events.*")}
     assert any(r.startswith("val_relative_error_24h_persistence") for r in runs), runs
     assert any(r.startswith("val_rmse_24h_geopotential_500_model") for r in runs), runs
+
+
+def test_input_noise_is_seeded_and_changes_what_is_learned(tiny_data) -> None:
+    import torch
+
+    from core.config import config_from_dict, deep_merge, dump_config
+    from models.checkpoint import read_checkpoint
+
+    base = tiny_data(max_steps=4, deterministic=True, tensorboard=False)
+
+    def weights(run_name: str, noise: float) -> dict:
+        config = config_from_dict(deep_merge(dump_config(base), {"train": {"run_name": run_name, "input_noise": noise}}))
+        train(config)
+        return read_checkpoint(config.paths.runs / run_name / "last.pt")["model"]
+
+    noisy, again, clean = weights("noisy", 0.1), weights("noisy-again", 0.1), weights("clean", 0.0)
+    assert all(torch.equal(noisy[k], again[k]) for k in noisy)  # the noise comes from the seeded RNG
+    assert not all(torch.equal(noisy[k], clean[k]) for k in noisy)  # and it reaches the training step
+    with pytest.raises(ValueError, match="input_noise 1.5 must be in"):
+        config_from_dict({"train": {"input_noise": 1.5}})
