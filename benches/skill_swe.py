@@ -9,8 +9,9 @@
    same CPU seconds (one torch thread each, so CPU time is work, not spinning; see ``FULL``).
 3. Scores relative error (DESIGN §4; climatology = 1) at 6/24/72/120 h from every test initial time
    for SFNO, example, persistence and climatology.
-4. Rolls the SFNO out ``--year-steps`` steps (1,460 = one simulated year): bounded, and mean kinetic
-   energy within ±20 % of the planet's?
+4. Rolls the SFNO out ``--year-steps`` steps (1,460 = one simulated year) from ``--rollout-starts``
+   test initial times (default 4): bounded, and mean kinetic energy within ±20 % of the planet's
+   from every one of them? (From one start the verdict depended on the start.)
 5. Runs the same weights zero-shot on the finer grid against its truth: error ratio per lead.
 
 Goals: 24 h SFNO ≤ 0.5× persistence and ≤ 1.0× the example; the year stays bounded with mean KE
@@ -18,7 +19,7 @@ within ±20 %; zero-shot 24 h error ≤ 1.5× the native one. Figures print as a
 ``--json``. ``--quick`` is the smoke-test size (tiny grid, a 25×48 solver, seconds of training).
 
 Usage: python benches/skill_swe.py [--days 120] [--budget-minutes 5] [--out DIR] [--json FILE]
-       [--set train.rollout_steps=4 ...] [--tag NAME] [--no-example] [--example-budget cpu|wall] [--quick]
+       [--rollout-starts 4] [--set train.rollout_steps=4 ...] [--tag NAME] [--no-example] [--example-budget cpu|wall] [--quick]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
@@ -67,11 +69,11 @@ GOAL_PERSISTENCE, GOAL_EXAMPLE, GOAL_KE, GOAL_ZERO_SHOT = 0.5, 1.0, 0.2, 1.5
 # One torch thread per model: on a shared 2-core machine two threads made a training step 5–12× slower
 # (OpenMP threads spin waiting for a core), so wall and CPU time stopped measuring the model.
 FULL = {"grid": "5.625deg", "zero_shot_grid": "2.8125deg", "days": 120.0, "budget_minutes": 5.0, "year_steps": 1460,
-        "set": ["train.threads=1"]}
+        "rollout_starts": 4, "set": ["train.threads=1"]}
 EXAMPLE_WALL_CAP = 3.0  # the reference may take this many times the wall budget to get the SFNO's CPU seconds
 # Smoke-test size: the planet's solver on 25×48 (dt about half its CFL limit) and a 1-day spin-up.
 QUICK = {"grid": "tiny", "zero_shot_grid": "5.625deg", "days": 12.0, "budget_minutes": 0.03, "year_steps": 60,
-         "set": ["ingest.synthetic.solver_nlat=25", "ingest.synthetic.solver_nlon=48",
+         "rollout_starts": 2, "set": ["ingest.synthetic.solver_nlat=25", "ingest.synthetic.solver_nlon=48",
                  "ingest.synthetic.dt_seconds=540", "ingest.synthetic.spinup_days=1", "train.threads=1",
                  "train.tensorboard=false"]}
 
@@ -98,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid", help="training grid preset (default 5.625deg; quick tiny)")
     p.add_argument("--zero-shot-grid", help="finer grid for the zero-shot test (default 2.8125deg; quick 5.625deg)")
     p.add_argument("--year-steps", type=int, help="steps of the long rollout (default 1460 = one year)")
+    p.add_argument("--rollout-starts", type=int,
+                   help="initial times of the long rollout, evenly over the test period (default 4; quick 2): "
+                        "one start is not a measurement of a chaotic system")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for our SFNO and the planet, e.g. train.rollout_steps=4 (repeatable)")
     p.add_argument("--tag", default="default", help="run name suffix, so variants keep their own checkpoints")
@@ -108,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     preset = QUICK if args.quick else FULL
-    for key in ("grid", "zero_shot_grid", "days", "budget_minutes", "year_steps"):
+    for key in ("grid", "zero_shot_grid", "days", "budget_minutes", "year_steps", "rollout_starts"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     args.overrides = list(preset.get("set", [])) + args.overrides
@@ -123,8 +128,8 @@ def plan(args: argparse.Namespace) -> tuple[Config, Config, sd.Periods, dict[str
         raise ValueError(f"--zero-shot-grid must differ from --grid (both {args.grid})")
     if not args.budget_minutes > 0:
         raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
-    if args.year_steps < 1:
-        raise ValueError(f"--year-steps must be ≥ 1, got {args.year_steps}")
+    if args.year_steps < 1 or args.rollout_starts < 1:
+        raise ValueError(f"--year-steps and --rollout-starts must be ≥ 1, got {args.year_steps}, {args.rollout_starts}")
     overrides = sd.parse_overrides(args.overrides)
     epoch = pd.Timestamp(sd.synthetic_settings(overrides).epoch)
     step_h = config_from_dict({"task": overrides.get("task", {})}, "--set").task.time_step_hours
@@ -255,7 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average_start": [round(v, 2) for v in os.getloadavg()]},
         "settings": {"grid": args.grid, "zero_shot_grid": args.zero_shot_grid, "days": args.days,
-                     "budget_minutes": args.budget_minutes, "year_steps": args.year_steps, "overrides": overrides,
+                     "budget_minutes": args.budget_minutes, "year_steps": args.year_steps,
+                     "rollout_starts": args.rollout_starts, "overrides": overrides,
                      "periods": periods.as_dict(), "leads_h": list(LEADS_H)},
     }
     data, report["data"] = load_data(coarse_cfg, fine_cfg, periods, args.quick)
@@ -263,9 +269,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report.update(score(models, data))
     planet_ke = sd.planet_mean_ke(data.coarse)
     weights = coarse_cfg.grid.grid().weights
-    report["rollout"] = {name: long_rollout(m, data.test[0][0], args.year_steps, data.channels, weights, planet_ke)
-                         for name, m in models.items()}
+    starts = sorted({round(k) for k in np.linspace(0, len(data.test) - 1, min(args.rollout_starts, len(data.test)))})
+    runs = {name: [long_rollout(m, data.test[k][0], args.year_steps, data.channels, weights, planet_ke) for k in starts]
+            for name, m in models.items()}
+    report["rollout"] = {name: r[0] for name, r in runs.items()}  # the first start, in full
     report["rollout"]["initial_time"] = str(pd.Timestamp(data.test.init_times[0]))
+    report["rollout_starts"] = {
+        name: [{"initial_time": str(pd.Timestamp(data.test.init_times[k])), "finite": r["finite"],
+                "ke_ratio": r["ke_ratio"], "ke_per_30_days": r["ke_per_30_days"], "pass": r["pass"]}
+               for k, r in zip(starts, rs, strict=True)] for name, rs in runs.items()}
     report["zero_shot"] = zero_shot(models["sfno"], data, report["relative_error"], fine_cfg.grid.grid().describe())
     report["goals"] = goals(report, args)
     report["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -276,12 +288,15 @@ def goals(report: dict[str, Any], args: argparse.Namespace) -> list[dict[str, An
     """The issue's four goals with value, limit and PASS/FAIL (``None`` when not measured)."""
     e24 = report["relative_error"]["24h"]
     ex = e24["example"]
-    ro = report["rollout"]["sfno"]
+    ro = report["rollout_starts"]["sfno"]
+    # Every start must stay bounded; the value shown is the start furthest from the planet's KE.
+    worst = max(ro, key=lambda r: abs(r["ke_ratio"] - 1.0) if math.isfinite(r["ke_ratio"]) else math.inf)
     zs = report["zero_shot"]["leads"]["24h"]["ratio"]
     rows = [
         ("24 h SFNO / persistence", e24["sfno"] / e24["persistence"], f"≤ {GOAL_PERSISTENCE}", None),
         ("24 h SFNO / example SFNO", None if ex is None else e24["sfno"] / ex, f"≤ {GOAL_EXAMPLE}", None),
-        (f"{args.year_steps}-step rollout mean KE / planet", ro["ke_ratio"], f"finite, 1 ± {GOAL_KE}", ro["pass"]),
+        (f"{args.year_steps}-step rollout KE / planet, worst of {len(ro)}", worst["ke_ratio"], f"finite, 1 ± {GOAL_KE}",
+         all(r["pass"] for r in ro)),
         (f"zero-shot {report['zero_shot']['grid'].split(':')[1]} / native at 24 h", zs, f"≤ {GOAL_ZERO_SHOT}", None),
     ]
     limits = (GOAL_PERSISTENCE, GOAL_EXAMPLE, None, GOAL_ZERO_SHOT)
@@ -338,6 +353,9 @@ def print_report(r: dict[str, Any]) -> None:
             per30 = ", ".join(format(v, ".4g") for v in ro["ke_per_30_days"][:13])
             print(f"  {name:8} {ro['steps']} steps: {state}, mean KE {_f(ro['mean_ke'], '.4g')} "
                   f"(ratio {_f(ro['ke_ratio'], '.3g')}); per 30 days [{per30}]")
+    for name, rs in r.get("rollout_starts", {}).items():
+        print(f"  {name:8} from {len(rs)} initial times: KE / planet " + ", ".join(
+            f"{x['initial_time'][:16]} {_f(x['ke_ratio'], '.3g')}" for x in rs))
     z = r["zero_shot"]
     print(f"\nzero-shot on {z['grid']} ({z['initial_times']} initial times): relative error native → zero-shot (ratio)")
     print("  " + "; ".join(f"{lead} {v['native']:.3f} → {v['zero_shot']:.3f} ({v['ratio']:.2f}×, persistence "

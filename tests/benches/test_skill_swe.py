@@ -68,6 +68,9 @@ def test_report_has_every_figure_finite_and_sane(quick: dict[str, Any]) -> None:
         assert len(ro["ke_per_30_days"]) == 1
     else:
         assert 1 <= ro["first_nonfinite_step"] <= 60 and ro["pass"] is False
+    starts = r["rollout_starts"]["sfno"]
+    assert len(starts) == 2 and starts[0]["initial_time"] < starts[1]["initial_time"]  # two distinct initial times
+    assert starts[0]["ke_ratio"] == ro["ke_ratio"] or not ro["finite"]  # the first start is the one shown in full
     z = r["zero_shot"]
     assert "33x64" in z["grid"] and z["initial_times"] == r["data"]["test_initial_times"]
     for lead in LEADS:
@@ -79,6 +82,8 @@ def test_report_has_every_figure_finite_and_sane(quick: dict[str, Any]) -> None:
     g24 = goals["24 h SFNO / persistence"]
     assert g24["value"] == pytest.approx(r["relative_error"]["24h"]["sfno"] / r["relative_error"]["24h"]["persistence"])
     assert g24["pass"] == (g24["value"] <= 0.5)
+    gke = next(g for name, g in goals.items() if "rollout KE" in name)
+    assert gke["pass"] == all(x["pass"] for x in starts)  # every start must stay bounded
     # The printed report carries the table and one verdict per goal.
     assert "relative error" in quick["stdout"] and "zero-shot" in quick["stdout"]
     assert sum(quick["stdout"].count(w) for w in (" PASS", " FAIL")) == 4
