@@ -48,6 +48,9 @@ class TrainConfig(_Section):
     """Recompute SFNO blocks in the backward pass instead of storing activations (less memory, more compute)."""
     channel_weights: dict[str, float] = {}
     """Loss weight per channel name (e.g. ``{geopotential_500: 2.0}``); channels not listed weigh 1."""
+    rollout_grad_steps: int | None = None
+    """Backpropagate through only the last N steps of each rollout; earlier steps run without gradients (the
+    pushforward trick: the model learns from its own drifted states at the cost of N steps). None = all steps."""
     input_noise: float = 0.0
     """Std of Gaussian noise added to each training window's input state, in units of each channel's std
     (0 = none): the model learns to pull states slightly off the data back, which keeps long rollouts bounded."""
@@ -126,6 +129,8 @@ class TrainConfig(_Section):
             raise ValueError(f"checkpoint_every_steps {self.checkpoint_every_steps} must be ≥ 1 (or null)")
         if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
             raise ValueError(f"checkpoint_every_minutes {self.checkpoint_every_minutes} must be > 0 (or null)")
+        if self.rollout_grad_steps is not None and self.rollout_grad_steps < 1:
+            raise ValueError(f"rollout_grad_steps {self.rollout_grad_steps} must be ≥ 1 (or null for every step)")
         if not 0 <= self.input_noise < 1:
             raise ValueError(f"input_noise {self.input_noise} must be in [0, 1) (a fraction of each channel's std)")
         if self.max_restarts < 0:

@@ -17,6 +17,7 @@ when the model moves to another grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -125,12 +126,17 @@ class Rollout(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, steps: int) -> torch.Tensor:
-        """States after 1 … ``steps`` steps from the input stack ``x``: ``(batch, steps, channel, lat, lon)``."""
+    def forward(self, x: torch.Tensor, steps: int, grad_steps: int | None = None) -> torch.Tensor:
+        """States after 1 … ``steps`` steps from the input stack ``x``: ``(batch, steps, channel, lat, lon)``.
+
+        With ``grad_steps``, only the last that many steps record gradients (the earlier states are constants).
+        """
         out = []
         advance = getattr(self.model, "advance", None)  # a bare core (benches) has history 1
-        for _ in range(steps):
-            new = self.model(x)
+        free = steps - grad_steps if grad_steps is not None and grad_steps < steps else 0
+        for i in range(steps):
+            with torch.no_grad() if i < free else nullcontext():
+                new = self.model(x)
             out.append(new)
             x = advance(x, new) if advance is not None else new
         return torch.stack(out, dim=1)

@@ -292,7 +292,7 @@ def fit(s: Setup) -> Path:
                     scale = model.std.repeat(model.history)[:, None, None] * cfg.input_noise
                     x0 = x0 + torch.randn_like(x0) * scale
                 with autocast(s.precision, ctx.device):
-                    pred = rollout(x0, k)
+                    pred = rollout(x0, k, cfg.rollout_grad_steps)
                 loss = loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))
                 optimizer.zero_grad(set_to_none=True)
                 (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -84,3 +84,28 @@ def test_rollout_stacks_autoregressive_steps() -> None:
     out = Rollout(AddOne())(torch.zeros(2, 3, 4, 4), steps=3)
     assert out.shape == (2, 3, 3, 4, 4)
     assert out[:, :, 0, 0, 0].tolist() == [[1.0, 2.0, 3.0]] * 2
+
+
+def test_rollout_records_gradients_only_for_its_last_grad_steps() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a * x
+
+    model, x = Scale(), torch.ones(1, 1, 2, 2)
+    full = Rollout(model)(x, 4)
+    assert torch.allclose(full[:, -1], torch.full_like(x, 0.5**4))
+    part = Rollout(model)(x, 4, grad_steps=1)
+    assert torch.equal(part, full.detach())  # the same states...
+
+    def grad(states: torch.Tensor, i: int) -> float:
+        (g,) = torch.autograd.grad(states[:, i].sum(), model.a, retain_graph=True, allow_unused=True)
+        return 0.0 if g is None else float(g)
+
+    # ...but only the last step carries a gradient, and only through its own step: d(a·x₃)/da = Σx₃ = 0.5,
+    # where the full rollout's is d(a⁴·x)/da = Σ4a³x = 2.0.
+    assert [grad(part, i) for i in range(4)] == [0.0, 0.0, 0.0, 0.5]
+    assert grad(full, 3) == 2.0
