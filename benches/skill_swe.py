@@ -68,8 +68,12 @@ LEADS_H = (6, 24, 72, 120)
 GOAL_PERSISTENCE, GOAL_EXAMPLE, GOAL_KE, GOAL_ZERO_SHOT = 0.5, 1.0, 0.2, 1.5
 # One torch thread per model: on a shared 2-core machine two threads made a training step 5–12× slower
 # (OpenMP threads spin waiting for a core), so wall and CPU time stopped measuring the model.
+# The long-rollout recipe: 32-step (8-day) rollouts with gradients through the last 2 steps only
+# (pushforward) and 3 % input noise. With the trainer's defaults (2 steps, no noise) the year ran
+# away within 1–2 months; see docs/benchmarks.md for the variants tried.
 FULL = {"grid": "5.625deg", "zero_shot_grid": "2.8125deg", "days": 120.0, "budget_minutes": 5.0, "year_steps": 1460,
-        "rollout_starts": 4, "set": ["train.threads=1"]}
+        "rollout_starts": 4, "set": ["train.threads=1", "train.rollout_steps=32", "train.rollout_grad_steps=2",
+                                     "train.input_noise=0.03"]}
 EXAMPLE_WALL_CAP = 3.0  # the reference may take this many times the wall budget to get the SFNO's CPU seconds
 # Smoke-test size: the planet's solver on 25×48 (dt about half its CFL limit) and a 1-day spin-up.
 QUICK = {"grid": "tiny", "zero_shot_grid": "5.625deg", "days": 12.0, "budget_minutes": 0.03, "year_steps": 60,
