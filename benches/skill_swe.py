@@ -158,11 +158,12 @@ def train_sfno(config: Config) -> tuple[Path, dict[str, Any]]:
     records = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
     end = [r for r in records if r["event"] == "end"][-1]  # earlier runs' lines may stay above this one's
     return checkpoint, {"steps": end["steps"], "epochs": end["epochs"], "wall_s": round(wall, 1),
-                        "cpu_s": round(cpu, 1), "best_val_score_24h": end["best_score"],
+                        "cpu_s": round(cpu, 1), "best_val_score": end["best_score"],
                         "checkpoint": str(checkpoint), "model": config.model.model_dump(),
                         "train": {k: v for k, v in config.train.model_dump(mode="json").items()
                                   if k in ("lr", "batch_size", "rollout_steps", "rollout_start", "rollout_ramp",
-                                           "budget_minutes", "max_steps", "threads", "precision")}}
+                                           "budget_minutes", "max_steps", "threads", "precision",
+                                           "val_lead_hours", "rollout_grad_steps", "input_noise")}}
 
 
 @dataclass

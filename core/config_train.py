@@ -48,6 +48,8 @@ class TrainConfig(_Section):
     """Recompute SFNO blocks in the backward pass instead of storing activations (less memory, more compute)."""
     channel_weights: dict[str, float] = {}
     """Loss weight per channel name (e.g. ``{geopotential_500: 2.0}``); channels not listed weigh 1."""
+    val_lead_hours: list[int] = [6, 24]
+    """Validation leads (hours); ``checkpoint.pt`` is the weights with the lowest relative error at the longest."""
     rollout_grad_steps: int | None = None
     """Backpropagate through only the last N steps of each rollout; earlier steps run without gradients (the
     pushforward trick: the model learns from its own drifted states at the cost of N steps). None = all steps."""
@@ -129,6 +131,8 @@ class TrainConfig(_Section):
             raise ValueError(f"checkpoint_every_steps {self.checkpoint_every_steps} must be ≥ 1 (or null)")
         if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
             raise ValueError(f"checkpoint_every_minutes {self.checkpoint_every_minutes} must be > 0 (or null)")
+        if not self.val_lead_hours or min(self.val_lead_hours) < 1:
+            raise ValueError(f"val_lead_hours {self.val_lead_hours} must list positive lead times in hours")
         if self.rollout_grad_steps is not None and self.rollout_grad_steps < 1:
             raise ValueError(f"rollout_grad_steps {self.rollout_grad_steps} must be ≥ 1 (or null for every step)")
         if not 0 <= self.input_noise < 1:

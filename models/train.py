@@ -10,8 +10,8 @@ Progress ∈ [0, 1] drives the schedules: ``step / max_steps`` when ``train.max_
 function of the step alone, so a resumed run repeats an uninterrupted one exactly), else the
 fraction of ``train.budget_minutes`` used over all attempts. Rank 0 owns the clock and broadcasts
 progress, the stop decision and the checkpoint decision, so every rank acts at the same step.
-Validation (RMSE of model vs persistence at 6 h and 24 h) runs at epoch ends every tenth of the run
-and at the end. ``last.pt`` is written at each validation, every ``checkpoint_every_steps`` steps,
+Validation (RMSE of model vs persistence at ``train.val_lead_hours``, 6 h and 24 h by default) runs
+at epoch ends every tenth of the run and at the end. ``last.pt`` is written at each validation, every ``checkpoint_every_steps`` steps,
 every ``checkpoint_every_minutes`` and at the end; ``checkpoint.pt`` holds the best validation
 score. With ``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
 """
@@ -73,7 +73,6 @@ from models.zarr_windows import ZarrWindowDataset
 
 log = logging.getLogger(__name__)
 
-VAL_LEAD_HOURS = (6, 24)
 VAL_EVERY = 0.1  # fraction of the run between validations (taken at the next epoch end)
 GRAD_CLIP = 1.0
 
@@ -106,11 +105,20 @@ def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
     return SFNO(n_in, n, nlat, nlon, **config.model.model_dump())
 
 
+def validation_steps(config: Config) -> list[int]:
+    """The validation leads in model steps, sorted; ValueError for a lead that is not a whole number of steps."""
+    dt = config.task.time_step_hours
+    odd = [h for h in config.train.val_lead_hours if h % dt]
+    if odd:
+        raise ValueError(f"train.val_lead_hours {odd} are not multiples of the model step {dt} h")
+    return sorted({h // dt for h in config.train.val_lead_hours})
+
+
 def training_windows(config: Config, analysis: xr.Dataset) -> tuple[Dataset, WindowDataset]:
     """The training windows (in memory, or read from the store per item) and the validation windows."""
     t, task = config.train, config.task
     channels, dt = task.channels(), task.time_step_hours
-    lead_steps = max(max(1, h // dt) for h in VAL_LEAD_HOURS)
+    lead_steps = max(validation_steps(config))
     if t.loader == "zarr":
         train_ds: Dataset = ZarrWindowDataset(config.paths.analysis_store, channels, t.train_start, t.train_end,
                                               t.rollout_steps, dt, task.history)
@@ -134,7 +142,7 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
     channels = config.task.channels()
     dt = config.task.time_step_hours
     stats = load_stats(config.paths.stats_file, analysis, channels, dt, (t.val_start, t.val_end))
-    lead_steps = sorted({max(1, h // dt) for h in VAL_LEAD_HOURS})
+    lead_steps = validation_steps(config)
     static = static_fields(analysis, config.task.static_fields) if config.task.static_fields else None
     train_ds, val_ds = training_windows(config, analysis)
     if len(train_ds) // ctx.world_size < batch:

@@ -164,3 +164,19 @@ def test_input_noise_is_seeded_and_changes_what_is_learned(tiny_data) -> None:
     assert not all(torch.equal(noisy[k], clean[k]) for k in noisy)  # and it reaches the training step
     with pytest.raises(ValueError, match="input_noise 1.5 must be in"):
         config_from_dict({"train": {"input_noise": 1.5}})
+
+
+def test_validation_leads_are_configurable_and_the_longest_picks_the_best(tiny_data) -> None:
+    config = tiny_data(max_steps=4, val_lead_hours=[6, 12, 48], tensorboard=False)
+    train(config)
+    vals = _records(config.paths.runs / config.train.run_name, "val")
+    assert set(vals[-1]["rmse"]) == {"6h", "12h", "48h"}
+    assert all(v["score"] == v["relative_error"]["48h"]["model"] for v in vals)
+    from core.config import config_from_dict, deep_merge, dump_config
+
+    odd = config_from_dict(deep_merge(dump_config(config), {"train": {"run_name": "odd", "val_lead_hours": [6, 9]}}))
+    with pytest.raises(ValueError, match=r"val_lead_hours \[9\] are not multiples of the model step 6 h"):
+        train(odd)
+    assert not (odd.paths.runs / "odd").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="val_lead_hours"):
+        config_from_dict({"train": {"val_lead_hours": []}})
