@@ -55,7 +55,7 @@ class TrainConfig(_Section):
     pushforward trick: the model learns from its own drifted states at the cost of N steps). None = all steps."""
     input_noise: float = 0.0
     """Std of Gaussian noise added to each training window's input state, in units of each channel's std
-    (0 = none): the model learns to pull states slightly off the data back, which keeps long rollouts bounded."""
+    (0 = none): the model learns to pull states slightly off the data back (a remedy for autoregressive drift)."""
     rollout_start: int = 1
     """Autoregressive steps at the start of training."""
     rollout_increment: int = 1

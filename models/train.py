@@ -11,9 +11,9 @@ function of the step alone, so a resumed run repeats an uninterrupted one exactl
 fraction of ``train.budget_minutes`` used over all attempts. Rank 0 owns the clock and broadcasts
 progress, the stop decision and the checkpoint decision, so every rank acts at the same step.
 Validation (RMSE of model vs persistence at ``train.val_lead_hours``, 6 h and 24 h by default) runs
-at epoch ends every tenth of the run and at the end. ``last.pt`` is written at each validation, every ``checkpoint_every_steps`` steps,
-every ``checkpoint_every_minutes`` and at the end; ``checkpoint.pt`` holds the best validation
-score. With ``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
+at epoch ends every tenth of the run and at the end. ``last.pt`` is written at each validation,
+every ``checkpoint_every_steps`` steps, every ``checkpoint_every_minutes`` and at the end;
+``checkpoint.pt`` holds the best validation score (at the longest lead). With ``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
 """
 
 from __future__ import annotations
