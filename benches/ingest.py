@@ -5,9 +5,9 @@ variable per slab, and also one file per variable per time (as many files as the
 chunks: this isolates the writer's own overhead from the filesystem's per-file cost), and (b) by
 the store writer (region writes + done flags into a pre-allocated store, opened once, from slabs
 as a source delivers them: the steady state of an ingest worker; and the whole build including
-pre-allocation and metadata consolidation), uncompressed and with the default codec (zstd + crc32c). Throughput ratio = raw
-time / writer time (goal ≥ 0.7 uncompressed, slab writes). Part 2: writer time for 4 period
-lengths, to see whether it is linear.
+pre-allocation and metadata consolidation), uncompressed and with the default codec (zstd +
+crc32c). Throughput ratio = raw time / writer time (goal ≥ 0.7 uncompressed, slab writes).
+Part 2: writer time for 4 period lengths, to see whether it is linear.
 Each measurement starts after a sync and, unless ``--page-cache``, ends with one: the time is
 for the bytes reaching the disk, the same for both sides. Page-cache-only timings (``--page-cache``)
 measured memory copies whose speed varied tenfold between runs on a shared VM (writeback and
