@@ -16,7 +16,7 @@ import torch
 from models.data import WindowDataset
 from models.distributed import DistContext, all_reduce_sum
 from models.losses import latitude_weights
-from models.normalization import Normalized
+from models.normalization import Normalized, Rollout
 from models.zarr_windows import ZarrWindowDataset
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -30,13 +30,7 @@ def _area_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def rollout_states(model: Normalized, x0: torch.Tensor, steps: int) -> list[torch.Tensor]:
     """States after 1 … ``steps`` autoregressive model steps from the input stack ``x0``."""
-    out, x = [], x0
-    advance = getattr(model, "advance", None)  # any one-step model of history 1 works too (the benches' references)
-    for _ in range(steps):
-        new = model(x)
-        out.append(new)
-        x = advance(x, new) if advance is not None else new
-    return out
+    return list(Rollout(model)(x0, steps).unbind(1))
 
 
 @torch.no_grad()

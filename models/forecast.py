@@ -23,7 +23,7 @@ from core.fields import from_channels, to_channels
 from core.grid import grid_for_shape, parse_grid_attr
 from core.schema import SCHEMA_VERSION, validate_forecast
 from models.checkpoint import code_version, load_for_inference
-from models.normalization import Normalized
+from models.normalization import Normalized, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,9 @@ def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
     model.eval()
     device = next(model.parameters()).device
     x = x.to(device)
-    states = [model.latest(x)]
-    for _ in range(lead_hours // step_h):
-        new = model(x)
-        states.append(new)
-        x = model.advance(x, new)
+    states = [model.latest(x)]  # lead 0 is the analysis itself
+    if lead_hours:
+        states.append(Rollout(model)(x, lead_hours // step_h)[0])
     data = torch.cat(states).cpu().numpy().astype(np.float32)  # (lead, channel, lat, lon)
     if not np.all(np.isfinite(data)):
         raise FloatingPointError(f"forecast from {init_time} became non-finite within {lead_hours} h")

@@ -91,3 +91,11 @@ def test_other_grid_runs_zero_shot(trained) -> None:
     assert ds.sizes["latitude"] == 33 and ds.sizes["longitude"] == 64
     assert ds.attrs["grid"] == analysis.attrs["grid"] and ds.attrs["model_grid"] == meta["grid"]
     assert np.isfinite(ds["geopotential"].values).all()
+
+
+def test_a_zero_hour_forecast_is_the_analysis_alone(forecaster) -> None:
+    model, meta, analysis = forecaster
+    ds = rollout(model, meta, analysis, "2000-01-17T06", 0)
+    assert ds.sizes["lead_time"] == 1
+    np.testing.assert_array_equal(to_channels(ds.isel(init_time=0, lead_time=0), CHANNELS).values,
+                                  to_channels(analysis.sel(time="2000-01-17T06"), CHANNELS).values)
