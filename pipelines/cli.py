@@ -15,6 +15,9 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "core,ingest,models,serve",
     "PREFECT_UI_ENABLED": "false",
+    # The server (and code run outside a flow) logs through the same loggers; without a flow run there
+    # is nothing to attach API logs to, and the console handler already shows them.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -68,3 +68,44 @@ def test_console_script_help_lists_every_stage() -> None:
     for word in ("demo", "ingest", "train", "forecast", "render", "serve"):
         assert word in out.stdout
     assert build_parser().parse_args(["demo", "--no-serve"]).no_serve
+
+
+def test_serve_answers_http_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:  # a free port for this test
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths: {{root: {tmp_path / 'out'}}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--config", str(cfg), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while body is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    body = r.read().decode()
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None and '"ok"' in body, f"no /health answer; server output:\n{proc.stdout.read()}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "serving published runs" in out
+
+
+def test_logs_outside_a_flow_run_print_without_prefect_warnings() -> None:
+    # `spherecast demo` serves after its flows ran, with Prefect's logging set up for our loggers: each log
+    # line of the server used to come with a UserWarning that the API handler had no flow run to attach it to.
+    code = ("from pipelines.cli import prefect_environment; prefect_environment()\n"
+            "from prefect.logging.configuration import setup_logging; setup_logging()\n"
+            "import logging; logging.getLogger('serve.app').warning('serving published runs from x')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    both = out.stdout + out.stderr
+    assert "serving published runs from x" in both
+    assert "UserWarning" not in both and "without a flow run id" not in both, both
