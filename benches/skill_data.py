@@ -149,6 +149,22 @@ def area_mean_ke(u: np.ndarray | torch.Tensor, v: np.ndarray | torch.Tensor, wei
     return (ke.mean(axis=-1) * weights).sum(axis=-1)
 
 
+def jet_latitudes(zonal_mean_u: np.ndarray, latitudes: np.ndarray) -> tuple[float, float]:
+    """Latitudes (degrees) of the strongest zonal-mean westerly in the northern and the southern hemisphere."""
+    lat = np.asarray(latitudes, dtype=np.float64)
+    north, south = lat > 0, lat < 0
+    u = np.asarray(zonal_mean_u, dtype=np.float64)
+    return float(lat[north][np.argmax(u[north])]), float(lat[south][np.argmax(u[south])])
+
+
+def planet_jets(analysis: xr.Dataset, times_per_chunk: int = 120) -> list[list[float]]:
+    """The planet's jet latitudes (north, south) per chunk of the store's done times (30 days of 6-h times)."""
+    done = np.flatnonzero(analysis["done"].values.astype(bool))
+    u = to_channels(analysis.isel(time=done), ["u_component_of_wind_500"]).values[:, 0].mean(axis=-1)
+    lat = analysis["latitude"].values
+    return [list(jet_latitudes(u[i:i + times_per_chunk].mean(axis=0), lat)) for i in range(0, len(u), times_per_chunk)]
+
+
 def planet_mean_ke(analysis: xr.Dataset) -> float:
     """Mean kinetic energy of the planet over every done time of the store."""
     done = analysis["done"].values.astype(bool)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benches.skill_data import area_mean_ke
+from benches.skill_data import area_mean_ke, jet_latitudes
 from models.data import WindowDataset
 from models.evaluate import evaluate
 from models.losses import SphereMSE
@@ -110,25 +110,37 @@ def relative_errors(model: nn.Module, test: WindowDataset, lead_steps: list[int]
 
 @torch.no_grad()
 def long_rollout(model: nn.Module, x0: torch.Tensor, steps: int, channels: list[str], weights: np.ndarray,
-                 planet_ke: float, steps_per_chunk: int = 120) -> dict[str, Any]:
-    """Roll ``model`` out ``steps`` steps from ``x0``: first non-finite step, mean kinetic energy vs the planet's."""
+                 planet_ke: float, steps_per_chunk: int = 120, latitudes: np.ndarray | None = None) -> dict[str, Any]:
+    """Roll ``model`` out ``steps`` steps from the input stack ``x0``: first non-finite step, mean KE vs the planet's.
+
+    With ``latitudes``, also where the jets are: the latitude of the zonal-mean zonal wind's maximum in each
+    hemisphere, per chunk of ``steps_per_chunk`` steps (30 days of 6-h steps).
+    """
     iu, iv = channels.index(WIND[0]), channels.index(WIND[1])
     model.eval()
     x = x0[None]
     kes: list[float] = []
+    zonal_u: list[np.ndarray] = []
     bad_step = None
     began = time.perf_counter()
+    advance = getattr(model, "advance", None)  # our SFNO's stack may hold history and a clock
     for k in range(1, steps + 1):
-        x = model(x)
-        if not bool(torch.isfinite(x).all()):
+        new = model(x)
+        if not bool(torch.isfinite(new).all()):
             bad_step = k
             break
-        kes.append(float(area_mean_ke(x[0, iu].numpy(), x[0, iv].numpy(), weights)))
+        kes.append(float(area_mean_ke(new[0, iu].numpy(), new[0, iv].numpy(), weights)))
+        zonal_u.append(new[0, iu].mean(-1).numpy())
+        x = advance(x, new) if advance is not None else new
     seconds = time.perf_counter() - began
     mean_ke = float(np.mean(kes)) if kes and bad_step is None else math.nan
     chunks = [round(float(np.mean(kes[i:i + steps_per_chunk])), 2) for i in range(0, len(kes), steps_per_chunk)]
     ratio = mean_ke / planet_ke
-    return {"steps": steps, "finite": bad_step is None, "first_nonfinite_step": bad_step,
+    jets = None
+    if latitudes is not None and zonal_u:
+        jets = [list(jet_latitudes(np.mean(zonal_u[i:i + steps_per_chunk], axis=0), latitudes))
+                for i in range(0, len(zonal_u), steps_per_chunk)]
+    return {"jets_per_30_days": jets, "steps": steps, "finite": bad_step is None, "first_nonfinite_step": bad_step,
             "mean_ke": mean_ke, "planet_mean_ke": planet_ke, "ke_ratio": ratio,
             "ke_per_30_days": chunks, "seconds": round(seconds, 1),
             "pass": bool(bad_step is None and abs(ratio - 1.0) <= 0.2)}

@@ -178,6 +178,8 @@ class Data:
     clim: torch.Tensor  # training-period mean, training grid
     fine_test: WindowDataset
     fine_clim: torch.Tensor
+    sfno_test: WindowDataset  # the same windows as our SFNO's task sees them (history stack, clock)
+    sfno_fine_test: WindowDataset
 
 
 def load_data(coarse_cfg: Config, fine_cfg: Config, periods: sd.Periods, quick: bool) -> tuple[Data, dict[str, Any]]:
@@ -191,7 +193,17 @@ def load_data(coarse_cfg: Config, fine_cfg: Config, periods: sd.Periods, quick: 
         test = WindowDataset(ds, channels, periods.test_start, periods.end, max_lead, step_h)
         return test, WindowDataset(ds, channels, t.train_start, t.train_end, 1, step_h).time_mean()
 
-    data = Data(coarse, fine, channels, step_h, *windows(coarse), *windows(fine))
+    def sfno_windows(ds: xr.Dataset, plain: WindowDataset) -> WindowDataset:
+        task = coarse_cfg.task
+        if task.history == 1 and not task.time_features:
+            return plain
+        return WindowDataset(ds, channels, periods.test_start, periods.end, max_lead, step_h, task.history,
+                             task.time_features)
+
+    test, clim = windows(coarse)
+    fine_test, fine_clim = windows(fine)
+    data = Data(coarse, fine, channels, step_h, test, clim, fine_test, fine_clim, sfno_windows(coarse, test),
+                sfno_windows(fine, fine_test))
     times = pd.DatetimeIndex(data.test.times)
     info = {"stores": stores, "test_initial_times": len(data.test),
             "same_truth_max_diff_std": sd.truth_consistency(coarse, fine, [times[0], times[len(times) // 2], times[-1]])}
@@ -233,7 +245,8 @@ def score(models: dict[str, nn.Module], data: Data) -> dict[str, Any]:
     """Relative error at every lead for each model, persistence and climatology (per-channel RMSE too)."""
     lead_steps = [h // data.step_h for h in LEADS_H]
     forecasters = {**models, "climatology": Climatology(data.clim)}
-    scores = {name: relative_errors(m, data.test, lead_steps, data.step_h, data.clim) for name, m in forecasters.items()}
+    scores = {name: relative_errors(m, data.sfno_test if name == "sfno" else data.test, lead_steps, data.step_h, data.clim)
+              for name, m in forecasters.items()}
     table: dict[str, dict[str, float | None]] = {}
     for lead in (f"{h}h" for h in LEADS_H):
         table[lead] = {name: scores[name]["relative_error"][lead]["model"] if name in scores else None
@@ -248,7 +261,7 @@ def zero_shot(sfno: nn.Module, data: Data, native: dict[str, dict[str, float | N
     lead_steps = [h // data.step_h for h in LEADS_H]
     sfno.set_grid(*data.fine["geopotential"].shape[-2:])
     try:
-        zs = relative_errors(sfno, data.fine_test, lead_steps, data.step_h, data.fine_clim)["relative_error"]
+        zs = relative_errors(sfno, data.sfno_fine_test, lead_steps, data.step_h, data.fine_clim)["relative_error"]
     finally:
         sfno.set_grid(*data.coarse["geopotential"].shape[-2:])
     leads = {lead: {"native": native[lead]["sfno"], "zero_shot": zs[lead]["model"],
@@ -274,13 +287,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report.update(score(models, data))
     planet_ke = sd.planet_mean_ke(data.coarse)
     weights = coarse_cfg.grid.grid().weights
-    starts = sorted({round(k) for k in np.linspace(0, len(data.test) - 1, min(args.rollout_starts, len(data.test)))})
-    runs = {name: [long_rollout(m, data.test[k][0], args.year_steps, data.channels, weights, planet_ke) for k in starts]
+    starts = sorted({round(k) for k in np.linspace(0, len(data.sfno_test) - 1,
+                                                   min(args.rollout_starts, len(data.sfno_test)))})
+    lat = data.coarse["latitude"].values
+    runs = {name: [long_rollout(m, (data.sfno_test if name == "sfno" else data.test)[k][0], args.year_steps,
+                                data.channels, weights, planet_ke, latitudes=lat) for k in starts]
             for name, m in models.items()}
     report["rollout"] = {name: r[0] for name, r in runs.items()}  # the first start, in full
-    report["rollout"]["initial_time"] = str(pd.Timestamp(data.test.init_times[0]))
+    report["rollout"]["initial_time"] = str(pd.Timestamp(data.sfno_test.init_times[starts[0]]))
+    jets = np.asarray(sd.planet_jets(data.coarse))
+    # Where the planet's jets went (30-day means over the whole store): the range a rollout should stay in.
+    report["rollout"]["planet_jets"] = {"north": [float(jets[:, 0].min()), float(jets[:, 0].max())],
+                                        "south": [float(jets[:, 1].min()), float(jets[:, 1].max())]}
     report["rollout_starts"] = {
-        name: [{"initial_time": str(pd.Timestamp(data.test.init_times[k])), "finite": r["finite"],
+        name: [{"initial_time": str(pd.Timestamp(data.sfno_test.init_times[k])), "finite": r["finite"],
                 "ke_ratio": r["ke_ratio"], "ke_per_30_days": r["ke_per_30_days"], "pass": r["pass"]}
                for k, r in zip(starts, rs, strict=True)] for name, rs in runs.items()}
     report["zero_shot"] = zero_shot(models["sfno"], data, report["relative_error"], fine_cfg.grid.grid().describe())
@@ -358,6 +378,13 @@ def print_report(r: dict[str, Any]) -> None:
             per30 = ", ".join(format(v, ".4g") for v in ro["ke_per_30_days"][:13])
             print(f"  {name:8} {ro['steps']} steps: {state}, mean KE {_f(ro['mean_ke'], '.4g')} "
                   f"(ratio {_f(ro['ke_ratio'], '.3g')}); per 30 days [{per30}]")
+            if ro.get("jets_per_30_days"):
+                print(f"  {'':8} jets (north/south latitude) per 30 days: "
+                      + ", ".join(f"{n:+.0f}/{s:+.0f}" for n, s in ro["jets_per_30_days"][:13]))
+    if "planet_jets" in r["rollout"]:
+        pj = r["rollout"]["planet_jets"]
+        print(f"  planet's jets (30-day means over the store): north {pj['north'][0]:+.0f}..{pj['north'][1]:+.0f}, "
+              f"south {pj['south'][0]:+.0f}..{pj['south'][1]:+.0f}")
     for name, rs in r.get("rollout_starts", {}).items():
         print(f"  {name:8} from {len(rs)} initial times: KE / planet " + ", ".join(
             f"{x['initial_time'][:16]} {_f(x['ke_ratio'], '.3g')}" for x in rs))

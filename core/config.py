@@ -29,6 +29,7 @@ __all__ = ["CdsConfig", "Config", "FilesConfig", "IngestConfig", "MirrorConfig",
            "config_from_dict", "deep_merge", "load_config", "dump_config", "channels_of"]
 
 ENV_PREFIX = "SPHERECAST_"
+TimeFeature = Literal["day_of_year", "hour_of_day"]  # models.clock computes them
 
 
 class PathsConfig(_Section):
@@ -93,6 +94,9 @@ class TaskConfig(_Section):
     """Number of past analysis times the model sees (1 = the current state only)."""
     static_fields: list[str] = []
     """Static inputs appended to the model's input: cos/sin_latitude, cos/sin_longitude, or store variables without time."""
+    time_features: list[TimeFeature] = []
+    """Time inputs, each as cos and sin of its phase at the latest input's valid time: ``day_of_year`` (the season:
+    needed for rollouts of months on a planet with seasons) and ``hour_of_day`` (UTC; the diurnal cycle)."""
 
     @field_validator("variables")
     @classmethod
@@ -108,7 +112,7 @@ class TaskConfig(_Section):
     def _levels(cls, value: list[int]) -> list[int]:
         return [check_level(v) for v in value]
 
-    @field_validator("static_fields")
+    @field_validator("static_fields", "time_features")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):

@@ -140,16 +140,17 @@ def build_model(meta: Mapping[str, Any]) -> Normalized:
     """An untrained ``Normalized(SFNO)`` with the architecture and stats a checkpoint describes."""
     arch = dict(meta["arch"])
     stats = meta["stats"]
-    history, names = model_inputs(meta)
+    history, names, clock = model_inputs(meta)
     # The static fields' values are weights-side buffers: zeros here, filled by load_state_dict.
     static = np.zeros((len(names), *parse_grid_attr(meta["grid"]).shape), np.float32) if names else None
-    return Normalized(SFNO(**arch), stats["mean"], stats["std"], stats["diff_std"], history, static, names)
+    return Normalized(SFNO(**arch), stats["mean"], stats["std"], stats["diff_std"], history, static, names, clock,
+                      float(meta.get("task", {}).get("time_step_hours", 6)))
 
 
-def model_inputs(meta: Mapping[str, Any]) -> tuple[int, list[str]]:
-    """``(history, static field names)`` of a checkpoint (1 and none for checkpoints older than them)."""
+def model_inputs(meta: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:
+    """``(history, static field names, time features)`` of a checkpoint (1, none, none where older than them)."""
     task = meta.get("task", {})
-    return int(task.get("history", 1)), list(task.get("static_fields", []))
+    return int(task.get("history", 1)), list(task.get("static_fields", [])), list(task.get("time_features", []))
 
 
 def load_for_inference(path: Path | str) -> tuple[Normalized, dict[str, Any]]:
@@ -166,9 +167,10 @@ def load_for_inference(path: Path | str) -> tuple[Normalized, dict[str, Any]]:
         raise ValueError(f"{what}: weights_sha256 mismatch (meta {meta['weights_sha256'][:12]}…, "
                          f"weights {digest[:12]}…): the weights are corrupt or were altered")
     n = len(meta["channels"])
-    history, names = model_inputs(meta)
-    if meta["arch"].get("in_channels") != history * n + len(names) or meta["arch"].get("out_channels") != n:
-        raise ValueError(f"{what}: {n} channels × history {history} + {len(names)} static fields in meta but the "
+    history, names, clock = model_inputs(meta)
+    if meta["arch"].get("in_channels") != history * n + 2 * len(clock) + len(names) or meta["arch"].get("out_channels") != n:
+        raise ValueError(f"{what}: {n} channels × history {history} + {2 * len(clock)} clock fields + {len(names)} "
+                         f"static fields in meta but the "
                          f"network maps {meta['arch'].get('in_channels')} → {meta['arch'].get('out_channels')}")
     model = build_model(meta)
     try:

@@ -11,6 +11,7 @@ map-style dataset and works with ``DistributedSampler``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 
 from core.fields import to_channels
 from core.schema import FLAG_VARIABLES, validate_analysis
+from models.clock import check_time_features, clock_values
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,10 @@ def time_stride(analysis: xr.Dataset, time_step_hours: int) -> int:
 
 
 class WindowDataset(Dataset):
-    """``(x0, targets)`` windows, ``x0`` ``(history·channel, lat, lon)`` and ``targets`` ``(steps, channel, lat, lon)``."""
+    """``(x0, targets)`` windows, ``x0`` ``(history·channel [+ 2·time features], lat, lon)`` and ``targets`` ``(steps, channel, lat, lon)``."""
 
     def __init__(self, analysis: xr.Dataset, channels: list[str], start: datetime | str, end: datetime | str,
-                 steps: int, time_step_hours: int, history: int = 1) -> None:
+                 steps: int, time_step_hours: int, history: int = 1, time_features: Sequence[str] = ()) -> None:
         if steps < 1 or history < 1:
             raise ValueError(f"steps and history must be ≥ 1, got steps={steps}, history={history}")
         self.channels = list(channels)
@@ -64,6 +66,8 @@ class WindowDataset(Dataset):
         starts = [i for i in range(back, len(self.times) - span)
                   if all(self.done[i + k * self.stride] for k in range(1 - history, steps + 1))]
         self.index = np.asarray(starts, dtype=np.int64)
+        self.time_features = check_time_features(time_features)
+        self.clock = torch.from_numpy(clock_values(self.times, self.time_features))  # (time, 2F), appended to x
         names = sorted({v for v in period.data_vars if v not in FLAG_VARIABLES})
         arr = to_channels(period[names], self.channels).values if len(self.times) else np.zeros((0,))
         self.data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
@@ -81,6 +85,8 @@ class WindowDataset(Dataset):
         j = int(self.index[i])
         stop = j + self.steps * self.stride + 1
         x = self.data[j] if self.history == 1 else self.data[j - (self.history - 1) * self.stride:j + 1:self.stride].flatten(0, 1)
+        if self.time_features:
+            x = torch.cat([x, self.clock[j][:, None, None].expand(-1, *x.shape[-2:])])
         return x, self.data[j + self.stride:stop:self.stride]
 
     @property

@@ -23,6 +23,7 @@ from core.fields import from_channels, to_channels
 from core.grid import grid_for_shape, parse_grid_attr
 from core.schema import SCHEMA_VERSION, validate_forecast
 from models.checkpoint import code_version, load_for_inference
+from models.clock import clock_fields
 from models.normalization import Normalized, Rollout
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
     channels = list(meta["channels"])
     x = torch.from_numpy(initial_stack(analysis, channels, init_time, getattr(model, "history", 1), step_h))[None]
     nlat, nlon = analysis.sizes["latitude"], analysis.sizes["longitude"]
+    features = getattr(model, "time_features", [])
+    if features:  # the model's clock starts at the initial time and moves on by itself
+        x = torch.cat([x, clock_fields([pd.Timestamp(init_time).to_datetime64()], features, nlat, nlon)], dim=1)
     trained = parse_grid_attr(meta["grid"])
     if (nlat, nlon) != trained.shape:
         log.warning("analysis grid %dx%d differs from the training grid %s: running zero-shot", nlat, nlon, meta["grid"])

@@ -9,7 +9,9 @@ A core that outputs zeros is persistence; the loss compares tendencies scaled by
 
 With ``history`` h > 1 the input is the stack of the h latest states, oldest first, channels
 concatenated (``(batch, h·C, lat, lon)``), each normalized alike; the tendency is added to the
-latest. Static fields (``models.statics``) ride along as a buffer appended to the core's input, so
+latest. With time features (``models.clock``) the stack ends with the clock's constant fields,
+``(batch, h·C + 2F, lat, lon)``: passed to the core as they are and rotated one step on by
+:meth:`Normalized.advance`, so a rollout keeps its own time. Static fields (``models.statics``) ride along as a buffer appended to the core's input, so
 a checkpoint carries them and a forecast cannot feed the wrong ones; grid statics are recomputed
 when the model moves to another grid.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from core.grid import grid_for_shape
+from models.clock import advance_clock, check_time_features
 from models.statics import GRID_STATICS, grid_statics
 
 
@@ -40,7 +43,8 @@ class Normalized(nn.Module):
     def __init__(self, core: nn.Module, mean: Sequence[float] | np.ndarray | torch.Tensor,
                  std: Sequence[float] | np.ndarray | torch.Tensor,
                  diff_std: Sequence[float] | np.ndarray | torch.Tensor, history: int = 1,
-                 static: np.ndarray | torch.Tensor | None = None, static_names: Sequence[str] = ()) -> None:
+                 static: np.ndarray | torch.Tensor | None = None, static_names: Sequence[str] = (),
+                 time_features: Sequence[str] = (), step_hours: float = 6.0) -> None:
         super().__init__()
         self.core = core
         mean_t, std_t, diff_t = (_as_buffer(v, n) for v, n in ((mean, "mean"), (std, "std"), (diff_std, "diff_std")))
@@ -55,6 +59,10 @@ class Normalized(nn.Module):
         self.register_buffer("std", std_t)
         self.register_buffer("diff_std", diff_t)
         self.history = int(history)
+        self.time_features = check_time_features(time_features)
+        if self.time_features and not step_hours > 0:
+            raise ValueError(f"step_hours must be positive with time features, got {step_hours}")
+        self.step_hours = float(step_hours)
         self.static_names = list(static_names)
         if (static is None) != (not self.static_names) or (static is not None and len(static) != len(self.static_names)):
             raise ValueError(f"{len(self.static_names)} static names for "
@@ -64,8 +72,13 @@ class Normalized(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        """Channels of the core's input: the history stack and the static fields."""
-        return self.history * self.num_channels + len(self.static_names)
+        """Channels of the core's input: the history stack, the clock and the static fields."""
+        return self.stack_channels + len(self.static_names)
+
+    @property
+    def stack_channels(self) -> int:
+        """Channels of an input stack: ``history`` states and two clock fields per time feature."""
+        return self.history * self.num_channels + 2 * len(self.time_features)
 
     @property
     def num_channels(self) -> int:
@@ -101,19 +114,32 @@ class Normalized(nn.Module):
         self.core.set_grid(nlat, nlon)
 
     def latest(self, x: torch.Tensor) -> torch.Tensor:
-        """The latest state of an input stack ``(batch, history·C, lat, lon)``."""
-        return x[:, -self.num_channels:] if self.history > 1 else x
+        """The latest state of an input stack ``(batch, history·C [+ clock], lat, lon)``."""
+        end = self.history * self.num_channels
+        return x[:, end - self.num_channels:end] if x.shape[1] != self.num_channels else x
 
     def advance(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """The input stack one step later: drop the oldest state, append ``new``."""
-        return torch.cat([x[:, self.num_channels:], new], dim=1) if self.history > 1 else new
+        """The input stack one step later: drop the oldest state, append ``new``, move the clock on."""
+        if x.shape[1] == self.num_channels:
+            return new
+        end = self.history * self.num_channels
+        parts = [x[:, self.num_channels:end], new] if self.history > 1 else [new]
+        if self.time_features:
+            parts.append(advance_clock(x[:, end:], self.time_features, self.step_hours))
+        return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One model step in physical units: ``latest + core(normalized stack, statics) · diff_std``."""
-        c = self.num_channels
-        if x.shape[-3] != self.history * c:
-            raise ValueError(f"input has {x.shape[-3]} channels, model expects {self.history} × {c}")
-        z = self.normalize(x.unflatten(-3, (self.history, c))).flatten(-4, -3) if self.history > 1 else self.normalize(x)
+        """One model step in physical units: ``latest + core(normalized stack, clock, statics) · diff_std``."""
+        c, end = self.num_channels, self.history * self.num_channels
+        if x.shape[-3] != self.stack_channels:
+            clock = f" + {2 * len(self.time_features)} clock fields ({', '.join(self.time_features)})" \
+                if self.time_features else ""
+            raise ValueError(f"input has {x.shape[-3]} channels, model expects {self.history} × {c}{clock}")
+        states = x[:, :end]
+        z = self.normalize(states.unflatten(-3, (self.history, c))).flatten(-4, -3) if self.history > 1 \
+            else self.normalize(states)
+        if self.time_features:
+            z = torch.cat([z, x[:, end:].to(z.dtype)], dim=-3)
         if self.static_names:
             z = torch.cat([z, self.static.to(z.dtype).expand(z.shape[0], -1, -1, -1)], dim=-3)
         return self.latest(x) + self.core(z) * self._b(self.diff_std)

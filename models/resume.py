@@ -120,14 +120,15 @@ def _differences(meta: dict[str, Any], data: dict[str, Any], expected: dict[str,
                  signature: dict[str, Any]) -> Iterator[tuple[str, Any, Any]]:
     yield "task.channels", meta.get("channels"), expected["channels"]
     yield "grid", meta.get("grid"), expected["grid"]
-    for section, label in (("model", "model.{}"), ("arch", "model architecture {}"), ("task", "task.{}")):
+    # The task first: a changed history, clock or static field is the reason the architecture's inputs differ.
+    for section, label in (("task", "task.{}"), ("model", "model.{}"), ("arch", "model architecture {}")):
         old, new = meta.get(section, {}), expected[section]
         if section == "model":  # options added since that checkpoint took their defaults
             old = {**ModelConfig().model_dump(), **old}
         elif section == "arch":
             old = complete_arch(old)
-        else:  # task fields added since that checkpoint (static_fields) took their defaults
-            old = {"static_fields": [], **old}
+        else:  # task fields added since that checkpoint (static_fields, time_features) took their defaults
+            old = {"static_fields": [], "time_features": [], **old}
         for key in sorted(set(old) | set(new)):
             yield label.format(key), old.get(key), new.get(key)
     yield "dataset_version", meta.get("dataset_version"), expected["dataset_version"]

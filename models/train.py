@@ -98,9 +98,9 @@ class Setup:
 
 
 def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
-    """The SFNO the config describes: the history stack and static fields in, the task's channels out."""
+    """The SFNO the config describes: the history stack, clock and static fields in, the task's channels out."""
     n = len(config.task.channels())
-    n_in = config.task.history * n + len(config.task.static_fields)
+    n_in = config.task.history * n + 2 * len(config.task.time_features) + len(config.task.static_fields)
     # The model section's field names are SFNO's keyword arguments: a new option is one field and one kwarg.
     return SFNO(n_in, n, nlat, nlon, **config.model.model_dump())
 
@@ -121,10 +121,11 @@ def training_windows(config: Config, analysis: xr.Dataset) -> tuple[Dataset, Win
     lead_steps = max(validation_steps(config))
     if t.loader == "zarr":
         train_ds: Dataset = ZarrWindowDataset(config.paths.analysis_store, channels, t.train_start, t.train_end,
-                                              t.rollout_steps, dt, task.history)
+                                              t.rollout_steps, dt, task.history, time_features=task.time_features)
     else:
-        train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt, task.history)
-    val_ds = WindowDataset(analysis, channels, t.val_start, t.val_end, lead_steps, dt, task.history)
+        train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt, task.history,
+                                 task.time_features)
+    val_ds = WindowDataset(analysis, channels, t.val_start, t.val_end, lead_steps, dt, task.history, task.time_features)
     return train_ds, val_ds
 
 
@@ -153,7 +154,8 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
     set_deterministic(t.deterministic)
     torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
     model = Normalized(build_sfno(config, grid.nlat, grid.nlon), stats["mean"].values, stats["std"].values,
-                       stats["diff_std"].values, config.task.history, static, config.task.static_fields).to(ctx.device)
+                       stats["diff_std"].values, config.task.history, static, config.task.static_fields,
+                       config.task.time_features, dt).to(ctx.device)
     run_dir = config.paths.runs / t.run_name
     dataset_version = str(analysis.attrs["dataset_version"])
     signature = data_signature(config, len(train_ds))
@@ -297,7 +299,8 @@ def fit(s: Setup) -> Path:
                 lr = schedule.update(pos.step, progress)
                 x0, target = x0.to(ctx.device), y[:, :k].to(ctx.device)
                 if cfg.input_noise > 0:  # drawn from the rank's torch RNG, which checkpoints carry: resume stays exact
-                    scale = model.std.repeat(model.history)[:, None, None] * cfg.input_noise
+                    scale = model.std.repeat(model.history) * cfg.input_noise
+                    scale = torch.cat([scale, scale.new_zeros(x0.shape[1] - len(scale))])[:, None, None]  # no clock noise
                     x0 = x0 + torch.randn_like(x0) * scale
                 with autocast(s.precision, ctx.device):
                     pred = rollout(x0, k, cfg.rollout_grad_steps)

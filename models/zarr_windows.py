@@ -12,7 +12,7 @@ dataset is pickled into a worker).
 A window at analysis index ``j`` is ``(x, targets)``::
 
     x        the states at j − (history−1)·s, …, j − s, j (oldest first), channels concatenated,
-             followed by the static fields: shape (history·C + S, lat, lon)
+             then the clock's fields at j (``models.clock``), then the static fields: shape (history·C + 2F + S, lat, lon)
     targets  the states at j + s, …, j + steps·s: shape (steps, C, lat, lon)
 
 with ``s`` the model step in analysis times. Every one of those times must be inside the period
@@ -22,6 +22,7 @@ and marked done (completeness comes from the ``done`` flags, never from the valu
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import zarr
 from torch.utils.data import Dataset
 
 from core.variables import parse_channel
+from models.clock import check_time_features, clock_values
 from models.data import open_analysis, time_stride
 from models.statics import GRID_STATICS, static_fields
 
@@ -46,7 +48,8 @@ class ZarrWindowDataset(Dataset):
     """``(x, targets)`` windows read from the store per item; see the module docstring for shapes."""
 
     def __init__(self, path: Path | str, channels: list[str], start: datetime | str, end: datetime | str,
-                 steps: int, time_step_hours: int, history: int = 1, static: list[str] | tuple[str, ...] = ()) -> None:
+                 steps: int, time_step_hours: int, history: int = 1, static: list[str] | tuple[str, ...] = (),
+                 time_features: Sequence[str] = ()) -> None:
         if steps < 1 or history < 1:
             raise ValueError(f"steps and history must be ≥ 1, got steps={steps}, history={history}")
         self.path = Path(path)
@@ -63,6 +66,8 @@ class ZarrWindowDataset(Dataset):
         self.done_rows = lo + np.flatnonzero(done[lo:hi])  # the period's done times, for its climatology
         self.offsets = offsets
         self.times = times.values
+        self.time_features = check_time_features(time_features)
+        self.clock = torch.from_numpy(clock_values(self.times, self.time_features))  # (time, 2F)
         self.sources = self._sources(analysis)
         self.static = torch.from_numpy(static_fields(analysis, static)) if static else None
         self.static_names = list(static)
@@ -118,6 +123,8 @@ class ZarrWindowDataset(Dataset):
             bad = pd.Timestamp(self.times[j])
             raise ValueError(f"analysis store {self.path}: NaN/Inf in a done time of the window at {bad}")
         x = states[: self.history].reshape(-1, *states.shape[-2:])
+        if self.time_features:
+            x = torch.cat([x, self.clock[j][:, None, None].expand(-1, *x.shape[-2:])])
         if self.static is not None:
             x = torch.cat([x, self.static])
         return x, states[self.history:]
@@ -145,4 +152,4 @@ class ZarrWindowDataset(Dataset):
     @property
     def in_channels(self) -> int:
         """Channels of the input stack: history × prognostic channels + static fields."""
-        return self.history * len(self.channels) + len(self.static_names)
+        return self.history * len(self.channels) + 2 * len(self.time_features) + len(self.static_names)

@@ -66,8 +66,12 @@ def test_report_has_every_figure_finite_and_sane(quick: dict[str, Any]) -> None:
     if ro["finite"]:
         assert _finite_positive(ro["mean_ke"]) and ro["ke_ratio"] == pytest.approx(ro["mean_ke"] / ro["planet_mean_ke"])
         assert len(ro["ke_per_30_days"]) == 1
+        (north, south), = ro["jets_per_30_days"]  # one 30-day chunk: where its westerlies peak
+        assert 0 < north <= 90 and -90 <= south < 0
     else:
         assert 1 <= ro["first_nonfinite_step"] <= 60 and ro["pass"] is False
+    pj = r["rollout"]["planet_jets"]  # the quick planet's jets sit in mid-latitudes of their hemispheres
+    assert 20 <= pj["north"][0] <= pj["north"][1] <= 70 and -70 <= pj["south"][0] <= pj["south"][1] <= -20
     starts = r["rollout_starts"]["sfno"]
     assert len(starts) == 2 and starts[0]["initial_time"] < starts[1]["initial_time"]  # two distinct initial times
     assert starts[0]["ke_ratio"] == ro["ke_ratio"] or not ro["finite"]  # the first start is the one shown in full

@@ -95,7 +95,7 @@ def test_meta_channels_that_do_not_fit_the_weights_raise(tmp_path: Path) -> None
     meta = {**meta, "channels": CHANNELS[:2],
             "stats": {k: v[:2] for k, v in meta["stats"].items()}}
     torch.save({"meta": meta, "model": model.state_dict()}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match=r"2 channels × history 1 \+ 0 static fields in meta"):
+    with pytest.raises(ValueError, match=r"2 channels × history 1 \+ 0 clock fields \+ 0 static fields in meta"):
         ckpt.load_for_inference(tmp_path / "checkpoint.pt")
 
 
