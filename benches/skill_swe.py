@@ -2,8 +2,9 @@
 
 1. Simulates the planet once per grid through the real ingest (the training grid and a finer one
    for the zero-shot test: same seed, same times, same 65×128 solver, so one truth at two
-   resolutions), split ~75 % train / 10 % validation / 15 % held-out test. Stores in ``--out``
-   are reused when they match.
+   resolutions), split ~75 % train / 10 % validation / 15 % held-out test: by default 487 days, so
+   a whole year of seasons is trained on (about 15 min of simulation per grid on one core, once;
+   stores in ``--out`` are reused when they match).
 2. Trains our SFNO with ``models.train.train`` (wall-clock budget ``--budget-minutes``, overrides with
    ``--set``), then torch-harmonics' example SFNO on the same normalized data until it has used the
    same CPU seconds (one torch thread each, so CPU time is work, not spinning; see ``FULL``).
@@ -11,14 +12,15 @@
    for SFNO, example, persistence and climatology.
 4. Rolls the SFNO out ``--year-steps`` steps (1,460 = one simulated year) from ``--rollout-starts``
    test initial times (default 4): bounded, and mean kinetic energy within ±20 % of the planet's
-   from every one of them? (From one start the verdict depended on the start.)
+   from every one of them? (From one start the verdict depended on the start.) Also where the
+   rolled-out jets are, per 30 days, against the range the planet's jets span.
 5. Runs the same weights zero-shot on the finer grid against its truth: error ratio per lead.
 
 Goals: 24 h SFNO ≤ 0.5× persistence and ≤ 1.0× the example; the year stays bounded with mean KE
 within ±20 %; zero-shot 24 h error ≤ 1.5× the native one. Figures print as a table and go to
 ``--json``. ``--quick`` is the smoke-test size (tiny grid, a 25×48 solver, seconds of training).
 
-Usage: python benches/skill_swe.py [--days 120] [--budget-minutes 5] [--out DIR] [--json FILE]
+Usage: python benches/skill_swe.py [--days 487] [--budget-minutes 5] [--out DIR] [--json FILE]
        [--rollout-starts 4] [--set train.rollout_steps=4 ...] [--tag NAME] [--no-example] [--example-budget cpu|wall] [--quick]
 """
 
@@ -68,18 +70,19 @@ LEADS_H = (6, 24, 72, 120)
 GOAL_PERSISTENCE, GOAL_EXAMPLE, GOAL_KE, GOAL_ZERO_SHOT = 0.5, 1.0, 0.2, 1.5
 # One torch thread per model: on a shared 2-core machine two threads made a training step 5–12× slower
 # (OpenMP threads spin waiting for a core), so wall and CPU time stopped measuring the model.
-# The long-rollout recipe: 32-step (8-day) rollouts with gradients through the last 2 steps only
-# (pushforward) and 3 % input noise. With the trainer's defaults (2 steps, no noise) the year ran
-# away within 1–2 months; see docs/benchmarks.md for the variants tried.
-FULL = {"grid": "5.625deg", "zero_shot_grid": "2.8125deg", "days": 120.0, "budget_minutes": 5.0, "year_steps": 1460,
-        "rollout_starts": 4, "set": ["train.threads=1", "train.rollout_steps=32", "train.rollout_grad_steps=2",
-                                     "train.input_noise=0.03"]}
+# The planet has seasons (its jets swing ±10° of latitude over the year), so a one-year rollout needs a
+# model with a clock (task.time_features) trained on a whole year: 487 days split 75/10/15 give 365 days
+# of training. Without either the rollout carried one season's drift on for months (docs/benchmarks.md).
+# The recipe: 8-step (2-day) rollouts with gradients through the last 2 only (pushforward) and 3 % input noise.
+FULL = {"grid": "5.625deg", "zero_shot_grid": "2.8125deg", "days": 487.0, "budget_minutes": 5.0, "year_steps": 1460,
+        "rollout_starts": 4, "set": ["train.threads=1", "task.time_features=[day_of_year]", "train.rollout_steps=8",
+                                     "train.rollout_grad_steps=2", "train.input_noise=0.03"]}
 EXAMPLE_WALL_CAP = 3.0  # the reference may take this many times the wall budget to get the SFNO's CPU seconds
 # Smoke-test size: the planet's solver on 25×48 (dt about half its CFL limit) and a 1-day spin-up.
 QUICK = {"grid": "tiny", "zero_shot_grid": "5.625deg", "days": 12.0, "budget_minutes": 0.03, "year_steps": 60,
          "rollout_starts": 2, "set": ["ingest.synthetic.solver_nlat=25", "ingest.synthetic.solver_nlon=48",
                  "ingest.synthetic.dt_seconds=540", "ingest.synthetic.spinup_days=1", "train.threads=1",
-                 "train.tensorboard=false"]}
+                 "train.tensorboard=false", "task.time_features=[day_of_year]"]}
 
 
 class Climatology(nn.Module):
@@ -97,7 +100,7 @@ class Climatology(nn.Module):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, with ``--quick`` or full-size defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--days", type=float, help="simulated days (default 120; quick 12)")
+    p.add_argument("--days", type=float, help="simulated days (default 487: a year to train on; quick 12)")
     p.add_argument("--budget-minutes", type=float, help="wall-clock training budget per model (default 5)")
     p.add_argument("--out", type=Path, default=Path("spherecast-out/skill_swe"), help="stores and runs (reused)")
     p.add_argument("--json", type=Path, help="write the report here")

@@ -11,9 +11,9 @@ With ``history`` h > 1 the input is the stack of the h latest states, oldest fir
 concatenated (``(batch, h·C, lat, lon)``), each normalized alike; the tendency is added to the
 latest. With time features (``models.clock``) the stack ends with the clock's constant fields,
 ``(batch, h·C + 2F, lat, lon)``: passed to the core as they are and rotated one step on by
-:meth:`Normalized.advance`, so a rollout keeps its own time. Static fields (``models.statics``) ride along as a buffer appended to the core's input, so
-a checkpoint carries them and a forecast cannot feed the wrong ones; grid statics are recomputed
-when the model moves to another grid.
+:meth:`Normalized.advance`, so a rollout keeps its own time. Static fields (``models.statics``)
+ride along as a buffer appended to the core's input, so a checkpoint carries them and a forecast
+cannot feed the wrong ones; grid statics are recomputed when the model moves to another grid.
 """
 
 from __future__ import annotations
