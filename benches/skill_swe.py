@@ -293,6 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     starts = sorted({round(k) for k in np.linspace(0, len(data.sfno_test) - 1,
                                                    min(args.rollout_starts, len(data.sfno_test)))})
     lat = data.coarse["latitude"].values
+    # Window k is the same initial time in both datasets while the task's history is 1 (the default).
     runs = {name: [long_rollout(m, (data.sfno_test if name == "sfno" else data.test)[k][0], args.year_steps,
                                 data.channels, weights, planet_ke, latitudes=lat) for k in starts]
             for name, m in models.items()}
