@@ -99,9 +99,9 @@ class Planet:
         d[1:] = d[1:] - uspec[1:] / TAU_DRAG
         return d
 
-    def _stir(self, sample: int):
+    def _stir(self, sample: int, seed: int | None = None):
         torch = self._torch
-        rng = np.random.default_rng([self.seed, sample + 1_000_000])
+        rng = np.random.default_rng([self.seed if seed is None else seed, sample + 1_000_000])
         shape = tuple(self._stir_mask.shape)
         re, im = rng.standard_normal(shape), rng.standard_normal(shape)
         im[:, 0] = 0.0  # m = 0 coefficients of a real field are real
@@ -109,11 +109,14 @@ class Planet:
         return kick * self._stir_mask
 
     # -- integration ---------------------------------------------------------------------------
-    def _advance(self, state: PlanetState) -> PlanetState:
-        """Integrate one 6-hour segment (stir, then AB3 steps) and return the next sample."""
+    def _advance(self, state: PlanetState, kick=None) -> PlanetState:
+        """Integrate one 6-hour segment (stir, then AB3 steps) and return the next sample.
+
+        ``kick`` replaces this planet's own stirring (a vorticity increment; zeros for none).
+        """
         s = self.solver
         uspec = state.uspec.clone()
-        uspec[1] = uspec[1] + self._stir(state.sample)
+        uspec[1] = uspec[1] + (self._stir(state.sample) if kick is None else kick)
         phi_eq = self._balanced_phi(state.sample + 0.5)
         hist = list(state.history)
         for _ in range(self.steps_per_sample):
@@ -156,6 +159,13 @@ class Planet:
         while self._state.sample < sample:
             self._state = self._advance(self._state)
         return self._state
+
+    def forecast_step(self, state: PlanetState, stir_seed: int | None) -> PlanetState:
+        """One 6-hour segment from ``state`` stirred as a planet of ``stir_seed`` would be (None: unstirred)."""
+        if stir_seed == self.seed:
+            raise ValueError(f"stir_seed {stir_seed} is the planet's own seed: that is the truth, not a forecast")
+        kick = self._torch.zeros_like(self._stir_mask) if stir_seed is None else self._stir(state.sample, stir_seed)
+        return self._advance(state, kick)
 
     def solver_fields(self, state: PlanetState) -> np.ndarray:
         """Geopotential, u, v on the solver grid, shape (3, nlat, nlon), float64."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -86,6 +86,17 @@ class SyntheticSource:
             return torch.cat([phi[None], uv]).numpy()
 
         self._to_grid = to_grid
+
+    @property
+    def planet(self) -> Any:
+        """The planet this source samples (built on first use; an ``ingest.planet.Planet``)."""
+        self._ensure()
+        return self._planet
+
+    def project(self, uspec: object) -> np.ndarray:
+        """Geopotential, u, v of a solver spectral state on this source's grid, as ``fetch`` samples it."""
+        self._ensure()
+        return self._to_grid(uspec)
 
     def _sample_index(self, t: pd.Timestamp) -> int:
         offset = (t - pd.Timestamp(self.settings.epoch)) / pd.Timedelta(hours=6)

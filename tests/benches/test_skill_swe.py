@@ -7,33 +7,13 @@ inputs must fail with one clear error before anything is simulated, trained or o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benches" / "skill_swe.py"
 LEADS = ("6h", "24h", "72h", "120h")
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Run ``python benches/skill_swe.py --quick`` once, as a user would, and return its outputs."""
-    out = tmp_path_factory.mktemp("skill")
-    report = out / "report.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env = {k: v for k, v in env.items() if not k.startswith("SPHERECAST_")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out / "work"), "--json", str(report)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": out / "work", "report": json.loads(report.read_text()), "stdout": proc.stdout}
 
 
 def _finite_positive(v: float | None) -> bool:
@@ -93,39 +73,30 @@ def test_report_has_every_figure_finite_and_sane(quick: dict[str, Any]) -> None:
     assert sum(quick["stdout"].count(w) for w in (" PASS", " FAIL")) == 4
 
 
-def _digest(root: Path) -> str:
-    """sha256 over every file's path and bytes under ``root`` (stores, stats, checkpoints, metrics)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.mark.slow
-def test_rerun_reuses_both_stores(quick: dict[str, Any]) -> None:
+def test_rerun_reuses_both_stores(quick: dict[str, Any], digest: Any) -> None:
     from benches import skill_data as sd
     from benches.skill_swe import parse_args, plan
 
     coarse, fine, _, _ = plan(parse_args(["--quick", "--out", str(quick["out"])]))
-    before = _digest(quick["out"] / "tiny" / "data")
+    before = digest(quick["out"] / "tiny" / "data")
     infos = [sd.build_store(c, progress=False) for c in (coarse, fine)]
     assert [(i["reused"], i["slabs_written"]) for i in infos] == [(True, 0), (True, 0)]
     assert infos[0]["slabs_reused"] == 12  # 12 days in slabs of 4 six-hourly times
     # Nothing was re-simulated: the store is byte-identical (the stats are recomputed identically).
-    assert _digest(quick["out"] / "tiny" / "data") == before
+    assert digest(quick["out"] / "tiny" / "data") == before
 
 
 @pytest.mark.slow
-def test_store_of_another_planet_is_refused_and_untouched(quick: dict[str, Any], capsys) -> None:
+def test_store_of_another_planet_is_refused_and_untouched(quick: dict[str, Any], capsys, digest: Any) -> None:
     from benches.skill_swe import main
 
-    before = _digest(quick["out"])
+    before = digest(quick["out"])
     rc = main(["--quick", "--out", str(quick["out"]), "--set", "ingest.synthetic.seed=7"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "does not match the request" in err[0] and "dataset_version" in err[0]
-    assert _digest(quick["out"]) == before  # stores, stats, checkpoint and metrics untouched
+    assert digest(quick["out"]) == before  # stores, stats, checkpoint and metrics untouched
 
 
 @pytest.mark.parametrize(("argv", "message"), [

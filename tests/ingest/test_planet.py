@@ -52,3 +52,24 @@ def test_dataset_version_tracks_everything_that_changes_values() -> None:
     assert a == SyntheticSource(get_grid("tiny"), FAST).dataset_version()
     assert a != SyntheticSource(get_grid("5.625deg"), FAST).dataset_version()
     assert a != SyntheticSource(get_grid("tiny"), FAST.model_copy(update={"seed": 3})).dataset_version()
+
+
+def test_forecast_step_stirs_as_another_seed_would_or_not_at_all() -> None:
+    src = SyntheticSource(get_grid("tiny"), FAST)
+    planet = src.planet
+    state = planet.state_at(4)
+    # Stirred with seed 5's kicks, from this state: exactly what the seed-5 planet's own step does.
+    other = Planet(seed=5, nlat=33, nlon=64, dt=360, spinup_days=2)
+    np.testing.assert_array_equal(planet.forecast_step(state, 5).uspec.numpy(), other._advance(state).uspec.numpy())
+    truth = planet.state_at(5)
+    calm = planet.forecast_step(state, None)
+    assert calm.sample == truth.sample == 5
+    # Unstirred, it misses only the kick: close to the truth but not it, and the input state is left alone.
+    diff = np.abs(calm.uspec.numpy() - truth.uspec.numpy()).max()
+    assert 0 < diff < 0.05 * np.abs(truth.uspec.numpy()).max()
+    np.testing.assert_array_equal(planet.state_at(4).uspec.numpy(), state.uspec.numpy())
+    # project() is fetch's sampling of a state on the source's grid.
+    fetched = SyntheticSource(get_grid("tiny"), FAST).fetch([pd.Timestamp("2000-01-02T06")], VARS, [500])
+    np.testing.assert_array_equal(src.project(truth.uspec).astype(np.float32)[0], fetched.geopotential.values[0, 0])
+    with pytest.raises(ValueError, match="the planet's own seed"):
+        planet.forecast_step(state, 0)
