@@ -41,9 +41,12 @@ bench: setup
 	$(BIN)/python benches/forecast_speed.py
 	$(BIN)/python benches/ingest.py
 
-# Skill on the shallow-water planet: ~17 min of simulation on the first run, ~13 min per run after.
+# Skill on the shallow-water planet (~30 min of simulation on the first run, ~25 min per run after),
+# then the perfect-model bound on the same test period (~15 min), printed beside the SFNO.
 bench-skill: setup
 	$(BIN)/python benches/skill_swe.py --json spherecast-out/skill_swe/report.json
+	$(BIN)/python benches/skill_bound.py --skill-report spherecast-out/skill_swe/report.json \
+		--json spherecast-out/skill_swe/bound.json
 
 clean:
 	rm -rf $(VENV) spherecast-out .pytest_cache .ruff_cache *.egg-info

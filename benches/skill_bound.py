@@ -15,7 +15,7 @@ The initial states come from re-running the planet (about 5 min of solver for th
 and each is checked against the store before it is used, so the bound is scored on the store's truth.
 With ``--skill-report`` (the JSON of ``benches/skill_swe.py``) the SFNO's figures print beside it.
 
-Usage: python benches/skill_bound.py [--out spherecast-out/skill_year] [--days 487] [--starts 16]
+Usage: python benches/skill_bound.py [--out spherecast-out/skill_swe] [--days 487] [--starts 16]
        [--members 8] [--skill-report report.json] [--json FILE] [--quick]
 """
 
@@ -54,7 +54,8 @@ REPRODUCE_TOLERANCE = 1e-5
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; the store settings are the skill bench's (``--days``, ``--quick``, ``--set``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("spherecast-out/skill_year"), help="the skill bench's --out")
+    p.add_argument("--out", type=Path, default=Path("spherecast-out/skill_swe"),
+                   help="the skill bench's --out (its default too)")
     p.add_argument("--days", type=float, help="the skill bench's --days (default 487; quick 12)")
     p.add_argument("--starts", type=int, default=16, help="initial times, evenly over the test period")
     p.add_argument("--members", type=int, default=8, help="stirred runs in the ensemble mean")
