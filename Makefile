@@ -41,8 +41,8 @@ bench: setup
 	$(BIN)/python benches/forecast_speed.py
 	$(BIN)/python benches/ingest.py
 
-# Skill on the shallow-water planet (~30 min of simulation on the first run, ~25 min per run after),
-# then the perfect-model bound on the same test period (~15 min), printed beside the SFNO.
+# Skill on the shallow-water planet (35 min on the first run, 18 of them simulating the planet; 16 min
+# after), then the perfect-model bound on the same test period (18 min), printed beside the SFNO.
 bench-skill: setup
 	$(BIN)/python benches/skill_swe.py --json spherecast-out/skill_swe/report.json
 	$(BIN)/python benches/skill_bound.py --skill-report spherecast-out/skill_swe/report.json \
