@@ -72,8 +72,8 @@ log = logging.getLogger("benches.skill_swe")  # not __name__: that is "__main__"
 
 LEADS_H = (6, 24, 72, 120)
 GOAL_PERSISTENCE, GOAL_EXAMPLE, GOAL_KE, GOAL_ZERO_SHOT = 0.5, 1.0, 0.2, 1.5
-# The SFNO's year rollout with its own one-step residuals added (models/noise.py). It holds the KE within
-# ±10 % for about 10 months, then gains energy (1.9–2.7× by month 25): fine for the one-year goal, not a climate.
+# The SFNO's year rollout with its own one-step residuals added (models/noise.py; the bank centred: uncentred,
+# its mean forced the flow steadily and the years gained energy from month 11).
 STOCHASTIC = "sfno+residuals"
 # One torch thread per model: on a shared 2-core machine two threads made a training step 5–12× slower
 # (OpenMP threads spin waiting for a core), so wall and CPU time stopped measuring the model.

@@ -24,11 +24,15 @@ def _windows(n: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_fit_measures_first_step_residuals_of_the_picked_windows() -> None:
     data = _windows()
-    noise = ResidualNoise.fit(Damped(), data, count=4, seed=1, batch_size=3)
+    raw = ResidualNoise.fit(Damped(), data, count=4, seed=1, batch_size=3, center=False)
     picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:4].tolist()
     expected = torch.stack([data[i][1][0] - 0.5 * data[i][0] for i in picks])
-    torch.testing.assert_close(noise.bank, expected)
-    assert noise.rms() == pytest.approx(expected.double().pow(2).mean(dim=(0, 2, 3)).sqrt().tolist())
+    torch.testing.assert_close(raw.bank, expected)
+    assert raw.rms() == pytest.approx(expected.double().pow(2).mean(dim=(0, 2, 3)).sqrt().tolist())
+    # By default the bank is centred: drawn every step, its mean would act as a constant forcing.
+    noise = ResidualNoise.fit(Damped(), data, count=4, seed=1, batch_size=3)
+    torch.testing.assert_close(noise.bank, expected - expected.mean(dim=0, keepdim=True))
+    assert float(noise.bank.mean(dim=0).abs().max()) < 1e-6
     # count larger than the data takes every window once
     assert len(ResidualNoise.fit(Damped(), data, count=99).bank) == len(data)
 
