@@ -11,7 +11,8 @@ forecast, so one step's expected variance is the truth's. Residuals are drawn in
 step and per batch member (the planet's kicks are white in time), and the bank is centred: a finite
 bank's mean is a fixed pattern (about rms/√n — 10 m²/s² and 0.07 m/s for 512 planet residuals) that,
 drawn every step, forces the flow steadily; uncentred, the planet's years gained energy from month 11
-(1.9–2.7× by month 25), centred they stayed within 0.88–1.21 for two years (docs/benchmarks.md).
+(1.9–2.7× by month 25). Centred, the first year stays within about ±13 % of the truth's kinetic
+energy; the second is not yet robust (two checkpoints: 0 and 2 of 4 starts lost their jets; docs/benchmarks.md).
 """
 
 from __future__ import annotations
