@@ -42,6 +42,7 @@ from benches import skill_data as sd  # noqa: E402
 from benches import skill_swe as sw  # noqa: E402
 from ingest.sources import SYNTHETIC_LEVEL, SYNTHETIC_VARIABLES, SyntheticSource  # noqa: E402
 from models.data import WindowDataset  # noqa: E402
+from models.evaluate import area_mse  # noqa: E402
 from models.losses import latitude_weights  # noqa: E402
 
 log = logging.getLogger("benches.skill_bound")
@@ -73,11 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _area_mse(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Area-weighted mean squared difference per channel of ``(channel, lat, lon)`` fields, as validation does."""
-    return (((a - b) ** 2).mean(axis=-1) * w).sum(axis=-1)
-
-
 def _runs(source: SyntheticSource, state: Any, seeds: list[int | None], lead_steps: list[int],
           order: list[int]) -> np.ndarray:
     """Fields ``(run, lead, channel, lat, lon)`` of the planet run from ``state`` with each seed's stirring."""
@@ -106,16 +102,16 @@ def bound(args: argparse.Namespace) -> dict[str, Any]:
     order = [[f"{v}_{SYNTHETIC_LEVEL}" for v in SYNTHETIC_VARIABLES].index(c) for c in channels]
     picks = sorted({round(k) for k in np.linspace(0, len(test) - 1, min(args.starts, len(test)))})
     seeds: list[int | None] = [None] + [source.planet.seed + 1 + m for m in range(args.members)]
-    w = latitude_weights(store["latitude"].size).numpy().astype(np.float64)
+    wt = latitude_weights(store["latitude"].size).double()
+    w = wt.numpy()
     sums = np.zeros((len(FORECASTS), len(lead_steps), len(channels)))
     spread = np.zeros((len(lead_steps), len(channels)))
     began, worst_mismatch = time.perf_counter(), 0.0
     for done, k in enumerate(picks):
         t0 = pd.Timestamp(test.init_times[k])
         x0, y = (a.numpy().astype(np.float64) for a in test[k])
-        state = source.planet.state_at(int((t0 - pd.Timestamp(config.ingest.synthetic.epoch)) / pd.Timedelta(hours=6)))
-        mismatch = float(np.abs(source.project(state.uspec)[order] - x0).max(axis=(-2, -1)).max()
-                         / np.abs(x0).max())
+        state = source.planet.state_at(source.sample_index(t0))
+        mismatch = float(np.abs(source.project(state.uspec)[order] - x0).max() / np.abs(x0).max())
         worst_mismatch = max(worst_mismatch, mismatch)
         if mismatch > REPRODUCE_TOLERANCE:
             raise RuntimeError(f"the planet re-run does not reproduce the store at {t0} (max difference "
@@ -125,8 +121,8 @@ def bound(args: argparse.Namespace) -> dict[str, Any]:
         for j, n in enumerate(lead_steps):
             truth = y[n - 1]
             preds = (runs[0, j], members[:, j].mean(axis=0), x0, clim)
-            for f, pred in enumerate(preds):
-                sums[f, j] += _area_mse(pred, truth, w)
+            for f, pred in enumerate(preds):  # the validation's own area-weighted MSE, on a batch of one
+                sums[f, j] += area_mse(torch.from_numpy(pred[None]), torch.from_numpy(truth[None]), wt).numpy()
             if len(members) > 1:
                 spread[j] += (members[:, j].var(axis=0, ddof=1).mean(axis=-1) * w).sum(axis=-1)
         log.info("initial time %s done (%d/%d, %.0f s)", t0, done + 1, len(picks), time.perf_counter() - began)

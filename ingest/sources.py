@@ -98,7 +98,8 @@ class SyntheticSource:
         self._ensure()
         return self._to_grid(uspec)
 
-    def _sample_index(self, t: pd.Timestamp) -> int:
+    def sample_index(self, t: pd.Timestamp) -> int:
+        """The planet's 6-hourly sample index of time ``t``; ValueError off that axis or before the epoch."""
         offset = (t - pd.Timestamp(self.settings.epoch)) / pd.Timedelta(hours=6)
         if offset < 0 or offset != int(offset):
             raise ValueError(f"time {t} is not on the planet's 6-hourly axis starting {self.settings.epoch}")
@@ -113,7 +114,7 @@ class SyntheticSource:
         if list(levels) != [SYNTHETIC_LEVEL]:
             raise ValueError(f"the synthetic planet has one level, {SYNTHETIC_LEVEL} hPa; asked for {list(levels)}")
         stamps = [pd.Timestamp(t) for t in times]
-        indices = [self._sample_index(t) for t in stamps]
+        indices = [self.sample_index(t) for t in stamps]
         self._ensure()
         fields = np.empty((len(stamps), 3, self.grid.nlat, self.grid.nlon), dtype=np.float32)
         for i in np.argsort(indices, kind="stable"):

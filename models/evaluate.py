@@ -22,7 +22,7 @@ from models.zarr_windows import ZarrWindowDataset
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def _area_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def area_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``(batch, channel)`` area-weighted MSE summed over the batch → ``(channel,)``."""
     return ((a - b).pow(2).mean(dim=-1) * w).sum(dim=-1).sum(dim=0)
 
@@ -56,9 +56,9 @@ def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead
         now = model.latest(x0) if hasattr(model, "latest") else x0  # persistence keeps the latest input state
         for j, k in enumerate(lead_steps):
             truth = y[:, k - 1]
-            sums[0, j] += _area_mse(states[k - 1], truth, w).double()
-            sums[1, j] += _area_mse(now, truth, w).double()
-            sums[2, j] += _area_mse(clim.expand_as(truth), truth, w).double()
+            sums[0, j] += area_mse(states[k - 1], truth, w).double()
+            sums[1, j] += area_mse(now, truth, w).double()
+            sums[2, j] += area_mse(clim.expand_as(truth), truth, w).double()
         count += len(items)
     all_reduce_sum(sums, ctx)
     all_reduce_sum(count, ctx)
