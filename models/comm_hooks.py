@@ -28,6 +28,12 @@ slowed the loss decrease (final/first-epoch loss 0.22–0.37 with it, 0.07–0.1
 per-element normalization turns the residual's ±scale oscillation into smaller steps — so compare
 both settings before relying on the default.
 
+**CPU buckets on a CUDA host.** torch's ``powerSGD_hook`` ends each bucket with
+``if torch.cuda.is_available(): torch.cuda.synchronize(device)``, where ``device`` is the bucket's: on a
+machine with a GPU, a gloo run on CPU tensors fails there ("Expected a cuda device, but got: cpu").
+The hook installed here is torch's own code run with a view of ``torch`` whose ``cuda.synchronize``
+waits only for a CUDA device (:func:`synchronize_cuda_device`); nothing else about it changes.
+
 Counted bytes are the payload each rank contributes. On the wire a ring all-reduce moves
 ``2(W−1)/W`` times its payload per rank and a ring all-gather ``W−1`` times — equal for ``W = 2``; for
 large worlds signSGD's all-gather grows with ``W`` while all-reduce does not. Hooks use only
@@ -37,7 +43,9 @@ collectives that gloo (CPU) and nccl (CUDA) both provide, on the bucket's own de
 from __future__ import annotations
 
 import logging
+import types
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -183,6 +191,44 @@ def signsgd_hook(state: SignSGDState, bucket: dist.GradBucket) -> torch.futures.
     return future.then(finish)
 
 
+# ---- torch's PowerSGD hook, synchronizing only CUDA buckets ---------------------------------------
+
+def synchronize_cuda_device(device: torch.device | str | int | None = None) -> None:
+    """Wait for ``device``'s queued CUDA work when it is a CUDA device; return at once for any other device."""
+    if isinstance(device, (torch.device, str)) and torch.device(device).type != "cuda":
+        return
+    torch.cuda.synchronize(device)
+
+
+class _CudaView:
+    """``torch.cuda`` with :func:`synchronize_cuda_device` as its ``synchronize``; every other name is torch's."""
+
+    synchronize = staticmethod(synchronize_cuda_device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class _TorchView:
+    """``torch`` whose ``cuda`` is :class:`_CudaView`; every other name is torch's."""
+
+    cuda = _CudaView()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _with_globals(fn: Callable[..., Any], **names: Any) -> Callable[..., Any]:
+    # The closures ``fn`` creates at call time (PowerSGD's ``decompress``) take its globals too.
+    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
+    return copy
+
+
+# torch's hook, unchanged except that its end-of-bucket synchronize skips CPU buckets (see the module docstring).
+device_aware_powersgd_hook = _with_globals(powerSGD_hook, torch=_TorchView())
+
+
 # ---- counting wrappers around torch's hooks ------------------------------------------------------
 
 @dataclass
@@ -205,7 +251,7 @@ def _powersgd_counted(state: _Counted, bucket: dist.GradBucket) -> torch.futures
     buf = bucket.buffer()
     plain = ps.iter < ps.start_powerSGD_iter
     before = ps.total_numel_after_compression
-    future = powerSGD_hook(ps, bucket)
+    future = device_aware_powersgd_hook(ps, bucket)
     # The hook adds the element count it all-reduces (P, Q, uncompressed tensors) synchronously.
     elements = buf.numel() if plain else ps.total_numel_after_compression - before
     state.stats.add(elements * buf.element_size(), buf.numel() * buf.element_size(), bucket.is_last())

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from models.comm_hooks import decode, pack_signs, register_comm_hook, unpack_signs
+from models.comm_hooks import decode, pack_signs, register_comm_hook, synchronize_cuda_device, unpack_signs
 
 # Spawned ranks re-import this module to find `_worker`: the heavy imports (the trainer, xarray
 # fixtures) are done inside the tests that need them, which halves each rank's start-up.
@@ -87,6 +87,8 @@ def _worker(rank: int, out: str, backend: str) -> None:
     torch.set_num_threads(1)
     device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
     ids = [rank] if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl's barrier runs on the current device
     # A file rendezvous: no port to pick, so no race with other jobs on the machine.
     dist.init_process_group(backend, init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
@@ -206,14 +208,55 @@ def test_powersgd_sends_p_and_q_instead_of_the_matrix(group_results) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} GPUs for a 2-rank nccl group")
 def test_nccl_on_two_gpus_gives_what_gloo_gives(group_results, tmp_path: Path) -> None:
-    if torch.cuda.device_count() < WORLD:
-        pytest.skip(f"needs {WORLD} GPUs for a 2-rank nccl group")
     nccl = _run_group(tmp_path, "nccl")
     for kind, res in group_results[0].items():
         assert nccl[0][kind]["history"] == res["history"], kind
         for a, b in zip(nccl[0][kind]["grads"], res["grads"], strict=True):
             np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-4, atol=1e-6, err_msg=kind)
+
+
+def _strict_synchronize(calls: list[Any]):
+    """A ``torch.cuda.synchronize`` stand-in that, like torch's, refuses a device that is not CUDA."""
+
+    def synchronize(device: Any = None) -> None:
+        if isinstance(device, torch.device) and device.type != "cuda":
+            raise ValueError(f"Expected a cuda device, but got: {device}")
+        calls.append(device)
+
+    return synchronize
+
+
+def test_powersgd_on_cpu_buckets_does_not_synchronize_cuda_on_a_cuda_host(monkeypatch, tmp_path: Path) -> None:
+    """A gloo/CPU PowerSGD run where CUDA is available (faked): no CUDA synchronize, the same compressed result."""
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", _strict_synchronize(calls))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        model = DistributedDataParallel(_Matrix())
+        stats = register_comm_hook(model, "powersgd", rank=PSGD_RANK, start_iter=PSGD_START)
+        res = _steps(model, stats, *_matrix_grads(0))
+    finally:
+        dist.destroy_process_group()
+    assert calls == []
+    compressed = ((LIN_OUT + LIN_IN) * PSGD_RANK + LIN_OUT) * 4
+    assert res["history"][PSGD_START:] == [compressed] * (STEPS + 1 - PSGD_START)  # the compressing steps ran
+    m, c = _matrix_grads(0)
+    np.testing.assert_allclose(res["grads"][-1][0], m.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res["grads"][-1][1], c.numpy(), rtol=1e-6)
+
+
+def test_synchronize_waits_for_cuda_devices_only(monkeypatch) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", _strict_synchronize(calls))
+    synchronize_cuda_device(torch.device("cpu"))
+    synchronize_cuda_device("cpu")
+    synchronize_cuda_device(torch.device("cuda", 1))
+    synchronize_cuda_device(None)  # torch's meaning: the current CUDA device
+    assert calls == [torch.device("cuda", 1), None]
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 1001])
