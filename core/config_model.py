@@ -8,9 +8,9 @@ The allowed values live here (``typing.Literal``) so the config and the model ch
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config_base import _Section
 
@@ -21,9 +21,51 @@ Normalization = Literal["none", "layer", "instance"]
 OperatorType = Literal["driscoll-healy", "diagonal"]
 GridType = Literal["equiangular", "legendre-gauss", "lobatto", "equiangular-trapezoidal"]
 PosEmbed = Literal["none", "lat", "latlon"]
+Preset = Literal["none", "reference"]
+
+# The layout of torch-harmonics 0.9.3's example ``SphericalFourierNeuralOperator`` (the reference the
+# benches compare against): block ``out = r + MLP(norm(s))``, one linear encoder/decoder layer, nothing
+# else. A preset fixes these options; the sizes (width, depth, MLP ratio, scale factor, activation
+# gelu/relu, grids) stay free because the reference takes them as arguments too.
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {"encoder_layers": 1, "decoder_layers": 1, "pos_embed": "none", "skip": "none",
+                  "big_skip": "none", "normalization": "none", "operator_type": "driscoll-healy",
+                  "block_activation": False},
+}
+PRESET_ACTIVATIONS: dict[str, tuple[str, ...]] = {"reference": ("gelu", "relu")}
+
+
+def _preset_value(name: str, value: Any) -> Any:
+    # pos_embed also accepts booleans (true = "latlon"); compare the kind it means.
+    if name == "pos_embed" and isinstance(value, bool):
+        return "latlon" if value else "none"
+    return value
+
+
+def preset_conflicts(preset: str, options: dict[str, Any]) -> list[str]:
+    """Descriptions of the ``options`` whose values the named ``preset`` does not allow (empty if none)."""
+    bad = [f"{k}={v!r} (preset {preset!r} needs {PRESETS[preset][k]!r})" for k, v in options.items()
+           if k in PRESETS.get(preset, {}) and _preset_value(k, v) != PRESETS[preset][k]]
+    allowed = PRESET_ACTIVATIONS.get(preset)
+    if allowed and options.get("activation", allowed[0]) not in allowed:
+        bad.append(f"activation={options['activation']!r} (preset {preset!r} allows {', '.join(map(repr, allowed))})")
+    return bad
+
+
+def preset_options(preset: str) -> dict[str, Any]:
+    """The SFNO keyword arguments a named preset sets (``SFNO(…, **preset_options("reference"))``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(map(repr, PRESETS))}")
+    return {"preset": preset, **PRESETS[preset]}
 
 
 class ModelConfig(_Section):
+    preset: Preset = "none"
+    """A named architecture: ``reference`` is torch-harmonics' example SFNO (``out = r + MLP(norm(s))`` per
+    block, 1-layer encoder and decoder, no skip, position embedding or normalization). It fills the options
+    it fixes; giving one of them another value is an error. Sizes stay yours: the reference's own
+    ``scale_factor`` is 3 (set it where 3 divides the grid, as at 1.5° and 0.25°). ``none``: every option as
+    given."""
     embed_dim: int = Field(16, ge=1)
     """Width of the SFNO's latent channels (makani ``embed_dim``)."""
     num_layers: int = Field(4, ge=1)
@@ -42,6 +84,9 @@ class ModelConfig(_Section):
     """Number of 1×1 layers in the decoder MLP (``embed_dim`` → output channels); 1 = a single linear map."""
     use_mlp: bool = True
     """Give each block its residual 1×1 MLP (off: a block is spectral convolution + skip + activation)."""
+    block_activation: bool = True
+    """Apply the activation to the block's spectral + skip sum before its MLP (``out = r + MLP(act(s + skip))``);
+    false gives the reference block ``out = r + MLP(s + skip)``, whose MLP holds the only nonlinearity."""
     skip: Skip = "linear"
     """The block's local skip path added to the spectral convolution before the activation: a learned
     1×1 ``linear`` map, the ``identity``, or ``none``."""
@@ -61,3 +106,16 @@ class ModelConfig(_Section):
     equiangular with both poles; other values are for data sampled on those grids."""
     model_grid: GridType = "legendre-gauss"
     """Latitude grid of the latent fields between blocks; Gauss–Legendre integrates exactly up to degree nlat."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        # Before field validation, so the preset's values are validated like any other and a conflicting
+        # explicit value is reported rather than silently overridden.
+        if not isinstance(data, dict) or data.get("preset", "none") not in PRESETS:
+            return data
+        preset = data["preset"]
+        bad = preset_conflicts(preset, data)
+        if bad:
+            raise ValueError("model options conflict with the preset: " + "; ".join(bad))
+        return {**data, **PRESETS[preset]}

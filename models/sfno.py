@@ -29,7 +29,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from core.config_model import Activation, BigSkip, GridType, Normalization, OperatorType, PosEmbed, Skip
+from core.config_model import (
+    Activation,
+    BigSkip,
+    GridType,
+    Normalization,
+    OperatorType,
+    PosEmbed,
+    Preset,
+    Skip,
+    preset_conflicts,
+)
 from models.sfno_layers import MLP, Pointwise, SFNOBlock
 from models.sfno_transforms import GridTransform, latitudes
 
@@ -39,7 +49,8 @@ DATA_GRID = "equiangular"  # 90 → −90 with both poles: torch-harmonics' "equ
 LATENT_GRID = "legendre-gauss"  # exact quadrature up to degree nlat inside the network
 POS_HARMONICS = 2  # longitude wavenumbers seen by the positional embedding
 _CHOICES = {"skip": Skip, "big_skip": BigSkip, "normalization": Normalization, "activation": Activation,
-            "operator_type": OperatorType, "data_grid": GridType, "model_grid": GridType, "pos_embed": PosEmbed}
+            "operator_type": OperatorType, "data_grid": GridType, "model_grid": GridType, "pos_embed": PosEmbed,
+            "preset": Preset}
 
 
 def latent_shape(nlat: int, nlon: int, scale_factor: int) -> tuple[int, int]:
@@ -82,9 +93,9 @@ def check_options(**options: Any) -> None:
         elif name == "mlp_ratio":
             if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
                 bad.append(f"mlp_ratio={value!r} (expected > 0)")
-        elif name == "use_mlp":
+        elif name in ("use_mlp", "block_activation"):
             if not isinstance(value, bool):
-                bad.append(f"use_mlp={value!r} (expected true or false)")
+                bad.append(f"{name}={value!r} (expected true or false)")
         elif not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             bad.append(f"{name}={value!r} (expected an integer ≥ 1)")
     if bad:
@@ -121,6 +132,7 @@ class SFNO(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, nlat: int, nlon: int, embed_dim: int = 32,
                  num_layers: int = 4, mlp_ratio: float = 2.0, scale_factor: int = 1, pos_embed: bool | str = True,
                  lmax: int | None = None, *, encoder_layers: int = 2, decoder_layers: int = 2, use_mlp: bool = True,
+                 preset: str = "none", block_activation: bool = True,
                  skip: str = "linear", big_skip: str = "none", normalization: str = "none", activation: str = "gelu",
                  operator_type: str = "driscoll-healy", data_grid: str = DATA_GRID,
                  model_grid: str = LATENT_GRID) -> None:
@@ -132,6 +144,14 @@ class SFNO(nn.Module):
                       operator_type=operator_type, data_grid=data_grid, model_grid=model_grid, pos_embed=pos_embed)
         if lmax is not None:
             check_options(lmax=lmax)
+        check_options(preset=preset, block_activation=block_activation)
+        # A preset names a layout; options that leave it are refused rather than silently changing it.
+        conflicts = preset_conflicts(preset, {
+            "encoder_layers": encoder_layers, "decoder_layers": decoder_layers, "pos_embed": pos_embed, "skip": skip,
+            "big_skip": big_skip, "normalization": normalization, "operator_type": operator_type,
+            "block_activation": block_activation, "activation": activation})
+        if conflicts:
+            raise ValueError("invalid SFNO options: " + "; ".join(conflicts))
         self.lmax = lmax or default_lmax(nlat, nlon, scale_factor)
         self.scale_factor, self.data_grid, self.model_grid, self.big_skip = scale_factor, data_grid, model_grid, big_skip
         kind = pos_embed_kind(pos_embed)
@@ -144,6 +164,7 @@ class SFNO(nn.Module):
             "big_skip": big_skip, "normalization": normalization, "activation": activation,
             "operator_type": operator_type, "data_grid": data_grid, "model_grid": model_grid,
         }
+        self.arch.update(preset=preset, block_activation=block_activation)
         hidden = int(embed_dim * mlp_ratio)
         # Construction order is part of the contract: with the default options the same seed gives the
         # same initial weights as every earlier version of this model.
@@ -151,7 +172,8 @@ class SFNO(nn.Module):
         self.pos_embed = PositionEmbedding(embed_dim, kind, act=activation) if kind != "none" else None
         self.blocks = nn.ModuleList(
             SFNOBlock(embed_dim, self.lmax, mlp_ratio, use_mlp=use_mlp, skip=skip, normalization=normalization,
-                      activation=activation, operator_type=operator_type) for _ in range(num_layers))
+                      activation=activation, operator_type=operator_type, block_activation=block_activation)
+            for _ in range(num_layers))
         decoder_in = embed_dim + (in_channels if big_skip == "concat" else 0)
         self.decoder = MLP(decoder_in, hidden, out_channels, decoder_layers, out_gain=0.5 if big_skip == "add" else 1.0,
                            act=activation)

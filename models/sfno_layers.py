@@ -5,7 +5,8 @@ A block maps ``x`` on grid A to grid B (see :mod:`models.sfno`)::
     c = SHT_A(x)                              (re, im) coefficients, degrees l < L, orders m < L
     r = x if A == B else ISHT_B(c)            spectral resampling of the residual path
     s = norm(ISHT_B(K c))                     K: per-degree ("Driscoll–Healy") or per-(l, m) weights
-    y = act(s + skip(r))                      skip: linear 1×1 | identity | none
+    y = act(s + skip(r))                      skip: linear 1×1 | identity | none; act: none without
+                                              block_activation (the reference layout, models.sfno_reference)
     out = r + MLP(y)                          (or r + y without the MLP)
 
 Every 1×1 layer is one GEMM on the contiguous channel axis and the residual additions are folded
@@ -148,15 +149,19 @@ class SFNOBlock(nn.Module):
     """One spherical Fourier block: global spectral convolution + local skip, activation, residual MLP."""
 
     def __init__(self, dim: int, lmax: int, mlp_ratio: float, *, use_mlp: bool = True, skip: str = "linear",
-                 normalization: str = "none", activation: str = "gelu", operator_type: str = "driscoll-healy") -> None:
+                 normalization: str = "none", activation: str = "gelu", operator_type: str = "driscoll-healy",
+                 block_activation: bool = True) -> None:
         super().__init__()
         # Spectral and skip paths are summed, so each gets half the He gain (all of it without a skip).
         self.spectral = SpectralConv(dim, lmax, gain=1.0 if skip != "none" else 2.0, operator_type=operator_type)
         self.skip_kind = skip
         self.skip = Pointwise(dim, dim, 1.0) if skip == "linear" else None
-        self.act = ACTIVATIONS[activation]()
-        # Small output gain: the block starts close to the identity, which keeps deep rollouts tame.
-        self.mlp = MLP(dim, int(dim * mlp_ratio), dim, 2, out_gain=0.5, act=activation) if use_mlp else None
+        # Without the block activation (the reference layout) the MLP's hidden activation is the only one.
+        self.act = ACTIVATIONS[activation]() if block_activation else nn.Identity()
+        # Small output gain: the block starts close to the identity, which keeps deep rollouts tame. The
+        # reference layout keeps the reference's initialisation (output gain 1) so the two train alike.
+        out_gain = 0.5 if block_activation else 1.0
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dim, 2, out_gain=out_gain, act=activation) if use_mlp else None
         self.norm = make_norm(normalization, dim)
 
     def forward(self, x: torch.Tensor, sht: GridTransform, isht: GridTransform) -> torch.Tensor:
