@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.config_base import _Section
 
@@ -19,6 +19,9 @@ Skip = Literal["linear", "identity", "none"]
 BigSkip = Literal["none", "add", "concat"]
 Normalization = Literal["none", "layer", "instance"]
 OperatorType = Literal["driscoll-healy", "diagonal"]
+Factorization = Literal["dense", "cp", "tucker"]
+# At most a quarter of the dense spectral parameters (a ≥ 4× saving); its skill against dense: docs/benchmarks.md.
+DEFAULT_RANK = 0.25
 GridType = Literal["equiangular", "legendre-gauss", "lobatto", "equiangular-trapezoidal"]
 PosEmbed = Literal["none", "lat", "latlon"]
 Preset = Literal["none", "reference"]
@@ -57,6 +60,15 @@ def preset_options(preset: str) -> dict[str, Any]:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(map(repr, PRESETS))}")
     return {"preset": preset, **PRESETS[preset]}
+
+
+def rank_problem(rank: Any) -> str | None:
+    """Why ``rank`` is not a factorization rank (a fraction in (0, 1] or an integer ≥ 1), or None if it is one."""
+    # bool is an int to Python; a fraction above 1 would hold more than the dense tensor.
+    if isinstance(rank, bool) or not isinstance(rank, int | float) or not (
+            rank >= 1 if isinstance(rank, int) else 0.0 < rank <= 1.0):
+        return f"rank={rank!r} (expected a fraction in (0, 1] of the dense spectral weights, or an integer rank ≥ 1)"
+    return None
 
 
 class ModelConfig(_Section):
@@ -101,11 +113,28 @@ class ModelConfig(_Section):
     operator_type: OperatorType = "driscoll-healy"
     """Spectral filter: ``driscoll-healy`` (one complex weight per degree l, shared by all orders m:
     rotation-equivariant) or ``diagonal`` (one per degree and order: more parameters, not equivariant)."""
+    factorization: Factorization = "dense"
+    """How the spectral weights ``W[o, i, l(, m)]`` are held: ``dense``; ``cp``, a sum of ``r`` rank-1 complex
+    outer products over the output, input, degree (and order) modes; or ``tucker``, a small complex core and one
+    factor matrix per mode. Factorized weights are applied factor by factor, never expanded to the dense tensor."""
+    rank: int | float = DEFAULT_RANK
+    """Size of a ``cp``/``tucker`` factorization (ignored by ``dense``). A float in (0, 1] is the fraction of the
+    dense weight's parameters the factors may hold (tensorly-torch's convention: 0.25 = at most a quarter, the
+    recommended setting); an int ≥ 1 is the CP rank, or the Tucker rank of every mode. The model refuses a rank
+    larger than the full tensor (more numbers than the dense weight, or a Tucker rank above a mode's size)."""
     data_grid: GridType = "equiangular"
     """Latitude grid of the input/output fields (torch-harmonics grid type). spherecast's analysis stores are
     equiangular with both poles; other values are for data sampled on those grids."""
     model_grid: GridType = "legendre-gauss"
     """Latitude grid of the latent fields between blocks; Gauss–Legendre integrates exactly up to degree nlat."""
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _check_rank(cls, value: Any) -> Any:
+        problem = rank_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -30,8 +30,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from core.config_model import (
+    DEFAULT_RANK,
     Activation,
     BigSkip,
+    Factorization,
     GridType,
     Normalization,
     OperatorType,
@@ -39,7 +41,9 @@ from core.config_model import (
     Preset,
     Skip,
     preset_conflicts,
+    rank_problem,
 )
+from models.sfno_factorized import resolve_rank
 from models.sfno_layers import MLP, Pointwise, SFNOBlock
 from models.sfno_transforms import GridTransform, latitudes
 
@@ -50,7 +54,7 @@ LATENT_GRID = "legendre-gauss"  # exact quadrature up to degree nlat inside the 
 POS_HARMONICS = 2  # longitude wavenumbers seen by the positional embedding
 _CHOICES = {"skip": Skip, "big_skip": BigSkip, "normalization": Normalization, "activation": Activation,
             "operator_type": OperatorType, "data_grid": GridType, "model_grid": GridType, "pos_embed": PosEmbed,
-            "preset": Preset}
+            "preset": Preset, "factorization": Factorization}
 
 
 def latent_shape(nlat: int, nlon: int, scale_factor: int) -> tuple[int, int]:
@@ -90,6 +94,9 @@ def check_options(**options: Any) -> None:
             allowed = get_args(_CHOICES[name])
             if (pos_embed_kind(value) if name == "pos_embed" else value) not in allowed:
                 bad.append(f"{name}={value!r} (expected one of {', '.join(map(repr, allowed))})")
+        elif name == "rank":
+            if rank_problem(value):
+                bad.append(rank_problem(value))
         elif name == "mlp_ratio":
             if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
                 bad.append(f"mlp_ratio={value!r} (expected > 0)")
@@ -135,7 +142,7 @@ class SFNO(nn.Module):
                  preset: str = "none", block_activation: bool = True,
                  skip: str = "linear", big_skip: str = "none", normalization: str = "none", activation: str = "gelu",
                  operator_type: str = "driscoll-healy", data_grid: str = DATA_GRID,
-                 model_grid: str = LATENT_GRID) -> None:
+                 model_grid: str = LATENT_GRID, factorization: str = "dense", rank: float = DEFAULT_RANK) -> None:
         super().__init__()
         check_options(in_channels=in_channels, out_channels=out_channels, nlat=nlat, nlon=nlon,
                       embed_dim=embed_dim, num_layers=num_layers, mlp_ratio=mlp_ratio, scale_factor=scale_factor,
@@ -153,6 +160,10 @@ class SFNO(nn.Module):
         if conflicts:
             raise ValueError("invalid SFNO options: " + "; ".join(conflicts))
         self.lmax = lmax or default_lmax(nlat, nlon, scale_factor)
+        check_options(factorization=factorization, rank=rank)
+        if factorization != "dense":  # a rank larger than the full tensor fails here, before any weight is made
+            resolve_rank(factorization, (embed_dim, embed_dim, self.lmax, *(
+                (self.lmax,) if operator_type == "diagonal" else ())), rank)
         self.scale_factor, self.data_grid, self.model_grid, self.big_skip = scale_factor, data_grid, model_grid, big_skip
         kind = pos_embed_kind(pos_embed)
         # Complete and JSON-serialisable: checkpoint.build_model rebuilds the network as SFNO(**arch).
@@ -163,6 +174,7 @@ class SFNO(nn.Module):
             "encoder_layers": encoder_layers, "decoder_layers": decoder_layers, "use_mlp": use_mlp, "skip": skip,
             "big_skip": big_skip, "normalization": normalization, "activation": activation,
             "operator_type": operator_type, "data_grid": data_grid, "model_grid": model_grid,
+            "factorization": factorization, "rank": rank,
         }
         self.arch.update(preset=preset, block_activation=block_activation)
         hidden = int(embed_dim * mlp_ratio)
@@ -172,7 +184,8 @@ class SFNO(nn.Module):
         self.pos_embed = PositionEmbedding(embed_dim, kind, act=activation) if kind != "none" else None
         self.blocks = nn.ModuleList(
             SFNOBlock(embed_dim, self.lmax, mlp_ratio, use_mlp=use_mlp, skip=skip, normalization=normalization,
-                      activation=activation, operator_type=operator_type, block_activation=block_activation)
+                      activation=activation, operator_type=operator_type, block_activation=block_activation,
+                      factorization=factorization, rank=rank)
             for _ in range(num_layers))
         decoder_in = embed_dim + (in_channels if big_skip == "concat" else 0)
         self.decoder = MLP(decoder_in, hidden, out_channels, decoder_layers, out_gain=0.5 if big_skip == "add" else 1.0,

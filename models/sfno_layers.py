@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from core.config_model import DEFAULT_RANK
+from models.sfno_factorized import FactorizedWeight, factorized_weight
 from models.sfno_transforms import GridTransform
 
 log = logging.getLogger(__name__)
@@ -76,13 +78,17 @@ class MLP(nn.Sequential):
 class SpectralConv(nn.Module):
     """Complex weights contracted over channels, per degree (``W[o,i,l]``) or per degree and order (``W[o,i,l,m]``)."""
 
-    def __init__(self, channels: int, lmax: int, gain: float, operator_type: str = "driscoll-healy") -> None:
+    def __init__(self, channels: int, lmax: int, gain: float, operator_type: str = "driscoll-healy",
+                 factorization: str = "dense", rank: float = DEFAULT_RANK) -> None:
         super().__init__()
         self.operator_type = operator_type
         # Stored as real (…, 2) rather than complex: DDP buckets and every optimizer handle it.
         scale = math.sqrt(gain / channels / 2.0)
         orders = (lmax,) if operator_type == "diagonal" else ()
-        self.weight = nn.Parameter(scale * torch.randn(channels, channels, lmax, *orders, 2))
+        if factorization == "dense":
+            self.weight = nn.Parameter(scale * torch.randn(channels, channels, lmax, *orders, 2))
+        else:  # CP / Tucker factors (models.sfno_factorized), applied without forming the dense tensor
+            self.weight = factorized_weight(factorization, (channels, channels, lmax, *orders), rank, scale)
 
     def forward(self, coeffs: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         """Coefficients ``(2, m, l, batch, ci)`` (re, im) → filtered ``(2, m, l, batch, co)``.
@@ -90,6 +96,8 @@ class SpectralConv(nn.Module):
         ``local`` ``(co, ci)``, if given, is a real channel map applied at every (l, m) on top of the
         weights — a 1×1 layer acting on the band-limited field, folded into the same GEMM.
         """
+        if isinstance(self.weight, FactorizedWeight):
+            return self.weight.contract(coeffs, local)
         _, m, lmax, b, ci = coeffs.shape
         w = self.weight[:, :, :lmax, :m] if self.operator_type == "diagonal" else self.weight[:, :, :lmax]
         # (l[, m], ci, co) real and imaginary parts, contiguous so the batched GEMM below is one BLAS call.
@@ -150,10 +158,11 @@ class SFNOBlock(nn.Module):
 
     def __init__(self, dim: int, lmax: int, mlp_ratio: float, *, use_mlp: bool = True, skip: str = "linear",
                  normalization: str = "none", activation: str = "gelu", operator_type: str = "driscoll-healy",
-                 block_activation: bool = True) -> None:
+                 block_activation: bool = True, factorization: str = "dense", rank: float = DEFAULT_RANK) -> None:
         super().__init__()
         # Spectral and skip paths are summed, so each gets half the He gain (all of it without a skip).
-        self.spectral = SpectralConv(dim, lmax, gain=1.0 if skip != "none" else 2.0, operator_type=operator_type)
+        self.spectral = SpectralConv(dim, lmax, gain=1.0 if skip != "none" else 2.0, operator_type=operator_type,
+                                     factorization=factorization, rank=rank)
         self.skip_kind = skip
         self.skip = Pointwise(dim, dim, 1.0) if skip == "linear" else None
         # Without the block activation (the reference layout) the MLP's hidden activation is the only one.
