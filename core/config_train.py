@@ -37,7 +37,8 @@ class TrainConfig(_Section):
     """Autoregressive steps in the multistep loss at the end of the curriculum (its maximum)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Forward-pass precision: bf16 autocast (CPU or CUDA; SHTs stay fp32), fp16 autocast with a dynamic loss scale
-    (``torch.amp.GradScaler``; CUDA only), fp32, or auto (bf16 on CUDA, fp32 on CPU)."""
+    (``torch.amp.GradScaler``; CUDA only), fp32, or auto (bf16 on a GPU that supports it, fp32 otherwise). bf16 on a
+    GPU without bfloat16 is refused before training starts."""
     tensorboard: bool = True
     """Write TensorBoard event files to ``<run>/tensorboard`` (loss, lr, grad norm, throughput, memory, val RMSE)."""
     mlflow_tracking_uri: str | None = None

@@ -5,7 +5,7 @@ step; with a history of h states the input is the stack ``x(t−(h−1)Δ), …,
 channels concatenated). It exists only if every one of those times lies inside the requested
 period and is marked done in the store (completeness comes from the ``done`` flags, never from the values).
 The selected period is small, so it is loaded once into memory as float32; the dataset is a plain
-map-style dataset and works with ``DistributedSampler``.
+map-style dataset and works with ``DistributedSampler``. :func:`training_loader` batches it for one rank.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.fields import to_channels
 from core.schema import FLAG_VARIABLES, validate_analysis
@@ -105,3 +105,14 @@ class WindowDataset(Dataset):
         if not done.any():
             raise ValueError("no done times in the period")
         return self.data[done].mean(dim=0)
+
+
+def training_loader(dataset: Dataset, sampler: Sampler, per_rank_batch: int, workers: int,
+                    device: torch.device) -> DataLoader:
+    """The DataLoader one rank trains from: its sampler's whole batches, pinned for a CUDA device."""
+    # Pinned (page-locked) batches let the trainer's ``.to(device, non_blocking=True)`` overlap the copy with
+    # compute; on the CPU there is nothing to copy to. Workers are spawned: Zarr's event-loop thread would be
+    # inherited locked by a forked child.
+    return DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
+                      multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
+                      prefetch_factor=2 if workers else None, pin_memory=device.type == "cuda")

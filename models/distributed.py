@@ -50,17 +50,41 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def init_distributed() -> DistContext:
-    """Join the torchrun process group if ``WORLD_SIZE > 1`` (nccl with CUDA, else gloo)."""
+def check_gpu_ranks(ranks_per_node: int, setting: str = "train.nproc_per_node") -> None:
+    """ValueError when CUDA is available and more ranks per node are asked for than GPUs are visible (one each)."""
+    if not torch.cuda.is_available():
+        return  # CPU ranks: gloo runs any number of processes
+    visible = torch.cuda.device_count()
+    if ranks_per_node > visible:
+        raise ValueError(f"{setting} is {ranks_per_node} but {visible} GPU(s) are visible here (after "
+                         f"CUDA_VISIBLE_DEVICES); each rank trains on its own GPU, so use 1..{visible} ranks per node")
+
+
+def select_device() -> torch.device:
+    """This rank's device — ``cuda:LOCAL_RANK``, made the current CUDA device — or the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun sets LOCAL_WORLD_SIZE; a rank without a GPU of its own would fail later inside CUDA or nccl.
+    check_gpu_ranks(int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1))), "torchrun --nproc-per-node")
+    device = torch.device("cuda", local_rank)
+    # The only set_device of a run: nccl, autocast, pinned memory and bare .cuda() calls all use the current device.
+    torch.cuda.set_device(device)
+    return device
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for ranks on ``device``: nccl for CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the torchrun process group if ``WORLD_SIZE > 1`` (backend from ``device``); this rank's context."""
     world = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
+        backend = backend_for(device)
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
         log.info("rank %d/%d joined the %s process group", rank, world, backend)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)

@@ -1,7 +1,7 @@
 """How a training run uses the machine: process group, precision, deterministic kernels and ``torch.compile``.
 
-Each helper checks its setting against the device first, so an impossible request (fp16 on CPU,
-compile without a C++ compiler) is a ``ValueError`` before any step runs.
+Each helper checks its setting against the device first, so an impossible request (fp16 on CPU, bf16 on a
+GPU without it, compile without a C++ compiler) is a ``ValueError`` before any step runs.
 
 **Process group under torchrun restarts.** torchrun's ranks all talk to one key-value store (the
 agent's, or rank 0's) on the same ``MASTER_PORT`` in every attempt. Gloo publishes each rank's
@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from models.distributed import backend_for
 from models.normalization import Normalized
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,16 @@ GROUP_TIMEOUT = timedelta(minutes=10)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``bf16``, ``fp16`` or ``fp32`` for ``train.precision`` on ``device``; ValueError for fp16 without CUDA."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+    """``bf16``, ``fp16`` or ``fp32`` for ``train.precision`` on ``device``; ValueError for what the device cannot do."""
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision=fp16 needs CUDA (fp16 autocast with a loss scale); on CPU use bf16 or fp32")
+    # Asked after select_device made ``device`` current: is_bf16_supported() looks at the current GPU.
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if precision == "bf16" and not bf16_ok:
+        raise ValueError(f"train.precision=bf16 but the GPU {device} ({torch.cuda.get_device_name(device)}) does not "
+                         "support bfloat16; use train.precision fp16 (with a loss scale), fp32 or auto")
     return precision
 
 
@@ -98,7 +104,7 @@ def training_model(model: Normalized, compile: bool) -> Normalized:
     return twin.to(model.mean.device)
 
 
-def join_attempt_group() -> bool:
+def join_attempt_group(device: torch.device) -> bool:
     """Under torchrun with 2+ ranks, join the process group in a store namespace of this attempt; True if joined."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,10 +115,7 @@ def join_attempt_group() -> bool:
     # With the agent's store every rank is a client; otherwise rank 0 hosts it, as torch's env:// does.
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=GROUP_TIMEOUT)
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = backend_for(device)  # the device is already current (select_device)
     dist.init_process_group(backend, store=dist.PrefixStore(f"spherecast/attempt_{attempt}", store), rank=rank,
                             world_size=world, timeout=GROUP_TIMEOUT)
     log.info("rank %d/%d joined the %s process group (torchrun attempt %s)", rank, world, backend, attempt)

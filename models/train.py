@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import xarray as xr
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -38,12 +38,13 @@ from core.config import Config, load_config
 from core.grid import Grid, parse_grid_attr
 from models.checkpoint import build_meta, code_version
 from models.comm_hooks import CommStats, comm_hook_options, register_comm_hook
-from models.data import WindowDataset, open_analysis
+from models.data import WindowDataset, open_analysis, training_loader
 from models.distributed import (
     DistContext,
     broadcast_floats,
     init_distributed,
     per_rank_batch,
+    select_device,
     set_threads,
     shutdown_distributed,
     world_size_from_env,
@@ -213,11 +214,7 @@ def fit(s: Setup) -> Path:
     schedule = BudgetCosine(optimizer, cfg.lr)
     scaler = grad_scaler(s.precision, ctx.device)
     sampler = ResumableSampler(s.train_ds, ctx, cfg.seed, s.per_rank_batch)
-    workers = cfg.num_workers
-    # Spawned workers: Zarr's event-loop thread would be inherited locked by a forked child.
-    loader = DataLoader(s.train_ds, batch_size=s.per_rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
-                        multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
-                        prefetch_factor=2 if workers else None)
+    loader = training_loader(s.train_ds, sampler, s.per_rank_batch, cfg.num_workers, ctx.device)
     loss_fn = SphereMSE(channel_loss_weights(s.config))
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
     parts = TrainingParts(ctx, model, rollout, optimizer, schedule, scaler, guard, s.signature, cfg.seed)
@@ -297,7 +294,8 @@ def fit(s: Setup) -> Path:
                 k = rollout_steps_at(progress, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start,
                                      cfg.rollout_increment)
                 lr = schedule.update(pos.step, progress)
-                x0, target = x0.to(ctx.device), y[:, :k].to(ctx.device)
+                # Pinned batches (CUDA) copy asynchronously; the first kernel that reads them waits for the copy.
+                x0, target = x0.to(ctx.device, non_blocking=True), y[:, :k].to(ctx.device, non_blocking=True)
                 if cfg.input_noise > 0:  # drawn from the rank's torch RNG, which checkpoints carry: resume stays exact
                     scale = model.std.repeat(model.history) * cfg.input_noise
                     scale = torch.cat([scale, scale.new_zeros(x0.shape[1] - len(scale))])[:, None, None]  # no clock noise
@@ -360,9 +358,10 @@ def fit(s: Setup) -> Path:
 def train(config: Config) -> Path:
     """Train per ``config`` (in-process or as one torchrun rank); return the best checkpoint's path."""
     batch = per_rank_batch(config.train.batch_size, world_size_from_env())  # fail before joining a group
+    device = select_device()  # also fails before joining: more local ranks than GPUs
     deterministic = torch.are_deterministic_algorithms_enabled()
-    join_attempt_group()  # before init_distributed, which then finds the group joined
-    ctx = init_distributed()
+    join_attempt_group(device)  # before init_distributed, which then finds the group joined
+    ctx = init_distributed(device)
     try:
         path = fit(prepare(config, ctx, batch))
     except BaseException:

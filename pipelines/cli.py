@@ -21,6 +21,9 @@ PREFECT_DEFAULTS = {
 }
 
 
+NPROC_SETTING = "train.nproc_per_node (--nproc-per-node)"
+
+
 def prefect_environment() -> None:
     """Offline-friendly Prefect defaults; a value the user already set wins."""
     for key, value in PREFECT_DEFAULTS.items():
@@ -85,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     config_path = str(args.config) if args.config else None
     overrides = _overrides(args)
     config = load_config(config_path, overrides=overrides)  # fail fast, before Prefect starts
+    if args.command in ("train", "demo"):
+        from models.distributed import check_gpu_ranks
+
+        check_gpu_ranks(config.train.nproc_per_node, NPROC_SETTING)
     if args.command == "serve":
         _serve(config)
         return 0

@@ -24,6 +24,7 @@ from core.verification import score_forecast
 from ingest.build import finish_ingest, ingest, ingest_slab
 from models.checkpoint import code_version, register_checkpoint
 from models.data import open_analysis
+from models.distributed import check_gpu_ranks
 from models.forecast import load_forecaster, rollout, write_forecast
 from serve.maps import render_run_maps
 
@@ -73,6 +74,7 @@ def torchrun_command(config: Config, config_file: Path) -> list[str]:
 @task(name="train-torchrun", cache_policy=NO_CACHE)
 def train_task(config: Config) -> str:
     """Run ``torchrun … -m models.train`` as a subprocess, streaming its log; return the checkpoint."""
+    check_gpu_ranks(config.train.nproc_per_node, "train.nproc_per_node")  # before the run directory is made
     logger = get_run_logger()
     run_dir = config.paths.runs / config.train.run_name
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -109,3 +109,40 @@ def test_logs_outside_a_flow_run_print_without_prefect_warnings() -> None:
     both = out.stdout + out.stderr
     assert "serving published runs from x" in both
     assert "UserWarning" not in both and "without a flow run id" not in both, both
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.cuda`` reporting two GPUs, as on a CUDA host (nothing runs on them)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_more_ranks_than_gpus_is_one_clear_error_before_any_work(tmp_path: Path, capsys, two_fake_gpus,
+                                                                command: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths: {{root: {tmp_path / 'out'}}}\n")
+    args = [command, "--config", str(cfg)] + (["--nproc-per-node", "4"] if command == "train" else [])
+    if command == "demo":
+        cfg.write_text(cfg.read_text() + "train: {nproc_per_node: 3}\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    wanted = "4" if command == "train" else "3"
+    assert err.startswith(f"spherecast: error: train.nproc_per_node (--nproc-per-node) is {wanted} but 2 GPU(s) "
+                          "are visible"), err
+    assert "use 1..2 ranks per node" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_train_task_refuses_more_ranks_than_gpus_before_writing_its_config(tmp_path: Path, two_fake_gpus) -> None:
+    from pipelines.tasks import train_task
+
+    config = load_config(env={}, overrides={"paths": {"root": str(tmp_path / "out")}, "train": {"nproc_per_node": 3}})
+    with pytest.raises(ValueError, match=r"train.nproc_per_node is 3 but 2 GPU\(s\) are visible"):
+        train_task.fn(config)
+    assert not (tmp_path / "out").exists()
+    cpu = load_config(env={}, overrides={"train": {"nproc_per_node": 3}})
+    assert "--nproc_per_node=3" in torchrun_command(cpu, tmp_path / "c.yaml")  # the command itself never checks
