@@ -116,6 +116,12 @@ def _shape_only_transforms() -> Iterator[None]:
         module.RealSHT, module.InverseRealSHT = saved
 
 
+def shape_only_parameter_count(in_channels: int, out_channels: int, nlat: int, nlon: int, **options: Any) -> int:
+    """Real-valued parameter count of ``SFNO(in_channels, out_channels, nlat, nlon, **options)``, allocating nothing."""
+    with _AllocateOnMeta():
+        return real_parameter_count(_ShapeOnlySFNO(in_channels, out_channels, nlat, nlon, **options))
+
+
 def parameter_counts_at_scale(in_channels: int, out_channels: int, nlat: int, nlon: int, embed_dim: int,
                               num_layers: int, scale_factor: int = 3, **options: Any) -> dict[str, int]:
     """Real-valued parameter counts of ours (default and preset) and the reference, built on the meta device.
@@ -125,9 +131,9 @@ def parameter_counts_at_scale(in_channels: int, out_channels: int, nlat: int, nl
     """
     sizes = {"embed_dim": embed_dim, "num_layers": num_layers, "scale_factor": scale_factor}
     with _AllocateOnMeta(), _shape_only_transforms():
-        default = _ShapeOnlySFNO(in_channels, out_channels, nlat, nlon, **sizes, **options)
-        preset = _ShapeOnlySFNO(in_channels, out_channels, nlat, nlon, **{**preset_options("reference"), **sizes})
         reference = reference_sfno(in_channels, out_channels, nlat, nlon, embed_dim, num_layers,
                                    scale_factor=scale_factor)
-    return {"ours": real_parameter_count(default), "preset": real_parameter_count(preset),
+    return {"ours": shape_only_parameter_count(in_channels, out_channels, nlat, nlon, **sizes, **options),
+            "preset": shape_only_parameter_count(in_channels, out_channels, nlat, nlon,
+                                                 **{**preset_options("reference"), **sizes}),
             "reference": real_parameter_count(reference)}
