@@ -33,7 +33,7 @@ Preset = Literal["none", "reference"]
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {"encoder_layers": 1, "decoder_layers": 1, "pos_embed": "none", "skip": "none",
                   "big_skip": "none", "normalization": "none", "operator_type": "driscoll-healy",
-                  "block_activation": False},
+                  "block_activation": False, "factorization": "dense"},
 }
 PRESET_ACTIVATIONS: dict[str, tuple[str, ...]] = {"reference": ("gelu", "relu")}
 

@@ -156,7 +156,7 @@ class SFNO(nn.Module):
         conflicts = preset_conflicts(preset, {
             "encoder_layers": encoder_layers, "decoder_layers": decoder_layers, "pos_embed": pos_embed, "skip": skip,
             "big_skip": big_skip, "normalization": normalization, "operator_type": operator_type,
-            "block_activation": block_activation, "activation": activation})
+            "block_activation": block_activation, "activation": activation, "factorization": factorization})
         if conflicts:
             raise ValueError("invalid SFNO options: " + "; ".join(conflicts))
         self.lmax = lmax or default_lmax(nlat, nlon, scale_factor)

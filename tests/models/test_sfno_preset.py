@@ -93,7 +93,8 @@ def test_config_preset_fills_the_layout_and_keeps_the_sizes(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("field", "value"), [("skip", "linear"), ("encoder_layers", 2), ("pos_embed", True),
-                                              ("block_activation", True), ("activation", "silu")])
+                                              ("block_activation", True), ("activation", "silu"),
+                                              ("factorization", "cp")])
 def test_an_option_the_preset_fixes_is_refused_by_config_and_model(field: str, value: object, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"{field}=.*preset 'reference'"):
         config_from_dict({"paths": {"root": str(tmp_path)}, "model": {"preset": "reference", field: value}})
