@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
 
 from models.comm_hooks import CommStats, SignSGDState
+from models.ddp import comm_hook_states, gradient_buckets
 from models.distributed import DistContext
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,9 @@ def reseed(seed: int, step: int, rank: int) -> int:
 
 # ---- DDP communication hook memories -------------------------------------------------------------
 
-def _hook_states(ddp: nn.Module) -> list[Any]:
-    # DDP keeps (hook, state) pairs; our counted wrappers keep torch's own state in ``.inner``.
-    return [state for _, state in getattr(ddp, "_comm_hooks", [])]
-
-
 def _kind_and_state(ddp: nn.Module) -> tuple[str, Any, CommStats | None]:
-    for state in _hook_states(ddp):
+    # Our counted wrappers keep torch's own hook state in ``.inner``.
+    for state in comm_hook_states(ddp):
         if isinstance(state, SignSGDState):
             return "signsgd", state, state.stats
         inner, stats = getattr(state, "inner", None), getattr(state, "stats", None)
@@ -97,10 +94,7 @@ def _kind_and_state(ddp: nn.Module) -> tuple[str, Any, CommStats | None]:
 
 def bucket_layout(ddp: nn.Module, names: dict[int, str]) -> list[list[str]]:
     """Parameter names per DDP gradient bucket, in bucket order (what hook memories are laid out by)."""
-    reducer = getattr(ddp, "reducer", None)
-    if reducer is None:
-        return []
-    return [[names[id(p)] for p in bucket.parameters()] for bucket in reducer._get_zeros_like_grad_buckets()]
+    return [[names[id(p)] for p in bucket] for bucket in gradient_buckets(ddp)]
 
 
 def _to_cpu(value: Any) -> Any:

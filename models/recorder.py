@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from core.config import dump_config
-from models.checkpoint import build_meta, save_checkpoint
-
-if TYPE_CHECKING:
-    from models.resume import Position
-    from models.train import Setup
+from models.checkpoint import save_checkpoint
+from models.normalization import Normalized
 
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "checkpoint.pt"
+
+# ``(cpu state_dict, train step) -> checkpoint meta``: what the run knows about itself (models.checkpoint.build_meta).
+Describe = Callable[[Mapping[str, torch.Tensor], int], dict[str, Any]]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -52,46 +52,34 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
 
 
 class Recorder:
-    """Metrics lines and checkpoints, written by rank 0 only (other ranks' calls do nothing)."""
+    """Metrics lines and checkpoints of one run directory, written by rank 0 only (other ranks' calls do nothing)."""
 
-    def __init__(self, s: Setup, start: dict[str, Any]) -> None:
-        self.s = s
-        self.metrics = s.run_dir / "metrics.jsonl"
-        if s.ctx.is_main:
-            s.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(s.run_dir)
-            self.append({**start, "world_size": s.ctx.world_size, "grid": s.grid.describe(),
-                         "train_windows": len(s.train_ds), "val_windows": len(s.val_ds),
-                         "dataset_version": s.dataset_version, "config": dump_config(s.config)})
+    def __init__(self, run_dir: Path, is_main: bool, model: Normalized, describe: Describe,
+                 start: dict[str, Any]) -> None:
+        self.run_dir, self.is_main, self.model, self.describe = run_dir, is_main, model, describe
+        self.metrics = run_dir / "metrics.jsonl"
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(run_dir)
+            self.append(start)
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one JSON line to ``metrics.jsonl`` (rank 0 only)."""
-        if self.s.ctx.is_main:
+        if self.is_main:
             with open(self.metrics, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
     def save(self, step: int, training: dict[str, Any] | None, reason: str, score: float | None = None,
              best: bool = False) -> None:
         """Write ``checkpoint.pt`` when ``best``, then ``last.pt``, each atomically (rank 0 only)."""
-        if not self.s.ctx.is_main:
+        if not self.is_main:
             return
-        model = self.s.model
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        meta = build_meta(self.s.config, self.s.stats, self.s.grid, model.core.arch, state, step, self.s.dataset_version)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        meta = self.describe(state, step)
         if score is not None:
             meta["val_score"] = score
         if best:
-            save_checkpoint(self.s.run_dir / BEST, model, meta, training)
-            log.info("step %d: new best validation score %.4f → %s", step, score, self.s.run_dir / BEST)
-        save_checkpoint(self.s.run_dir / LAST, model, meta, training)
+            save_checkpoint(self.run_dir / BEST, self.model, meta, training)
+            log.info("step %d: new best validation score %.4f → %s", step, score, self.run_dir / BEST)
+        save_checkpoint(self.run_dir / LAST, self.model, meta, training)
         self.append({"event": "checkpoint", "step": step, "reason": reason, "best": best})
-
-
-def start_record(s: Setup, pos: Position) -> dict[str, Any]:
-    """The first metrics line of an attempt: ``start`` for a fresh run, ``resume`` with where it continues."""
-    if s.resume is None:
-        return {"event": "start", "resume": s.config.train.resume}
-    log.info("resuming %s at step %d (epoch %d, batch %d, %.0f s of budget used); written by %d rank(s), now %d",
-             s.run_dir / LAST, pos.step, pos.epoch, pos.batch, pos.elapsed_s, s.resume["world_size"], s.ctx.world_size)
-    return {"event": "resume", "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch,
-            "elapsed_s": round(pos.elapsed_s, 2), "previous_world_size": s.resume["world_size"]}

@@ -34,6 +34,7 @@ from core.config import Config
 from core.config_model import ModelConfig
 from core.schema import validate_checkpoint_meta
 from models.checkpoint import read_checkpoint, state_dict_sha256
+from models.ddp import is_ddp
 from models.distributed import DistContext
 from models.guards import NonFiniteGuard
 from models.rank_state import (
@@ -210,24 +211,27 @@ class TrainingParts:
         return {id(p): n for n, p in self.model.named_parameters()}
 
 
-def capture(parts: TrainingParts, pos: Position, elapsed_s: float) -> dict[str, Any] | None:
-    """The ``training`` dict on rank 0 (None elsewhere); a collective: every rank must call it."""
+def capture(parts: TrainingParts, position: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``training`` dict (with ``position``, a :meth:`Position.as_dict`) on rank 0, None elsewhere; a collective."""
     ctx = parts.ctx
-    distributed = ctx.distributed and hasattr(parts.rollout, "reducer")
+    distributed = ctx.distributed and is_ddp(parts.rollout)
     mine = {"rng": rng_state(ctx.device), "hook": hook_state(parts.rollout, parts.names) if distributed else None}
     ranks = gather_to_main(mine, ctx)
     if ranks is None:
         return None
     return {"format": FORMAT, "optimizer": parts.optimizer.state_dict(), "scheduler": parts.schedule.state_dict(),
             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-            "position": pos.as_dict(elapsed_s), "guard": {"skipped": parts.guard.skipped,
+            "position": position, "guard": {"skipped": parts.guard.skipped,
                                                           "in_a_row": parts.guard.in_a_row},
             "world_size": ctx.world_size, "rng": [r["rng"] for r in ranks],
             "comm_hook": [r["hook"] for r in ranks], "data": parts.signature}
 
 
-def restore(parts: TrainingParts, training: dict[str, Any], prime_input: torch.Tensor, prime_steps: int) -> Position:
-    """Put a ``training`` dict back into the live objects (model weights are loaded before DDP wraps it)."""
+def restore(parts: TrainingParts, training: dict[str, Any], prime_input: torch.Tensor, prime_steps: int) -> None:
+    """Put a ``training`` dict back into the live objects; the loop reads its ``position`` itself.
+
+    Model weights are loaded before DDP wraps the model (so every rank starts from rank 0's file).
+    """
     ctx = parts.ctx
     parts.optimizer.load_state_dict(training["optimizer"])
     parts.schedule.load_state_dict(training["scheduler"])
@@ -237,9 +241,8 @@ def restore(parts: TrainingParts, training: dict[str, Any], prime_input: torch.T
         else:
             log.warning("the checkpoint has no AMP loss scale (written without fp16): the scale starts afresh")
     parts.guard.skipped, parts.guard.in_a_row = training["guard"]["skipped"], training["guard"]["in_a_row"]
-    pos = Position.from_dict(training["position"])
     same_world = training["world_size"] == ctx.world_size
-    if ctx.distributed and hasattr(parts.rollout, "reducer"):
+    if ctx.distributed and is_ddp(parts.rollout):
         saved_hook = training["comm_hook"][ctx.rank] if same_world else None
         if saved_hook is not None:
             if saved_hook["kind"] != "none":  # memories laid out by bucket: let DDP rebuild its buckets first
@@ -250,9 +253,8 @@ def restore(parts: TrainingParts, training: dict[str, Any], prime_input: torch.T
     if same_world:
         set_rng_state(training["rng"][ctx.rank], ctx.device)
     else:
-        value = reseed(parts.seed, pos.step, ctx.rank)
+        value = reseed(parts.seed, int(training["position"]["step"]), ctx.rank)
         if ctx.is_main:
             log.warning("resuming %d-rank state on %d ranks: RNG streams reseeded from (seed, step, rank) (%d on "
                         "rank 0) and DDP hook memories restarted; the data position carries over exactly",
                         training["world_size"], ctx.world_size, value)
-    return pos

@@ -14,6 +14,12 @@ Validation (RMSE of model vs persistence at ``train.val_lead_hours``, 6 h and 24
 at epoch ends every tenth of the run and at the end. ``last.pt`` is written at each validation,
 every ``checkpoint_every_steps`` steps, every ``checkpoint_every_minutes`` and at the end;
 ``checkpoint.pt`` holds the best validation score (at the longest lead). With ``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
+
+Layout: :func:`models.prepare.prepare` checks and builds everything a run needs (all its errors come
+before a file is written); :class:`Trainer` runs it — :meth:`Trainer.setup` builds the live objects
+(DDP through :mod:`models.ddp`, optimizer, loader) and restores ``last.pt``, :meth:`Trainer.step` is
+one optimizer step, :meth:`Trainer.validate` and :meth:`Trainer.checkpoint` do what they say, and
+:class:`TrainState` holds the loop's counters. Files are written by :class:`models.recorder.Recorder`.
 """
 
 from __future__ import annotations
@@ -23,54 +29,40 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import xarray as xr
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from core.config import Config, load_config
-from core.grid import Grid, parse_grid_attr
+from core.config import Config, dump_config, load_config
+from models import ddp
 from models.checkpoint import build_meta, code_version
-from models.comm_hooks import CommStats, comm_hook_options, register_comm_hook
-from models.data import WindowDataset, open_analysis, training_loader
+from models.data import training_loader
 from models.distributed import (
-    DistContext,
     broadcast_floats,
     init_distributed,
     per_rank_batch,
     select_device,
-    set_threads,
     shutdown_distributed,
     world_size_from_env,
 )
 from models.evaluate import evaluate
 from models.guards import NonFiniteGuard
 from models.losses import SphereMSE
-from models.normalization import Normalized, Rollout
-from models.recorder import LAST, Recorder, peak_memory_mb, start_record
-from models.resume import Position, ResumableSampler, TrainingParts, capture, data_signature, load_resumable, restore
-from models.runtime import (
-    autocast,
-    check_compile,
-    grad_scaler,
-    join_attempt_group,
-    resolve_precision,
-    set_deterministic,
-    training_model,
-)
+from models.normalization import Rollout
+from models.prepare import Setup, build_sfno, channel_loss_weights, prepare, training_windows, validation_steps
+from models.recorder import LAST, Recorder, peak_memory_mb
+from models.resume import Position, ResumableSampler, TrainingParts, capture, restore
+from models.runtime import autocast, grad_scaler, join_attempt_group, training_model
 from models.schedule import BudgetCosine, rollout_steps_at
-from models.sfno import SFNO
-from models.statics import static_fields
-from models.stats import load_stats
 from models.tracking import Tracker
 from models.tracking_mlflow import open_sink
-from models.zarr_windows import ZarrWindowDataset
+
+__all__ = ["Setup", "TrainState", "Trainer", "build_sfno", "channel_loss_weights", "fit", "main", "prepare", "train",
+           "training_windows", "validation_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -79,102 +71,38 @@ GRAD_CLIP = 1.0
 
 
 @dataclass
-class Setup:
-    """Everything a training run needs, built and checked before the first step."""
+class TrainState:
+    """The loop's counters: the checkpointed :class:`Position`, and this attempt's clocks, rollout length and losses."""
 
-    config: Config
-    ctx: DistContext
-    per_rank_batch: int
-    grid: Grid
-    stats: xr.Dataset
-    dataset_version: str
-    train_ds: WindowDataset | ZarrWindowDataset
-    val_ds: WindowDataset
-    lead_steps: list[int]
-    model: Normalized
-    run_dir: Path
-    precision: str
-    signature: dict[str, Any]
-    resume: dict[str, Any] | None  # the checked ``last.pt`` to continue, weights already loaded into ``model``
+    pos: Position = field(default_factory=lambda: Position(next_val=VAL_EVERY))
+    rollout_steps: int = 1  # of the latest step (validation records report it)
+    progress: float = 0.0  # of the run ∈ [0, 1], as rank 0 last broadcast it
+    losses: list[float] = field(default_factory=list)  # training losses since the last validation
+    started: float = 0.0  # monotonic time this attempt's loop started
+    last_save: float = 0.0  # monotonic time of the latest checkpoint
+    last_step: float = 0.0  # monotonic time the latest step (or validation) ended: throughput counts steps only
 
+    def start_clock(self) -> None:
+        """Start this attempt's wall clock (the budget adds it to the earlier attempts' time)."""
+        self.started = self.last_save = self.last_step = time.monotonic()
 
-def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
-    """The SFNO the config describes: the history stack, clock and static fields in, the task's channels out."""
-    n = len(config.task.channels())
-    n_in = config.task.history * n + 2 * len(config.task.time_features) + len(config.task.static_fields)
-    # The model section's field names are SFNO's keyword arguments: a new option is one field and one kwarg.
-    return SFNO(n_in, n, nlat, nlon, **config.model.model_dump())
+    def elapsed(self) -> float:
+        """Training wall time over all attempts so far."""
+        return self.pos.elapsed_s + time.monotonic() - self.started
 
+    def mean_loss(self) -> float | None:
+        """The mean training loss since the last call (None without steps), starting a new mean."""
+        mean = sum(self.losses) / len(self.losses) if self.losses else None
+        self.losses.clear()
+        return mean
 
-def validation_steps(config: Config) -> list[int]:
-    """The validation leads in model steps, sorted; ValueError for a lead that is not a whole number of steps."""
-    dt = config.task.time_step_hours
-    odd = [h for h in config.train.val_lead_hours if h % dt]
-    if odd:
-        raise ValueError(f"train.val_lead_hours {odd} are not multiples of the model step {dt} h")
-    return sorted({h // dt for h in config.train.val_lead_hours})
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the loop: the position, with the wall time used until now."""
+        return self.pos.as_dict(self.elapsed())
 
-
-def training_windows(config: Config, analysis: xr.Dataset) -> tuple[Dataset, WindowDataset]:
-    """The training windows (in memory, or read from the store per item) and the validation windows."""
-    t, task = config.train, config.task
-    channels, dt = task.channels(), task.time_step_hours
-    lead_steps = max(validation_steps(config))
-    if t.loader == "zarr":
-        train_ds: Dataset = ZarrWindowDataset(config.paths.analysis_store, channels, t.train_start, t.train_end,
-                                              t.rollout_steps, dt, task.history, time_features=task.time_features)
-    else:
-        train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt, task.history,
-                                 task.time_features)
-    val_ds = WindowDataset(analysis, channels, t.val_start, t.val_end, lead_steps, dt, task.history, task.time_features)
-    return train_ds, val_ds
-
-
-def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
-    """Open and check data, stats and any ``last.pt`` to resume, build datasets and model; all ValueErrors are here."""
-    threads = set_threads(config.train.threads, ctx.world_size)
-    t = config.train
-    precision = resolve_precision(t.precision, ctx.device)
-    if t.compile:
-        check_compile(ctx.device)
-    analysis = open_analysis(config.paths.analysis_store)
-    grid = parse_grid_attr(str(analysis.attrs["grid"]))
-    if grid.shape != config.grid.grid().shape:
-        raise ValueError(f"analysis store grid {grid.describe()} does not match config grid {config.grid.preset!r}")
-    channels = config.task.channels()
-    dt = config.task.time_step_hours
-    stats = load_stats(config.paths.stats_file, analysis, channels, dt, (t.val_start, t.val_end))
-    lead_steps = validation_steps(config)
-    static = static_fields(analysis, config.task.static_fields) if config.task.static_fields else None
-    train_ds, val_ds = training_windows(config, analysis)
-    if len(train_ds) // ctx.world_size < batch:
-        raise ValueError(f"{len(train_ds)} complete training windows in {t.train_start}..{t.train_end} "
-                         f"cannot fill a batch of {t.batch_size} over {ctx.world_size} ranks")
-    if len(val_ds) == 0:
-        raise ValueError(f"no complete validation windows of {max(lead_steps)} steps in {t.val_start}..{t.val_end}")
-    set_deterministic(t.deterministic)
-    torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
-    model = Normalized(build_sfno(config, grid.nlat, grid.nlon), stats["mean"].values, stats["std"].values,
-                       stats["diff_std"].values, config.task.history, static, config.task.static_fields,
-                       config.task.time_features, dt).to(ctx.device)
-    run_dir = config.paths.runs / t.run_name
-    dataset_version = str(analysis.attrs["dataset_version"])
-    signature = data_signature(config, len(train_ds))
-    resumed = None
-    if t.resume == "auto":
-        expected = build_meta(config, stats, grid, model.core.arch, model.state_dict(), 0, dataset_version)
-        resumed = load_resumable(run_dir / LAST, expected, signature, ctx)
-        if resumed is not None:
-            model.load_state_dict(resumed["model"])
-    elif ctx.is_main and (run_dir / LAST).exists():
-        log.warning("train.resume=never: starting %s over; its last.pt is replaced at this run's first checkpoint",
-                    run_dir)
-    if ctx.is_main:
-        log.info("training on %s, %d train / %d val windows, batch %d (%d/rank × %d ranks), %d threads/rank, "
-                 "%d parameters, %s", grid.describe(), len(train_ds), len(val_ds), t.batch_size, batch,
-                 ctx.world_size, threads, sum(p.numel() for p in model.parameters()), precision)
-    return Setup(config, ctx, batch, grid, stats, dataset_version, train_ds, val_ds, lead_steps, model, run_dir,
-                 precision, signature, resumed["training"] if resumed is not None else None)
+    def load_state_dict(self, position: dict[str, Any]) -> None:
+        """Continue from a checkpoint's position (its step counts as saved)."""
+        self.pos = Position.from_dict(position)
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -183,176 +111,224 @@ def _summary(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def channel_loss_weights(config: Config) -> list[float]:
-    """The loss weight of every channel in order; ValueError naming unknown or negative entries."""
-    channels = config.task.channels()
-    given = config.train.channel_weights
-    unknown = sorted(set(given) - set(channels))
-    if unknown:
-        raise ValueError(f"train.channel_weights names {unknown}, not channels of this task: {channels}")
-    weights = [float(given.get(c, 1.0)) for c in channels]
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"train.channel_weights must be ≥ 0 with a positive sum, got {given}")
-    return weights
+class Trainer:
+    """One training run of a :class:`Setup`: :meth:`run` it; every rank makes the same calls in the same order."""
 
+    def __init__(self, s: Setup) -> None:
+        self.s, self.cfg, self.ctx, self.model = s, s.config.train, s.ctx, s.model
+        self.state = TrainState(rollout_steps=self._rollout_steps(0.0))
 
-def fit(s: Setup) -> Path:
-    """Run (or continue) the training loop until the step cap or budget; return the best checkpoint's path."""
-    cfg, ctx, model = s.config.train, s.ctx, s.model
-    model.core.checkpoint_blocks = cfg.activation_checkpointing
-    rollout: torch.nn.Module = Rollout(training_model(model, cfg.compile))
-    if ctx.distributed:
-        # Buffers (stats, position features) are constants: no need to re-broadcast them every step.
-        rollout = DistributedDataParallel(rollout, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-                                          broadcast_buffers=False)
-    comm: CommStats | None = None
-    if ctx.distributed:
-        comm = register_comm_hook(rollout, cfg.comm_hook, **comm_hook_options(cfg))
-    elif cfg.comm_hook != "none":
-        log.warning("train.comm_hook=%r needs a distributed run; training with one process and no hook", cfg.comm_hook)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    schedule = BudgetCosine(optimizer, cfg.lr)
-    scaler = grad_scaler(s.precision, ctx.device)
-    sampler = ResumableSampler(s.train_ds, ctx, cfg.seed, s.per_rank_batch)
-    loader = training_loader(s.train_ds, sampler, s.per_rank_batch, cfg.num_workers, ctx.device)
-    loss_fn = SphereMSE(channel_loss_weights(s.config))
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
-    parts = TrainingParts(ctx, model, rollout, optimizer, schedule, scaler, guard, s.signature, cfg.seed)
-    pos = Position(next_val=VAL_EVERY)
-    if s.resume is not None:
-        prime = torch.zeros(s.per_rank_batch, *s.train_ds[0][0].shape, device=ctx.device)
-        pos = restore(parts, s.resume, prime, cfg.rollout_start)
-    sampler.skip_batches(pos.batch)
-    climatology = s.train_ds.time_mean()
-    recorder = Recorder(s, start_record(s, pos))
-    sink = open_sink(s.config, s.run_dir, s.dataset_version, code_version(), s.resume is not None, ctx.is_main)
-    tracker = Tracker(s.run_dir, cfg.tensorboard and ctx.is_main, mlflow=sink,
-                      resumed_step=pos.step if s.resume is not None else None)
-    budget_s, dt = cfg.budget_minutes * 60.0, s.config.task.time_step_hours
-    t0 = last_save = time.monotonic()
-    losses: list[float] = []
-    k = rollout_steps_at(0.0, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start, cfg.rollout_increment)
-    progress, clock = 0.0, {"t": t0}
+    def _rollout_steps(self, progress: float) -> int:
+        cfg = self.cfg
+        return rollout_steps_at(progress, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start, cfg.rollout_increment)
 
-    def elapsed() -> float:
-        return pos.elapsed_s + time.monotonic() - t0
+    # ---- setup -----------------------------------------------------------------------------------
 
-    def checkpoint(reason: str, score: float | None = None, best: bool = False) -> None:
-        nonlocal last_save
-        recorder.save(pos.step, capture(parts, pos, elapsed()), reason, score, best)
-        pos.saved_step, last_save = pos.step, time.monotonic()
+    def setup(self) -> None:
+        """Build the live objects (DDP-wrapped rollout, optimizer, loader, loss), restore ``last.pt``, open the files."""
+        s, cfg, ctx, model = self.s, self.cfg, self.ctx, self.model
+        model.core.checkpoint_blocks = cfg.activation_checkpointing
+        self.rollout, self.comm = ddp.wrap(Rollout(training_model(model, cfg.compile)), ctx, cfg)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        self.schedule = BudgetCosine(self.optimizer, cfg.lr)
+        self.scaler = grad_scaler(s.precision, ctx.device)
+        self.sampler = ResumableSampler(s.train_ds, ctx, cfg.seed, s.per_rank_batch)
+        self.loader = training_loader(s.train_ds, self.sampler, s.per_rank_batch, cfg.num_workers, ctx.device)
+        self.loss_fn = SphereMSE(channel_loss_weights(s.config))
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, ctx)
+        self.parts = TrainingParts(ctx, model, self.rollout, self.optimizer, self.schedule, self.scaler, self.guard,
+                                   s.signature, cfg.seed)
+        if s.resume is not None:
+            self.load_state_dict(s.resume)
+        self.sampler.skip_batches(self.state.pos.batch)
+        self.climatology = s.train_ds.time_mean()
+        self.recorder = Recorder(s.run_dir, ctx.is_main, model, self._describe, self._start_record())
+        sink = open_sink(s.config, s.run_dir, s.dataset_version, code_version(), s.resume is not None, ctx.is_main)
+        self.tracker = Tracker(s.run_dir, cfg.tensorboard and ctx.is_main, mlflow=sink,
+                               resumed_step=self.state.pos.step if s.resume is not None else None)
+        self.state.start_clock()
 
-    def validate() -> None:
-        result = evaluate(model, s.val_ds, s.lead_steps, dt, climatology, ctx)
-        train_loss = sum(losses) / len(losses) if losses else None
-        losses.clear()
-        record = {"event": "val", "step": pos.step, "epoch": pos.epoch, "elapsed_s": round(elapsed(), 2),
-                  "lr": schedule.last_lr, "rollout_steps": k, "train_loss": train_loss,
-                  "skipped_steps": guard.skipped, "precision": s.precision,
-                  "peak_memory_mb": peak_memory_mb(ctx.device), **result}
-        if comm is not None:  # bytes this rank sent per step through the DDP hook
-            record["comm"] = comm.as_record()
-        recorder.append(record)
-        tracker.validation(pos.step, result)
-        if ctx.is_main:
-            log.info("validation at step %d (epoch %d): %s", pos.step, pos.epoch, _summary(result))
-        best = result["score"] < pos.best
-        pos.val_step, pos.best = pos.step, min(pos.best, result["score"])
-        checkpoint("validation", result["score"], best)
-        clock["t"] = time.monotonic()  # throughput counts training steps, not validation
+    def _describe(self, state: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+        s = self.s
+        return build_meta(s.config, s.stats, s.grid, self.model.core.arch, state, step, s.dataset_version)
 
-    def control() -> tuple[float, bool, bool]:
-        el, now = elapsed(), time.monotonic()
+    def _start_record(self) -> dict[str, Any]:
+        """The first metrics line of an attempt: ``start`` for a fresh run, ``resume`` with where it continues."""
+        s, pos = self.s, self.state.pos
+        if s.resume is None:
+            record: dict[str, Any] = {"event": "start", "resume": self.cfg.resume}
+        else:
+            log.info("resuming %s at step %d (epoch %d, batch %d, %.0f s of budget used); written by %d rank(s), "
+                     "now %d", s.run_dir / LAST, pos.step, pos.epoch, pos.batch, pos.elapsed_s, s.resume["world_size"],
+                     self.ctx.world_size)
+            record = {"event": "resume", "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch,
+                      "elapsed_s": round(pos.elapsed_s, 2), "previous_world_size": s.resume["world_size"]}
+        return {**record, "world_size": self.ctx.world_size, "device": str(self.ctx.device), "grid": s.grid.describe(),
+                "train_windows": len(s.train_ds), "val_windows": len(s.val_ds), "dataset_version": s.dataset_version,
+                "config": dump_config(s.config)}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The checkpoint's ``training`` dict on rank 0 (None elsewhere); a collective: every rank must call it."""
+        return capture(self.parts, self.state.state_dict())
+
+    def load_state_dict(self, training: dict[str, Any]) -> None:
+        """Continue from a checkpoint's ``training`` dict (model weights were loaded by :func:`prepare`)."""
+        prime = torch.zeros(self.s.per_rank_batch, *self.s.train_ds[0][0].shape, device=self.ctx.device)
+        restore(self.parts, training, prime, self.cfg.rollout_start)
+        self.state.load_state_dict(training["position"])
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Set up, then train until the step cap or budget, validating and checkpointing; the best checkpoint."""
+        self.setup()
+        st, ctx = self.state, self.ctx
+        if st.pos.val_step < 0:
+            self.validate()
+        self.bar = tqdm(total=100, desc="train", unit="%", disable=not ctx.is_main, mininterval=1.0)
+        self.model.train()
+        stop = False
+        with logging_redirect_tqdm() if ctx.is_main else nullcontext():  # log lines above the bar, not through it
+            while not stop:
+                self.sampler.set_epoch(st.pos.epoch)
+                for batch, (x0, y) in enumerate(self.loader, start=st.pos.batch):
+                    st.pos.batch = batch
+                    stop, due = self.control()
+                    if stop:
+                        break
+                    if due:  # before this batch: the position reads "pos.batch batches consumed"
+                        self.checkpoint(self._due_reason())
+                    self.step(x0, y)
+                else:
+                    self.end_epoch()
+        self.bar.close()
+        return self.finish()
+
+    def control(self) -> tuple[bool, bool]:
+        """Rank 0's progress, stop and checkpoint-due decisions, the same on every rank (progress goes to the state)."""
+        cfg, pos = self.cfg, self.state.pos
+        el, now = self.state.elapsed(), time.monotonic()
+        budget_s = cfg.budget_minutes * 60.0
         progress = pos.step / cfg.max_steps if cfg.max_steps else (el / budget_s if budget_s > 0 else 1.0)
         at_cap = cfg.max_steps is not None and pos.step >= cfg.max_steps
         stop = at_cap or el >= budget_s
-        if stop and not at_cap and cfg.max_steps and ctx.is_main:
+        if stop and not at_cap and cfg.max_steps and self.ctx.is_main:
             log.warning("budget of %.1f min used up at step %d of max_steps %d: stopping early", cfg.budget_minutes,
                         pos.step, cfg.max_steps)
         every_n, every_m = cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes
         due = pos.step != pos.saved_step and ((every_n is not None and pos.step % every_n == 0)
-                                              or (every_m is not None and now - last_save >= every_m * 60))
-        progress, stop_f, due_f = broadcast_floats([min(progress, 1.0), float(stop), float(due)], ctx)
-        return progress, stop_f > 0.5, due_f > 0.5
+                                              or (every_m is not None and now - self.state.last_save >= every_m * 60))
+        self.state.progress, stop_f, due_f = broadcast_floats([min(progress, 1.0), float(stop), float(due)], self.ctx)
+        return stop_f > 0.5, due_f > 0.5
 
-    if pos.val_step < 0:
-        validate()
-    bar = tqdm(total=100, desc="train", unit="%", disable=not ctx.is_main, mininterval=1.0)
-    model.train()
-    stop = False
-    with logging_redirect_tqdm() if ctx.is_main else nullcontext():  # log lines above the bar, not through it
-        while not stop:
-            sampler.set_epoch(pos.epoch)
-            for batch, (x0, y) in enumerate(loader, start=pos.batch):
-                pos.batch = batch
-                progress, stop, due = control()
-                if stop:
-                    break
-                if due:  # before this batch: the position reads "pos.batch batches consumed"
-                    checkpoint("steps" if cfg.checkpoint_every_steps and pos.step % cfg.checkpoint_every_steps == 0
-                               else "minutes")
-                k = rollout_steps_at(progress, cfg.rollout_steps, cfg.rollout_ramp, cfg.rollout_start,
-                                     cfg.rollout_increment)
-                lr = schedule.update(pos.step, progress)
-                # Pinned batches (CUDA) copy asynchronously; the first kernel that reads them waits for the copy.
-                x0, target = x0.to(ctx.device, non_blocking=True), y[:, :k].to(ctx.device, non_blocking=True)
-                if cfg.input_noise > 0:  # drawn from the rank's torch RNG, which checkpoints carry: resume stays exact
-                    scale = model.std.repeat(model.history) * cfg.input_noise
-                    scale = torch.cat([scale, scale.new_zeros(x0.shape[1] - len(scale))])[:, None, None]  # no clock noise
-                    x0 = x0 + torch.randn_like(x0) * scale
-                with autocast(s.precision, ctx.device):
-                    pred = rollout(x0, k, cfg.rollout_grad_steps)
-                loss = loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))
-                optimizer.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                # With a loss scale, overflowing gradients are the scaler's to skip (it lowers the scale).
-                checked = grad_norm if scaler is None else loss.new_zeros(())
-                if not guard.step_is_finite(loss.detach(), checked, pos.step, lr):
-                    if scaler is not None:
-                        scaler.update()
-                    optimizer.zero_grad(set_to_none=True)  # skipped: the weights and Adam's moments stay as they were
-                    continue
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                value = loss.item()
-                losses.append(value)
-                now = time.monotonic()
-                tracker.step(pos.step, {"loss": value, "lr": lr, "grad_norm": float(grad_norm), "rollout_steps": k,
-                                        "samples_per_s": s.per_rank_batch * ctx.world_size / max(now - clock["t"], 1e-9),
-                                        "peak_memory_mb": peak_memory_mb(ctx.device)})
-                clock["t"] = now
-                pos.step += 1
-                bar.update(int(progress * 100) - bar.n)
-                bar.set_postfix(step=pos.step, loss=f"{value:.4f}", lr=f"{lr:.1e}", k=k,
-                                mem=f"{peak_memory_mb(ctx.device):.0f}MB", refresh=False)
-            else:
-                pos.epoch, pos.batch = pos.epoch + 1, 0
-                if progress >= pos.next_val:
-                    pos.next_val = progress + VAL_EVERY  # before validate(): its checkpoint carries it
-                    validate()
-    bar.close()
-    if pos.val_step != pos.step:
-        validate()
-    elif pos.saved_step != pos.step:
-        checkpoint("end")
-    tracker.close({"checkpoint": str(s.run_dir / "checkpoint.pt"), "best_score": f"{pos.best:.6g}",
-                   "steps": str(pos.step)})
-    recorder.append({"event": "end", "steps": pos.step, "epochs": pos.epoch, "elapsed_s": round(elapsed(), 2),
-                     "best_score": pos.best, "checkpoint": str(s.run_dir / "checkpoint.pt"),
-                     **({"comm": comm.as_record()} if comm is not None else {})})
-    if ctx.is_main:
-        log.info("finished after %d steps (%d epochs, %.0f s); best score %.4f", pos.step, pos.epoch, elapsed(),
-                 pos.best)
-        if comm is not None:
-            log.info("DDP hook %r sent %d bytes/step (plain all-reduce: %d)", comm.kind, comm.bytes_per_step(),
-                     comm.dense_bytes_per_step())
-    return s.run_dir / "checkpoint.pt"
+    def _due_reason(self) -> str:
+        every_n, step = self.cfg.checkpoint_every_steps, self.state.pos.step
+        return "steps" if every_n and step % every_n == 0 else "minutes"
+
+    def step(self, x0: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on a batch; a step with a non-finite loss or gradient is skipped (and counted)."""
+        cfg, ctx, st, model = self.cfg, self.ctx, self.state, self.model
+        k = st.rollout_steps = self._rollout_steps(st.progress)
+        lr = self.schedule.update(st.pos.step, st.progress)
+        # Pinned batches (CUDA) copy asynchronously; the first kernel that reads them waits for the copy.
+        x0, target = x0.to(ctx.device, non_blocking=True), y[:, :k].to(ctx.device, non_blocking=True)
+        if cfg.input_noise > 0:  # drawn from the rank's torch RNG, which checkpoints carry: resume stays exact
+            scale = model.std.repeat(model.history) * cfg.input_noise
+            scale = torch.cat([scale, scale.new_zeros(x0.shape[1] - len(scale))])[:, None, None]  # no clock noise
+            x0 = x0 + torch.randn_like(x0) * scale
+        with autocast(self.s.precision, ctx.device):
+            pred = self.rollout(x0, k, cfg.rollout_grad_steps)
+        loss = self.loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))
+        optimizer, scaler = self.optimizer, self.scaler
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        # With a loss scale, overflowing gradients are the scaler's to skip (it lowers the scale).
+        checked = grad_norm if scaler is None else loss.new_zeros(())
+        if not self.guard.step_is_finite(loss.detach(), checked, st.pos.step, lr):
+            if scaler is not None:
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # skipped: the weights and Adam's moments stay as they were
+            return
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        value = loss.item()
+        st.losses.append(value)
+        now = time.monotonic()
+        self.tracker.step(st.pos.step, {
+            "loss": value, "lr": lr, "grad_norm": float(grad_norm), "rollout_steps": k,
+            "samples_per_s": self.s.per_rank_batch * ctx.world_size / max(now - st.last_step, 1e-9),
+            "peak_memory_mb": peak_memory_mb(ctx.device)})
+        st.last_step = now
+        st.pos.step += 1
+        self.bar.update(int(st.progress * 100) - self.bar.n)
+        self.bar.set_postfix(step=st.pos.step, loss=f"{value:.4f}", lr=f"{lr:.1e}", k=k,
+                             mem=f"{peak_memory_mb(ctx.device):.0f}MB", refresh=False)
+
+    def end_epoch(self) -> None:
+        """Count a finished epoch; validate when the run has passed its next validation point."""
+        st = self.state
+        st.pos.epoch, st.pos.batch = st.pos.epoch + 1, 0
+        if st.progress >= st.pos.next_val:
+            st.pos.next_val = st.progress + VAL_EVERY  # before validate(): its checkpoint carries it
+            self.validate()
+
+    def validate(self) -> None:
+        """Score the model on the validation windows, record it, and checkpoint (the best file when it improved)."""
+        s, ctx, st = self.s, self.ctx, self.state
+        pos = st.pos
+        result = evaluate(self.model, s.val_ds, s.lead_steps, s.config.task.time_step_hours, self.climatology, ctx)
+        record = {"event": "val", "step": pos.step, "epoch": pos.epoch, "elapsed_s": round(st.elapsed(), 2),
+                  "lr": self.schedule.last_lr, "rollout_steps": st.rollout_steps, "train_loss": st.mean_loss(),
+                  "skipped_steps": self.guard.skipped, "precision": s.precision,
+                  "peak_memory_mb": peak_memory_mb(ctx.device), **result}
+        if self.comm is not None:  # bytes this rank sent per step through the DDP hook
+            record["comm"] = self.comm.as_record()
+        self.recorder.append(record)
+        self.tracker.validation(pos.step, result)
+        if ctx.is_main:
+            log.info("validation at step %d (epoch %d): %s", pos.step, pos.epoch, _summary(result))
+        best = result["score"] < pos.best
+        pos.val_step, pos.best = pos.step, min(pos.best, result["score"])
+        self.checkpoint("validation", result["score"], best)
+        st.last_step = time.monotonic()  # throughput counts training steps, not validation
+
+    def checkpoint(self, reason: str, score: float | None = None, best: bool = False) -> None:
+        """Write ``last.pt`` (and ``checkpoint.pt`` when ``best``) with the full training state; a collective."""
+        pos = self.state.pos
+        self.recorder.save(pos.step, self.state_dict(), reason, score, best)
+        pos.saved_step, self.state.last_save = pos.step, time.monotonic()
+
+    def finish(self) -> Path:
+        """Validate or checkpoint the final step if not done yet, write the ``end`` record; the best checkpoint."""
+        s, st, ctx, comm = self.s, self.state, self.ctx, self.comm
+        pos = st.pos
+        if pos.val_step != pos.step:
+            self.validate()
+        elif pos.saved_step != pos.step:
+            self.checkpoint("end")
+        best_path = s.run_dir / "checkpoint.pt"
+        self.tracker.close({"checkpoint": str(best_path), "best_score": f"{pos.best:.6g}", "steps": str(pos.step)})
+        self.recorder.append({"event": "end", "steps": pos.step, "epochs": pos.epoch, "elapsed_s": round(st.elapsed(), 2),
+                              "best_score": pos.best, "checkpoint": str(best_path),
+                              **({"comm": comm.as_record()} if comm is not None else {})})
+        if ctx.is_main:
+            log.info("finished after %d steps (%d epochs, %.0f s); best score %.4f", pos.step, pos.epoch, st.elapsed(),
+                     pos.best)
+            if comm is not None:
+                log.info("DDP hook %r sent %d bytes/step (plain all-reduce: %d)", comm.kind, comm.bytes_per_step(),
+                         comm.dense_bytes_per_step())
+        return best_path
+
+
+def fit(s: Setup) -> Path:
+    """Run (or continue) the training loop until the step cap or budget; return the best checkpoint's path."""
+    return Trainer(s).run()
 
 
 def train(config: Config) -> Path:

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler, TensorDataset
 
+from models import ddp
 from models.data import training_loader
-from models.distributed import backend_for, check_gpu_ranks, select_device
+from models.distributed import DistContext, backend_for, check_gpu_ranks, select_device
 from models.rank_state import rng_state, set_rng_state
 from models.recorder import peak_memory_mb
 from models.runtime import autocast, check_compile, grad_scaler, resolve_precision
@@ -56,10 +57,12 @@ def test_without_cuda_every_rank_trains_on_the_cpu(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert select_device() == torch.device("cpu")
     assert backend_for(torch.device("cpu")) == "gloo"
+    assert ddp.device_ids(DistContext(3, 4, 3, torch.device("cpu"))) is None
 
 
-def test_cuda_ranks_use_nccl() -> None:
+def test_cuda_ranks_use_nccl_and_ddp_gets_the_rank_gpu() -> None:
     assert backend_for(CUDA1) == "nccl"
+    assert ddp.device_ids(DistContext(1, 2, 1, CUDA1)) == [1]
 
 
 def test_more_local_ranks_than_gpus_is_refused_before_any_device_is_touched(fake_cuda, monkeypatch) -> None:
@@ -85,6 +88,23 @@ def test_the_loader_pins_batches_for_a_cuda_device_only() -> None:
     assert cuda.pin_memory and not cpu.pin_memory
     assert cuda.batch_size == 4 and cuda.drop_last  # whole per-rank batches, as the data position counts them
     assert [b[0].tolist() for b in cpu] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_the_trainer_builds_a_pinned_loader_on_a_cuda_rank(tiny_data, fake_cuda) -> None:
+    """Set up (no step) a run whose context says cuda:1: the trainer's loader pins, batches per rank, no workers."""
+    import dataclasses
+
+    from models.prepare import prepare
+    from models.train import Trainer
+
+    config = tiny_data(tensorboard=False)
+    s = prepare(config, DistContext(0, 1, 0, torch.device("cpu")), config.train.batch_size)
+    on_gpu = Trainer(dataclasses.replace(s, ctx=DistContext(0, 1, 1, CUDA1), precision="fp32"))
+    on_gpu.setup()  # builds every live object; nothing in it runs a kernel on the device
+    on_cpu = Trainer(dataclasses.replace(s, run_dir=s.run_dir.with_name("cpu")))
+    on_cpu.setup()
+    assert on_gpu.loader.pin_memory and not on_cpu.loader.pin_memory
+    assert on_gpu.loader.batch_size == config.train.batch_size and on_gpu.loader.sampler is on_gpu.sampler
 
 
 # ---- precision ---------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""Everything a training run checks and builds before its first step: data, stats, datasets, model, ``last.pt``.
+
+:func:`prepare` raises a ``ValueError`` — for a store that does not fit the config, missing
+statistics, too few windows for a batch, a ``last.pt`` that cannot continue this run, a precision or
+compile setting the device cannot do — before anything is written. The training loop
+(:mod:`models.train`) starts from the :class:`Setup` it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xarray as xr
+from torch.utils.data import Dataset
+
+from core.config import Config
+from core.grid import Grid, parse_grid_attr
+from models.checkpoint import build_meta
+from models.data import WindowDataset, open_analysis
+from models.distributed import DistContext, set_threads
+from models.normalization import Normalized
+from models.recorder import LAST
+from models.resume import data_signature, load_resumable
+from models.runtime import check_compile, resolve_precision, set_deterministic
+from models.sfno import SFNO
+from models.statics import static_fields
+from models.stats import load_stats
+from models.zarr_windows import ZarrWindowDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """Everything a training run needs, built and checked before the first step."""
+
+    config: Config
+    ctx: DistContext
+    per_rank_batch: int
+    grid: Grid
+    stats: xr.Dataset
+    dataset_version: str
+    train_ds: WindowDataset | ZarrWindowDataset
+    val_ds: WindowDataset
+    lead_steps: list[int]
+    model: Normalized
+    run_dir: Path
+    precision: str
+    signature: dict[str, Any]
+    resume: dict[str, Any] | None  # the checked ``last.pt`` to continue, weights already loaded into ``model``
+
+
+def build_sfno(config: Config, nlat: int, nlon: int) -> SFNO:
+    """The SFNO the config describes: the history stack, clock and static fields in, the task's channels out."""
+    n = len(config.task.channels())
+    n_in = config.task.history * n + 2 * len(config.task.time_features) + len(config.task.static_fields)
+    # The model section's field names are SFNO's keyword arguments: a new option is one field and one kwarg.
+    return SFNO(n_in, n, nlat, nlon, **config.model.model_dump())
+
+
+def validation_steps(config: Config) -> list[int]:
+    """The validation leads in model steps, sorted; ValueError for a lead that is not a whole number of steps."""
+    dt = config.task.time_step_hours
+    odd = [h for h in config.train.val_lead_hours if h % dt]
+    if odd:
+        raise ValueError(f"train.val_lead_hours {odd} are not multiples of the model step {dt} h")
+    return sorted({h // dt for h in config.train.val_lead_hours})
+
+
+def training_windows(config: Config, analysis: xr.Dataset) -> tuple[Dataset, WindowDataset]:
+    """The training windows (in memory, or read from the store per item) and the validation windows."""
+    t, task = config.train, config.task
+    channels, dt = task.channels(), task.time_step_hours
+    lead_steps = max(validation_steps(config))
+    if t.loader == "zarr":
+        train_ds: Dataset = ZarrWindowDataset(config.paths.analysis_store, channels, t.train_start, t.train_end,
+                                              t.rollout_steps, dt, task.history, time_features=task.time_features)
+    else:
+        train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt, task.history,
+                                 task.time_features)
+    val_ds = WindowDataset(analysis, channels, t.val_start, t.val_end, lead_steps, dt, task.history, task.time_features)
+    return train_ds, val_ds
+
+
+def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
+    """Open and check data, stats and any ``last.pt`` to resume, build datasets and model; all ValueErrors are here."""
+    threads = set_threads(config.train.threads, ctx.world_size)
+    t = config.train
+    precision = resolve_precision(t.precision, ctx.device)
+    if t.compile:
+        check_compile(ctx.device)
+    analysis = open_analysis(config.paths.analysis_store)
+    grid = parse_grid_attr(str(analysis.attrs["grid"]))
+    if grid.shape != config.grid.grid().shape:
+        raise ValueError(f"analysis store grid {grid.describe()} does not match config grid {config.grid.preset!r}")
+    channels = config.task.channels()
+    dt = config.task.time_step_hours
+    stats = load_stats(config.paths.stats_file, analysis, channels, dt, (t.val_start, t.val_end))
+    lead_steps = validation_steps(config)
+    static = static_fields(analysis, config.task.static_fields) if config.task.static_fields else None
+    train_ds, val_ds = training_windows(config, analysis)
+    if len(train_ds) // ctx.world_size < batch:
+        raise ValueError(f"{len(train_ds)} complete training windows in {t.train_start}..{t.train_end} "
+                         f"cannot fill a batch of {t.batch_size} over {ctx.world_size} ranks")
+    if len(val_ds) == 0:
+        raise ValueError(f"no complete validation windows of {max(lead_steps)} steps in {t.val_start}..{t.val_end}")
+    set_deterministic(t.deterministic)
+    torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
+    model = Normalized(build_sfno(config, grid.nlat, grid.nlon), stats["mean"].values, stats["std"].values,
+                       stats["diff_std"].values, config.task.history, static, config.task.static_fields,
+                       config.task.time_features, dt).to(ctx.device)
+    run_dir = config.paths.runs / t.run_name
+    dataset_version = str(analysis.attrs["dataset_version"])
+    signature = data_signature(config, len(train_ds))
+    resumed = None
+    if t.resume == "auto":
+        expected = build_meta(config, stats, grid, model.core.arch, model.state_dict(), 0, dataset_version)
+        resumed = load_resumable(run_dir / LAST, expected, signature, ctx)
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+    elif ctx.is_main and (run_dir / LAST).exists():
+        log.warning("train.resume=never: starting %s over; its last.pt is replaced at this run's first checkpoint",
+                    run_dir)
+    if ctx.is_main:
+        log.info("training on %s, %d train / %d val windows, batch %d (%d/rank × %d ranks), %d threads/rank, "
+                 "%d parameters, %s", grid.describe(), len(train_ds), len(val_ds), t.batch_size, batch,
+                 ctx.world_size, threads, sum(p.numel() for p in model.parameters()), precision)
+    return Setup(config, ctx, batch, grid, stats, dataset_version, train_ds, val_ds, lead_steps, model, run_dir,
+                 precision, signature, resumed["training"] if resumed is not None else None)
+
+
+def channel_loss_weights(config: Config) -> list[float]:
+    """The loss weight of every channel in order; ValueError naming unknown or negative entries."""
+    channels = config.task.channels()
+    given = config.train.channel_weights
+    unknown = sorted(set(given) - set(channels))
+    if unknown:
+        raise ValueError(f"train.channel_weights names {unknown}, not channels of this task: {channels}")
+    weights = [float(given.get(c, 1.0)) for c in channels]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"train.channel_weights must be ≥ 0 with a positive sum, got {given}")
+    return weights
