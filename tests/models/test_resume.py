@@ -330,3 +330,42 @@ def test_fp16_on_cuda_checkpoints_and_resumes_its_loss_scale(tmp_path: Path) -> 
     resume = [r for r in records(run_dir(config)) if r["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 4
     assert read_checkpoint(run_dir(config) / "last.pt")["meta"]["train_step"] == 6
+
+
+# ---- bf16 under torchrun: on this machine's device, and on one GPU where there is one ------------
+
+def killed_and_resumed(root: Path, name: str, **train_opts: object) -> dict[str, Path]:
+    """A 1-rank torchrun run, and its twin SIGKILLed after a checkpoint then relaunched; asserts they end identical."""
+    ref = run_config(root, f"{name}-ref", **train_opts)
+    ref_path = write_config(ref, root / f"{name}-ref.yaml")
+    killed = run_config(root, f"{name}-killed", **train_opts)
+    with cleanup_on_error(launch(ref_path, 1)) as reference:  # independent of the killed run: both start now
+        path, saved = kill_after_checkpoint(killed, 1)
+        finish(reference, ref_path)
+    with cleanup_on_error(launch(path, 1)) as proc:
+        finish(proc, path)
+    resume = [r for r in records(run_dir(killed)) if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == saved
+    assert_identical(run_dir(ref), run_dir(killed))
+    return {"ref": run_dir(ref), "killed": run_dir(killed)}
+
+
+def test_a_killed_bf16_torchrun_run_resumes_bit_identical(root: Path) -> None:
+    """The code path of the one-GPU test below, run on this machine's device (the CPU without CUDA)."""
+    runs = killed_and_resumed(root, "bf16", precision="bf16")
+    vals = [r for d in runs.values() for r in records(d) if r["event"] == "val"]
+    assert vals and {v["precision"] for v in vals} == {"bf16"}
+
+
+@pytest.mark.gpu
+def test_a_killed_bf16_run_on_one_gpu_resumes_bit_identical(root: Path) -> None:
+    """torchrun on one GPU: its rank takes cuda:0 from LOCAL_RANK, bf16 autocast, deterministic kernels.
+
+    One rank forms no process group (DDP and nccl need two ranks: see the nccl comm-hook test), so
+    what this checks is the CUDA side of exact resume: the CUDA RNG stream, pinned batches, bf16.
+    """
+    runs = killed_and_resumed(root, "gpu-bf16", precision="bf16")
+    starts = [r for d in runs.values() for r in records(d) if r["event"] in ("start", "resume")]
+    assert len(starts) == 3 and {r["device"] for r in starts} == {"cuda:0"}
+    vals = [r for d in runs.values() for r in records(d) if r["event"] == "val"]
+    assert {v["precision"] for v in vals} == {"bf16"}
