@@ -4,16 +4,23 @@ The output follows the forecast contract (``core.schema.validate_forecast``): di
 (1), ``lead_time`` (timedelta64, lead 0 = the analysis itself), ``level``, ``latitude``,
 ``longitude``; coord ``valid_time = init_time + lead_time``; ERA5 names and units; float32.
 Publication (manifest, rename) is the caller's job with :mod:`core.runs`.
+
+:func:`stream_forecast` is how a run is written: the Zarr store is laid out first (a template written
+with ``compute=False``: metadata and coordinates only), then each lead is written into its region as
+soon as it is computed, so host memory holds one lead at a time however long the forecast (a 10-day
+0.25° run of 73 channels is 12 GB). The NetCDF file is then copied from the store chunk by chunk.
+:func:`rollout` returns the whole forecast in memory instead, for small runs and tests.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import dask.array
 import numpy as np
 import pandas as pd
 import torch
@@ -75,13 +82,18 @@ def initial_stack(analysis: xr.Dataset, channels: list[str], init_time: datetime
     return np.concatenate(out)
 
 
-@torch.no_grad()
-def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
-            init_time: datetime | str | pd.Timestamp, lead_hours: int) -> xr.Dataset:
-    """Forecast from the analysis at ``init_time`` to ``lead_hours`` as a contract forecast dataset."""
+def _lead_count(meta: Mapping[str, Any], lead_hours: int) -> tuple[int, int]:
     step_h = int(meta["task"]["time_step_hours"])
     if lead_hours < 0 or lead_hours % step_h:
         raise ValueError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
+    return step_h, lead_hours // step_h + 1
+
+
+@torch.no_grad()
+def forecast_states(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
+                    init_time: datetime | str | pd.Timestamp, lead_hours: int) -> Iterator[np.ndarray]:
+    """Each lead's state ``(channel, lat, lon)`` float32 as it is computed: lead 0 (the analysis), then each step."""
+    step_h, leads = _lead_count(meta, lead_hours)
     channels = list(meta["channels"])
     x = torch.from_numpy(initial_stack(analysis, channels, init_time, getattr(model, "history", 1), step_h))[None]
     nlat, nlon = analysis.sizes["latitude"], analysis.sizes["longitude"]
@@ -94,19 +106,58 @@ def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
     if (nlat, nlon) != tuple(model.core.grid_shape):
         model.set_grid(nlat, nlon)
     model.eval()
-    device = next(model.parameters()).device
-    x = x.to(device)
-    states = [model.latest(x)]  # lead 0 is the analysis itself
-    if lead_hours:
-        states.append(Rollout(model)(x, lead_hours // step_h)[0])
-    data = torch.cat(states).cpu().numpy().astype(np.float32)  # (lead, channel, lat, lon)
-    if not np.all(np.isfinite(data)):
-        raise FloatingPointError(f"forecast from {init_time} became non-finite within {lead_hours} h")
+    x = x.to(next(model.parameters()).device)
+    yield model.latest(x)[0].cpu().numpy().astype(np.float32)  # lead 0 is the analysis itself
+    for k, state in enumerate(Rollout(model).states(x, leads - 1), start=1):
+        out = state[0].cpu().numpy().astype(np.float32)
+        if not np.all(np.isfinite(out)):
+            raise FloatingPointError(f"forecast from {init_time} became non-finite at lead {k * step_h} h "
+                                     f"(of {lead_hours} h)")
+        yield out
+
+
+def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
+            init_time: datetime | str | pd.Timestamp, lead_hours: int) -> xr.Dataset:
+    """Forecast from the analysis at ``init_time`` to ``lead_hours`` as a contract dataset held in memory."""
+    step_h, _ = _lead_count(meta, lead_hours)
+    data = np.stack(list(forecast_states(model, meta, analysis, init_time, lead_hours)))  # (lead, channel, lat, lon)
     return _to_dataset(data, meta, analysis, pd.Timestamp(init_time), step_h)
 
 
-def _to_dataset(data: np.ndarray, meta: Mapping[str, Any], analysis: xr.Dataset, init: pd.Timestamp,
-                step_h: int) -> xr.Dataset:
+def stream_forecast(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
+                    init_time: datetime | str | pd.Timestamp, lead_hours: int, run_dir: Path,
+                    on_lead: Callable[[int], None] | None = None) -> xr.Dataset:
+    """Roll out into ``run_dir``'s ``forecast.zarr`` lead by lead, then write ``forecast.nc`` from it.
+
+    Returns the store opened lazily. ``on_lead(k)`` is called once lead ``k`` is in the store (and
+    before lead ``k + 1`` is computed).
+    """
+    step_h, leads = _lead_count(meta, lead_hours)
+    channels = list(meta["channels"])
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    zarr_path = run_dir / "forecast.zarr"
+    shape = (leads, len(channels), analysis.sizes["latitude"], analysis.sizes["longitude"])
+    # Lazy zeros never computed: compute=False writes only the metadata and the coordinates.
+    empty = dask.array.zeros(shape, chunks=(1, *shape[1:]), dtype=np.float32)
+    template = _to_dataset(empty, meta, analysis, pd.Timestamp(init_time), step_h)
+    template.to_zarr(zarr_path, mode="w", zarr_format=3, consolidated=False, encoding=_zarr_encoding(template),
+                     compute=False)
+    for k, state in enumerate(forecast_states(model, meta, analysis, init_time, lead_hours)):
+        arr = xr.DataArray(state[None, None], dims=("init_time", "lead_time", "channel", "latitude", "longitude"),
+                           coords={"channel": channels})
+        part = from_channels(arr, channels)
+        part.drop_vars(list(part.coords)).to_zarr(zarr_path, region={"lead_time": slice(k, k + 1)},
+                                                  consolidated=False)
+        if on_lead is not None:
+            on_lead(k)
+    forecast = validate_forecast(xr.open_zarr(zarr_path, consolidated=False), what=f"forecast store {zarr_path}")
+    _write_netcdf(forecast, run_dir / "forecast.nc")
+    return forecast
+
+
+def _to_dataset(data: np.ndarray | dask.array.Array, meta: Mapping[str, Any], analysis: xr.Dataset,
+                init: pd.Timestamp, step_h: int) -> xr.Dataset:
     leads = (np.arange(data.shape[0]) * step_h).astype("timedelta64[h]").astype("timedelta64[ns]")
     init_ns = np.asarray([init.to_datetime64()], dtype="datetime64[ns]")
     arr = xr.DataArray(data[None], dims=("init_time", "lead_time", "channel", "latitude", "longitude"),
@@ -139,19 +190,33 @@ def _to_dataset(data: np.ndarray, meta: Mapping[str, Any], analysis: xr.Dataset,
     return validate_forecast(ds)
 
 
+def _zarr_encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """One chunk per (init, lead): a reader of one lead reads one chunk per variable."""
+    return {str(name): {"chunks": tuple(1 if d in ("init_time", "lead_time") else ds.sizes[d] for d in da.dims)}
+            for name, da in ds.data_vars.items()}
+
+
+def _write_netcdf(ds: xr.Dataset, path: Path) -> None:
+    """CF NetCDF (lead in hours, zlib), chunked per lead; a lazy ``ds`` is copied chunk by chunk."""
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {}  # the store's Zarr encodings (compressors, chunk grid) mean nothing to netCDF4
+    enc: dict[str, dict[str, Any]] = {
+        str(n): {"zlib": True, "complevel": 4,
+                 "chunksizes": tuple(1 if d in ("init_time", "lead_time") else ds.sizes[d] for d in ds[n].dims)}
+        for n in ds.data_vars}
+    enc["lead_time"] = {"units": "hours", "dtype": "int32"}
+    enc["init_time"] = {"units": "hours since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
+    enc["valid_time"] = dict(enc["init_time"])
+    ds.to_netcdf(path, engine="netcdf4", encoding=enc)
+
+
 def write_forecast(ds: xr.Dataset, run_dir: Path) -> list[Path]:
-    """Write ``forecast.zarr`` (v3, one chunk per lead) and ``forecast.nc`` (CF, lead in hours) into ``run_dir``."""
+    """Write an in-memory forecast as ``forecast.zarr`` (v3, one chunk per lead) and ``forecast.nc`` (CF)."""
     validate_forecast(ds)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     zarr_path, nc_path = run_dir / "forecast.zarr", run_dir / "forecast.nc"
-    zenc: dict[str, dict[str, Any]] = {}
-    for name, da in ds.data_vars.items():
-        zenc[str(name)] = {"chunks": tuple(1 if d in ("init_time", "lead_time") else ds.sizes[d] for d in da.dims)}
-    ds.to_zarr(zarr_path, mode="w", zarr_format=3, consolidated=False, encoding=zenc)
-    nenc: dict[str, dict[str, Any]] = {str(n): {"zlib": True, "complevel": 4} for n in ds.data_vars}
-    nenc["lead_time"] = {"units": "hours", "dtype": "int32"}
-    nenc["init_time"] = {"units": "hours since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
-    nenc["valid_time"] = dict(nenc["init_time"])
-    ds.to_netcdf(nc_path, engine="netcdf4", encoding=nenc)
+    ds.to_zarr(zarr_path, mode="w", zarr_format=3, consolidated=False, encoding=_zarr_encoding(ds))
+    _write_netcdf(ds, nc_path)
     return [zarr_path, nc_path]

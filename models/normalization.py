@@ -18,7 +18,7 @@ cannot feed the wrong ones; grid statics are recomputed when the model moves to 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -157,12 +157,18 @@ class Rollout(nn.Module):
 
         With ``grad_steps``, only the last that many steps record gradients (the earlier states are constants).
         """
-        out = []
+        return torch.stack(list(self.states(x, steps, grad_steps)), dim=1)
+
+    def states(self, x: torch.Tensor, steps: int, grad_steps: int | None = None) -> Iterator[torch.Tensor]:
+        """The states after 1 … ``steps`` steps, ``(batch, channel, lat, lon)`` each, one at a time as computed.
+
+        The one autoregressive loop: :meth:`forward` stacks it for training, and a forecast writes each
+        state out before the next is computed, so its memory does not grow with the lead time.
+        """
         advance = getattr(self.model, "advance", None)  # a bare core (benches) has history 1
         free = steps - grad_steps if grad_steps is not None and grad_steps < steps else 0
         for i in range(steps):
             with torch.no_grad() if i < free else nullcontext():
                 new = self.model(x)
-            out.append(new)
+            yield new
             x = advance(x, new) if advance is not None else new
-        return torch.stack(out, dim=1)

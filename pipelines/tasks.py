@@ -25,7 +25,7 @@ from ingest.build import finish_ingest, ingest, ingest_slab
 from models.checkpoint import code_version, register_checkpoint
 from models.data import open_analysis
 from models.distributed import check_gpu_ranks
-from models.forecast import load_forecaster, rollout, write_forecast
+from models.forecast import load_forecaster, stream_forecast
 from serve.maps import render_run_maps
 
 PROJECT_ROOT = Path(models.__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def resolve_init_time(config: Config, analysis: Any) -> pd.Timestamp:
 
 @task(name="forecast-publish", cache_policy=NO_CACHE)
 def forecast_task(config: Config) -> str:
-    """Roll out, write Zarr + NetCDF, render maps, checksum, and publish the run by one rename."""
+    """Roll out lead by lead into Zarr, then NetCDF and maps from the store, checksum, publish by one rename."""
     logger = get_run_logger()
     checkpoint = config.checkpoint_path()
     if not checkpoint.is_file():
@@ -127,11 +127,11 @@ def forecast_task(config: Config) -> str:
     model, meta = load_forecaster(checkpoint)
     analysis = open_analysis(config.paths.analysis_store)
     init = resolve_init_time(config, analysis)
-    forecast = rollout(model, meta, analysis, init, config.forecast.lead_hours)
     name = run_name(init)
     staging = staging_dir(config.paths.forecasts, name)
     try:
-        write_forecast(forecast, staging)
+        # Each lead goes to the store as it is computed; maps then read the store one channel at a time.
+        forecast = stream_forecast(model, meta, analysis, init, config.forecast.lead_hours, staging)
         maps = render_run_maps(forecast, staging, dpi=config.render.dpi,
                                natural_earth_dir=config.render.natural_earth_dir)
         provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
