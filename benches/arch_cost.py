@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "layer norm (channels)": {"normalization": "layer"},
     "instance norm (area-weighted)": {"normalization": "instance"},
     "diagonal operator (per l, m)": {"operator_type": "diagonal"},
+    "CP-factorized spectral weights, rank 0.25": {"factorization": "cp"},
+    "Tucker-factorized spectral weights, rank 0.25": {"factorization": "tucker"},
 }
 SCALE = {"in_channels": 73, "out_channels": 73, "nlat": 721, "nlon": 1440, "embed_dim": 256, "num_layers": 8,
          "scale_factor": 3}
@@ -146,11 +148,11 @@ def main() -> None:
           f"{args.scale_factor}, batch {args.batch}; params at 0.25° = 721×1440, 73 ch, width 256, 8 blocks, sf 3")
     rows = measure(args)
     print("CPU ms = median process CPU time per call (1 thread: the time on a core)")
-    print(f"{'variant':40s} {'params':>9s} {'×':>6s} {'params 0.25°':>13s} {'step ms':>8s} {'×':>6s} "
+    print(f"{'variant':47s} {'params':>9s} {'×':>6s} {'params 0.25°':>13s} {'step ms':>8s} {'×':>6s} "
           f"{'fwd ms':>8s} {'×':>6s}")
     for r in rows:
         scale = f"{r['params_0p25'] / 1e6:10.2f} M" if r["params_0p25"] is not None else f"{'—':>12s}"
-        print(f"{r['variant']:40s} {r['params']:9d} {r['params_ratio']:6.2f} {scale:>13s} {r['step_s'] * 1e3:8.1f} "
+        print(f"{r['variant']:47s} {r['params']:9d} {r['params_ratio']:6.2f} {scale:>13s} {r['step_s'] * 1e3:8.1f} "
               f"{r['step_ratio']:6.2f} {r['forward_s'] * 1e3:8.1f} {r['forward_ratio']:6.2f}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
