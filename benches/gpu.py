@@ -215,6 +215,7 @@ def measure_compiled(model: torch.nn.Module, args: argparse.Namespace, device: t
         out["train_bf16_s"] = median_time(step, **timing)
         out["train_bf16_peak_gib"] = peak_gib(step, device)
         graphs = device.type == "cuda" and args.compile_backend == "inductor"
+        torch.compiler.reset()  # or the no-grad bf16 graph compiled above would be reused without CUDA graphs
         looped = torch.compile(model, backend=args.compile_backend, mode="reduce-overhead" if graphs else None)
         out["rollout_bf16_s"] = median_time(rollout_fn(looped, x, args.steps, graphs), device,
                                             max(1, args.repeats // 3), 2)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.benches.conftest import REPO, bench_env
 
@@ -45,10 +46,16 @@ def test_it_imports_neither_prefect_nor_xarray() -> None:
     assert proc.stdout.split("\n")[:2] == ["exit 2", "[]"], proc.stdout + proc.stderr
 
 
-def test_grid_argument_accepts_presets_and_shapes_and_names_a_bad_one() -> None:
+@pytest.fixture(scope="module")
+def gpu():
+    """The bench as a module, for its functions."""
     spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_argument_accepts_presets_and_shapes_and_names_a_bad_one(gpu) -> None:
     assert gpu.grid_shape("0.25deg") == (721, 1440) and gpu.grid_shape("91x180") == (91, 180)
     with pytest.raises(ValueError, match="'quarter'.*NLATxNLON"):
         gpu.grid_shape("quarter")
@@ -74,3 +81,17 @@ def test_every_measurement_runs_at_a_tiny_size_on_the_cpu(tmp_path: Path) -> Non
     assert all(compiled[k] > 0 for k in ("forward_bf16_s", "rollout_bf16_s", "train_bf16_s"))
     # The reference runs in fp32 here; its bf16 path keeps the transforms out of autocast only on CUDA.
     assert ref["train_fp32_s"] > 0 and ref["train_fp32_peak_gib"] is None  # no peak counter on the CPU
+
+
+def test_the_cuda_graph_rollout_loop_computes_the_plain_rollout(gpu) -> None:
+    # The loop used with a CUDA-graph-compiled model (step marks, a copy of each state) on an eager model.
+    from models.sfno import SFNO
+
+    torch.manual_seed(0)
+    model, x = SFNO(3, 3, 17, 32, embed_dim=4, num_layers=1), torch.randn(1, 3, 17, 32)
+    torch.testing.assert_close(gpu.rollout_fn(model, x, 3, graphs=True)(), gpu.rollout_fn(model, x, 3)())
+    plain = x
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            plain = model(plain)
+    torch.testing.assert_close(gpu.rollout_fn(model, x, 3)(), plain)
