@@ -20,12 +20,13 @@ For wide grids (see ``DFT_MAX_NLON_*``) the longitude step uses ``torch.fft`` in
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import torch
 from torch import nn
-from torch_harmonics import InverseRealSHT, RealSHT
+from torch_harmonics.legendre import legpoly
 from torch_harmonics.quadrature import precompute_latitudes
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,22 @@ def latitudes(nlat: int, grid: str) -> torch.Tensor:
     return math.pi / 2 - colat.to(torch.float64)
 
 
+@functools.lru_cache(maxsize=4)
+def legendre_tables(nlat: int, lmax: int, grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The analysis ``(m, l, k)`` and synthesis ``(m, k, l)`` float32 tables of torch-harmonics' real SHT pair.
+
+    Equal to ``RealSHT(…).weights`` and ``InverseRealSHT(…).pct`` with "ortho" normalisation (for which
+    the forward and inverse Legendre values coincide), but the associated Legendre functions are
+    evaluated once instead of once per module: at 721 latitudes and lmax 240 that recurrence is most of
+    the cost of building a 0.25° model. Cached (a few grids), since ``set_grid`` swaps back and forth;
+    callers must not modify the returned tensors in place.
+    """
+    colat, quad = precompute_latitudes(nlat, grid=grid)
+    pct = legpoly(lmax, lmax, torch.cos(colat), norm="ortho", csphase=True)  # float64 (m, l, k)
+    analysis = (pct * (2.0 * math.pi * quad)).float()
+    return analysis, pct.permute(0, 2, 1).float()
+
+
 class GridTransform(nn.Module):
     """Forward (analysis) and inverse (synthesis) real SHT on one ``nlat × nlon`` grid, truncated at ``lmax``."""
 
@@ -63,11 +80,8 @@ class GridTransform(nn.Module):
             raise ValueError(f"lmax {lmax} exceeds the longitude Nyquist limit {nlon // 2} of a {nlat}x{nlon} grid")
         self.nlat, self.nlon, self.lmax, self.grid = nlat, nlon, lmax, grid
         self.analysis_fft, self.synthesis_fft = nlon > DFT_MAX_NLON_ANALYSIS, nlon > DFT_MAX_NLON_SYNTHESIS
-        # Explicit lmax/mmax: the implicit defaults changed in torch-harmonics 0.9 and warn.
-        sht = RealSHT(nlat, nlon, lmax=lmax, mmax=lmax, grid=grid)
-        isht = InverseRealSHT(nlat, nlon, lmax=lmax, mmax=lmax, grid=grid)
+        analysis, synthesis = legendre_tables(nlat, lmax, grid)  # (m, l, k) and (m, k, l)
         # All buffers are non-persistent: the state_dict is the same on every grid.
-        analysis, synthesis = sht.weights.float(), isht.pct.float()  # (m, l, k) and (m, k, l)
         if analysis.numel() <= DUPLICATE_MAX:
             # One table per real row (re m…, im m…): each Legendre step is then a single batched GEMM.
             analysis, synthesis = torch.cat([analysis, analysis]), torch.cat([synthesis, synthesis])
@@ -126,7 +140,10 @@ class GridTransform(nn.Module):
             im = torch.cat([torch.zeros_like(z[m:m + 1]), z[m + 1:]])
             spec = torch.complex(z[:m], im)
             pad = spec.new_zeros((self.nlon // 2 + 1 - m, *spec.shape[1:]))
-            out = torch.fft.irfft(torch.cat([spec, pad]), n=self.nlon, dim=0, norm="forward")
+            # irfft along a leading axis returns longitude innermost in memory (a transposed view);
+            # the layout contract is a contiguous (nlon, nlat, batch, channel) field, which every 1×1
+            # GEMM and in-place update downstream relies on, so make the one copy here.
+            out = torch.fft.irfft(torch.cat([spec, pad]), n=self.nlon, dim=0, norm="forward").contiguous()
         else:
             out = self.idft.to(coeffs.dtype) @ z.view(2 * m, -1)
         return out.view(self.nlon, self.nlat, *rest)
