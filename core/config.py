@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, field_validator, model_validator
 
 from core.config_base import Moment, _Section
 from core.config_ingest import CdsConfig, FilesConfig, IngestConfig, MirrorConfig, SyntheticConfig
 from core.config_model import ModelConfig
 from core.config_train import TrainConfig
-from core.grid import Grid, get_grid
+from core.grid import Grid, check_scale_factor, get_grid
 from core.variables import channel_names, check_level, get_variable
 
 # The ingest, model and train sections live in their own modules; they are re-exported here, the one import path.
@@ -175,6 +175,15 @@ class Config(_Section):
     """Maps."""
     serve: ServeConfig = ServeConfig()
     """HTTP server."""
+
+    @model_validator(mode="after")
+    def _model_fits_grid(self) -> Config:
+        # Checked here as well as in the model so a bad pair stops before any data is ingested.
+        try:
+            check_scale_factor(*self.grid.grid().shape, self.model.scale_factor)
+        except ValueError as exc:
+            raise ValueError(f"model.scale_factor does not fit grid.preset {self.grid.preset!r}: {exc}") from None
+        return self
 
     def checkpoint_path(self) -> Path:
         """The checkpoint the forecast uses."""

@@ -61,6 +61,31 @@ class Grid:
         return f"{self.name}:{self.nlat}x{self.nlon}:equiangular-poles"
 
 
+def latent_shape(nlat: int, nlon: int, scale_factor: int) -> tuple[int, int]:
+    """Shape of the SFNO's latent grid for a data grid with poles downsampled by ``scale_factor``."""
+    return (nlat - 1) // scale_factor + 1, nlon // scale_factor
+
+
+def scale_factors(nlat: int, nlon: int) -> list[int]:
+    """Every SFNO ``scale_factor`` that divides a grid (``nlat − 1`` and ``nlon``) and leaves a latent lmax ≥ 2."""
+    return [d for d in range(1, nlon + 1)
+            if (nlat - 1) % d == 0 and nlon % d == 0 and min(latent_shape(nlat, nlon, d)[0], nlon // d // 2) >= 2]
+
+
+def check_scale_factor(nlat: int, nlon: int, scale_factor: int) -> None:
+    """Raise one ``ValueError`` naming the problem if an SFNO cannot run on ``nlat × nlon`` at ``scale_factor``."""
+    if nlat < 3 or nlon < 4:
+        raise ValueError(f"grid {nlat}x{nlon} cannot be used by the spherical harmonic transform: it needs "
+                         "nlat ≥ 3 (both poles and one row between) and nlon ≥ 4")
+    allowed = scale_factors(nlat, nlon)
+    if scale_factor not in allowed:
+        # A latent grid that does not subsample the data grid exactly shifts every latent node a little:
+        # refuse rather than silently train on a grid the user did not ask for.
+        raise ValueError(f"scale_factor {scale_factor} does not fit grid {nlat}x{nlon}: it must divide nlat−1 = "
+                         f"{nlat - 1} and nlon = {nlon} and leave a latent lmax ≥ 2; allowed: "
+                         f"{', '.join(map(str, allowed)) or 'none'}")
+
+
 def get_grid(name: str) -> Grid:
     """Return the preset grid called ``name`` or raise ``ValueError`` listing the presets."""
     if name not in PRESETS:

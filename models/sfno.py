@@ -43,6 +43,7 @@ from core.config_model import (
     preset_conflicts,
     rank_problem,
 )
+from core.grid import check_scale_factor, latent_shape
 from models.sfno_factorized import resolve_rank
 from models.sfno_layers import MLP, Pointwise, SFNOBlock
 from models.sfno_transforms import GridTransform, latitudes
@@ -55,11 +56,6 @@ POS_HARMONICS = 2  # longitude wavenumbers seen by the positional embedding
 _CHOICES = {"skip": Skip, "big_skip": BigSkip, "normalization": Normalization, "activation": Activation,
             "operator_type": OperatorType, "data_grid": GridType, "model_grid": GridType, "pos_embed": PosEmbed,
             "preset": Preset, "factorization": Factorization}
-
-
-def latent_shape(nlat: int, nlon: int, scale_factor: int) -> tuple[int, int]:
-    """Shape of the latent grid for a data grid with poles downsampled by ``scale_factor``."""
-    return (nlat - 1) // scale_factor + 1, nlon // scale_factor
 
 
 def default_lmax(nlat: int, nlon: int, scale_factor: int = 1) -> int:
@@ -204,10 +200,9 @@ class SFNO(nn.Module):
 
     def set_grid(self, nlat: int, nlon: int) -> None:
         """Rebuild the transforms (and position features) for ``nlat × nlon``, keeping all weights."""
+        check_scale_factor(nlat, nlon, self.scale_factor)
         h, w = latent_shape(nlat, nlon, self.scale_factor)
         lmax = min(self.lmax, h, w // 2)
-        if lmax < 2:
-            raise ValueError(f"grid {nlat}x{nlon} is too coarse for scale_factor {self.scale_factor}")
         self.nlat, self.nlon, self.grid_lmax = nlat, nlon, lmax
         # Transforms hold only non-persistent buffers, so the state_dict is the same on every grid.
         self.data_transform = GridTransform(nlat, nlon, lmax, self.data_grid)
