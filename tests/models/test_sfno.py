@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.sfno import SFNO, default_lmax, latent_shape
+from models.sfno import SFNO, default_lmax
+from tests.models.sfno_plain import plain_forward
 
 
 def _model(**kw: object) -> SFNO:
@@ -112,43 +113,6 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch) -> None:
     assert len(calls) == 3
 
 
-def _reference(model: SFNO, x: torch.Tensor) -> torch.Tensor:
-    """The default architecture written plainly in NCHW on torch-harmonics' own RealSHT/InverseRealSHT."""
-    from torch.nn.functional import gelu
-    from torch_harmonics import InverseRealSHT, RealSHT
-
-    nlat, nlon, lmax = model.nlat, model.nlon, model.grid_lmax
-    h, w = latent_shape(nlat, nlon, model.scale_factor)
-
-    def pair(a: int, b: int, grid: str) -> tuple[RealSHT, InverseRealSHT]:
-        return (RealSHT(a, b, lmax=lmax, mmax=lmax, grid=grid).float(),
-                InverseRealSHT(a, b, lmax=lmax, mmax=lmax, grid=grid).float())
-
-    def pw(layer: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("bihw,oi->bohw", t, layer.weight)
-        return y if layer.bias is None else y + layer.bias[:, None, None]
-
-    def mlp(seq: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
-        return pw(seq[2], gelu(pw(seq[0], t)))
-
-    (sht_in, isht_out), (sht_lat, isht_lat) = pair(nlat, nlon, "equiangular"), pair(h, w, "legendre-gauss")
-    lat = torch.linspace(torch.pi / 2, -torch.pi / 2, nlat, dtype=torch.float64)[:, None].expand(nlat, nlon)
-    lon = (torch.arange(nlon, dtype=torch.float64) * (2 * torch.pi / nlon))[None, :].expand(nlat, nlon)
-    feats = [torch.sin(lat), torch.cos(lat)]
-    for k in (1, 2):
-        feats += [torch.cos(lat) * torch.cos(k * lon), torch.cos(lat) * torch.sin(k * lon)]
-    x = mlp(model.encoder, x) + mlp(model.pos_embed.net, torch.stack(feats)[None].float())
-    last = len(model.blocks) - 1
-    for i, blk in enumerate(model.blocks):
-        sht, isht = (sht_in if i == 0 else sht_lat), (isht_out if i == last else isht_lat)
-        coeffs = sht(x)
-        residual = x if (sht.nlat, sht.nlon, sht.grid) == (isht.nlat, isht.nlon, isht.grid) else isht(coeffs)
-        weight = torch.view_as_complex(blk.spectral.weight[:, :, :lmax].contiguous())
-        spectral = isht(torch.einsum("bilm,oil->bolm", coeffs, weight))
-        x = residual + mlp(blk.mlp, gelu(spectral + pw(blk.skip, residual)))
-    return mlp(model.decoder, x)
-
-
 @pytest.mark.parametrize(("nlat", "nlon", "scale_factor"), [(17, 32, 1), (33, 64, 1), (33, 64, 2)])
 def test_default_model_computes_the_torch_harmonics_formulation(nlat: int, nlon: int, scale_factor: int) -> None:
     # The fast layout (real DFT GEMMs, folded skip, channels-last) must be the same function, with the
@@ -156,7 +120,7 @@ def test_default_model_computes_the_torch_harmonics_formulation(nlat: int, nlon:
     # their behaviour and the demo's skill is untouched.
     model = _model(nlat=nlat, nlon=nlon, scale_factor=scale_factor, num_layers=3)
     x = torch.randn(2, 3, nlat, nlon)
-    y, ref = model(x), _reference(model, x)
+    y, ref = model(x), plain_forward(model, x)
     torch.testing.assert_close(y, ref, atol=2e-5 * float(ref.detach().abs().max()), rtol=0)
     grads = torch.autograd.grad(y.square().mean(), list(model.parameters()))
     ref_grads = torch.autograd.grad(ref.square().mean(), list(model.parameters()))
