@@ -71,6 +71,10 @@ class TrainConfig(_Section):
     """Training windows held in memory (small periods), or read from the store per item (years of ERA5)."""
     num_workers: int = 0
     """DataLoader worker processes prefetching windows (spawned; useful with ``loader: zarr``)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each rank trains: ``cuda`` — GPU ``LOCAL_RANK`` of its node, torchrun ranks in an nccl group, refused
+    where CUDA is absent; ``cpu`` — the CPU even where CUDA exists, ranks in a gloo group (``precision: auto`` is
+    then fp32); ``auto`` — ``cuda`` where CUDA exists, ``cpu`` otherwise."""
     nproc_per_node: int = 1
     """Ranks torchrun starts on this machine (GPUs per node, or CPU processes)."""
     nnodes: int = 1

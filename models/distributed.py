@@ -1,7 +1,9 @@
-"""torchrun plumbing: process group from the environment, thread budget, and rank-0 decisions.
+"""torchrun plumbing: each rank's device, the process group from the environment, thread budget, rank-0 decisions.
 
-torchrun sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``; without them the
-process is a world of one and no process group is created (plain in-process training).
+torchrun sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``. A process started by
+torchrun always joins a process group — nccl on CUDA, gloo on the CPU — also as the only rank, so one
+GPU trains through the same DDP and nccl path as eight. Without those variables the process is a world
+of one and no process group is created (plain in-process training).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str | None = None  # of the process group this rank joined (nccl or gloo); None without one
 
     @property
     def is_main(self) -> bool:
@@ -33,8 +36,16 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        """True when a process group is in use."""
-        return self.world_size > 1
+        """True when a process group is in use: under torchrun (any world size), or with more than one rank."""
+        return self.backend is not None or self.world_size > 1
+
+
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun's variables are set: this process is a rank of a job and joins its process group."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
 def world_size_from_env() -> int:
@@ -50,9 +61,24 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def check_gpu_ranks(ranks_per_node: int, setting: str = "train.nproc_per_node") -> None:
-    """ValueError when CUDA is available and more ranks per node are asked for than GPUs are visible (one each)."""
-    if not torch.cuda.is_available():
+def device_kind(requested: str = "auto") -> str:
+    """``cuda`` or ``cpu`` for a ``train.device`` setting; ValueError for ``cuda`` where CUDA is absent."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device is {requested!r}; use auto, cpu or cuda")
+    if requested == "cpu":
+        return "cpu"  # even where CUDA exists: no CUDA call is made for this run
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        why = ("this torch build has no CUDA" if torch.version.cuda is None
+               else f"torch (CUDA {torch.version.cuda}) sees no GPU (check the driver and CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"train.device is 'cuda' but {why}; use train.device cpu or auto (cuda where it exists)")
+    return "cpu"
+
+
+def check_gpu_ranks(ranks_per_node: int, setting: str = "train.nproc_per_node", device: str = "auto") -> None:
+    """ValueError when ranks train on CUDA (``device``: a ``train.device`` setting) and outnumber the visible GPUs."""
+    if device_kind(device) != "cuda":
         return  # CPU ranks: gloo runs any number of processes
     visible = torch.cuda.device_count()
     if ranks_per_node > visible:
@@ -60,9 +86,9 @@ def check_gpu_ranks(ranks_per_node: int, setting: str = "train.nproc_per_node") 
                          f"CUDA_VISIBLE_DEVICES); each rank trains on its own GPU, so use 1..{visible} ranks per node")
 
 
-def select_device() -> torch.device:
-    """This rank's device — ``cuda:LOCAL_RANK``, made the current CUDA device — or the CPU without CUDA."""
-    if not torch.cuda.is_available():
+def select_device(requested: str = "auto") -> torch.device:
+    """This rank's device for ``train.device`` — ``cuda:LOCAL_RANK``, made the current CUDA device — or the CPU."""
+    if device_kind(requested) == "cpu":
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # torchrun sets LOCAL_WORLD_SIZE; a rank without a GPU of its own would fail later inside CUDA or nccl.
@@ -79,15 +105,18 @@ def backend_for(device: torch.device) -> str:
 
 
 def init_distributed(device: torch.device) -> DistContext:
-    """Join the torchrun process group if ``WORLD_SIZE > 1`` (backend from ``device``); this rank's context."""
+    """Join the process group under torchrun (or with ``WORLD_SIZE > 1``), backend from ``device``; this rank's context."""
     world = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        backend = backend_for(device)
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
-        log.info("rank %d/%d joined the %s process group", rank, world, backend)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    backend = None
+    # A lone torchrun rank joins too: DDP and nccl then run on one GPU exactly as on many.
+    if world > 1 or launched_by_torchrun():
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend_for(device), timeout=timedelta(minutes=10))
+            log.info("rank %d/%d joined the %s process group", rank, world, backend_for(device))
+        backend = str(dist.get_backend())
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
 def shutdown_distributed(ctx: DistContext, clean: bool = True) -> None:

@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from models.distributed import backend_for
+from models.distributed import backend_for, launched_by_torchrun
 from models.normalization import Normalized
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,11 @@ def training_model(model: Normalized, compile: bool) -> Normalized:
 
 
 def join_attempt_group(device: torch.device) -> bool:
-    """Under torchrun with 2+ ranks, join the process group in a store namespace of this attempt; True if joined."""
+    """Under torchrun (any world size), join the process group in a store namespace of this attempt; True if joined."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if attempt is None or world < 2 or dist.is_initialized():
+    if attempt is None or not launched_by_torchrun() or dist.is_initialized():
         return False
+    world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     # With the agent's store every rank is a client; otherwise rank 0 hosts it, as torch's env:// does.

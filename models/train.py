@@ -163,7 +163,8 @@ class Trainer:
                      self.ctx.world_size)
             record = {"event": "resume", "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch,
                       "elapsed_s": round(pos.elapsed_s, 2), "previous_world_size": s.resume["world_size"]}
-        return {**record, "world_size": self.ctx.world_size, "device": str(self.ctx.device), "grid": s.grid.describe(),
+        return {**record, "world_size": self.ctx.world_size, "device": str(self.ctx.device),
+                "backend": self.ctx.backend, "grid": s.grid.describe(),
                 "train_windows": len(s.train_ds), "val_windows": len(s.val_ds), "dataset_version": s.dataset_version,
                 "config": dump_config(s.config)}
 
@@ -334,7 +335,7 @@ def fit(s: Setup) -> Path:
 def train(config: Config) -> Path:
     """Train per ``config`` (in-process or as one torchrun rank); return the best checkpoint's path."""
     batch = per_rank_batch(config.train.batch_size, world_size_from_env())  # fail before joining a group
-    device = select_device()  # also fails before joining: more local ranks than GPUs
+    device = select_device(config.train.device)  # also fails before joining: more local ranks than GPUs, no CUDA
     deterministic = torch.are_deterministic_algorithms_enabled()
     join_attempt_group(device)  # before init_distributed, which then finds the group joined
     ctx = init_distributed(device)

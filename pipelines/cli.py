@@ -36,6 +36,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "start": ("ingest", "start"), "end": ("ingest", "end"), "workers": ("ingest", "workers"),
         "scheduler_address": ("ingest", "scheduler_address"),
         "budget_minutes": ("train", "budget_minutes"), "nproc_per_node": ("train", "nproc_per_node"),
+        "device": ("train", "device"),
         "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"),
         "host": ("serve", "host"), "port": ("serve", "port"),
     }.items():
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command in ("train", "demo"):
         from models.distributed import check_gpu_ranks
 
-        check_gpu_ranks(config.train.nproc_per_node, NPROC_SETTING)
+        # train.device cpu skips the GPU count; cuda without CUDA is refused here, before Prefect starts.
+        check_gpu_ranks(config.train.nproc_per_node, NPROC_SETTING, config.train.device)
     if args.command == "serve":
         _serve(config)
         return 0
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "Train the SFNO under torchrun.")
     p.add_argument("--budget-minutes", type=float, help="training budget")
     p.add_argument("--nproc-per-node", type=int, help="ranks on this machine")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where each rank trains (train.device): auto = cuda where it exists, else cpu")
     p = add("forecast", "Run and publish a forecast.")
     p.add_argument("--init-time", help="initial time, or 'latest'")
     p.add_argument("--lead-hours", type=int, help="forecast length in hours")

@@ -74,7 +74,8 @@ def torchrun_command(config: Config, config_file: Path) -> list[str]:
 @task(name="train-torchrun", cache_policy=NO_CACHE)
 def train_task(config: Config) -> str:
     """Run ``torchrun … -m models.train`` as a subprocess, streaming its log; return the checkpoint."""
-    check_gpu_ranks(config.train.nproc_per_node, "train.nproc_per_node")  # before the run directory is made
+    # Before the run directory is made: too many GPU ranks, or train.device cuda without CUDA.
+    check_gpu_ranks(config.train.nproc_per_node, "train.nproc_per_node", config.train.device)
     logger = get_run_logger()
     run_dir = config.paths.runs / config.train.run_name
     run_dir.mkdir(parents=True, exist_ok=True)

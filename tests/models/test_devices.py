@@ -17,7 +17,7 @@ from torch.utils.data import SequentialSampler, TensorDataset
 
 from models import ddp
 from models.data import training_loader
-from models.distributed import DistContext, backend_for, check_gpu_ranks, select_device
+from models.distributed import DistContext, backend_for, check_gpu_ranks, init_distributed, select_device
 from models.rank_state import rng_state, set_rng_state
 from models.recorder import peak_memory_mb
 from models.runtime import autocast, check_compile, grad_scaler, resolve_precision
@@ -79,6 +79,94 @@ def test_the_gpu_count_check_names_the_setting_and_ignores_cpu_runs(fake_cuda, m
         check_gpu_ranks(4)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_gpu_ranks(16)  # CPU ranks: any number
+
+
+# ---- train.device: auto, cpu, cuda ----------------------------------------------------------------
+
+def test_device_auto_and_cuda_pick_the_rank_gpu_nccl_and_bf16_on_a_cuda_host(fake_cuda, monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for requested in ("auto", "cuda"):
+        device = select_device(requested)
+        assert device == CUDA1 and backend_for(device) == "nccl"
+        assert resolve_precision("auto", device) == "bf16"
+    assert fake_cuda["set_device"] == [CUDA1, CUDA1]
+    for requested in ("auto", "cuda"):
+        with pytest.raises(ValueError, match=r"is 3 but 2 GPU\(s\) are visible"):
+            check_gpu_ranks(3, device=requested)
+
+
+def test_device_cpu_keeps_gloo_fp32_and_unpinned_batches_on_a_cuda_host(fake_cuda, monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # more ranks than the 2 GPUs: no matter, they are not used
+    device = select_device("cpu")
+    assert device == torch.device("cpu") and fake_cuda["set_device"] == []
+    assert backend_for(device) == "gloo" and resolve_precision("auto", device) == "fp32"
+    check_gpu_ranks(16, device="cpu")
+    ds = TensorDataset(torch.arange(4.0))
+    assert not training_loader(ds, SequentialSampler(ds), 2, 0, device).pin_memory
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_torchrun_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables torchrun gives the only rank of a standalone job."""
+    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+
+
+def test_a_device_cpu_torchrun_rank_trains_in_a_gloo_group_under_ddp_on_a_cuda_host(tiny_data, fake_cuda,
+                                                                                   monkeypatch) -> None:
+    """A lone torchrun rank (its variables set here) with ``train.device: cpu`` where CUDA is reported."""
+    import json
+
+    import torch.distributed as dist
+
+    from models.train import train
+
+    _as_torchrun_rank(monkeypatch)
+    config = tiny_data(max_steps=2, device="cpu")
+    train(config)
+    lines = (config.paths.runs / config.train.run_name / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    start, end = recs[0], recs[-1]
+    assert (start["event"], start["device"], start["backend"], start["world_size"]) == ("start", "cpu", "gloo", 1)
+    assert {r["precision"] for r in recs if r["event"] == "val"} == {"fp32"}  # auto on the CPU
+    assert end["event"] == "end" and end["comm"]["kind"] == "none"  # DDP's all-reduce hook ran, on one rank
+    assert fake_cuda["set_device"] == [] and not dist.is_initialized()  # no GPU touched; the group is left
+
+
+def test_without_torchrun_no_process_group_is_formed(monkeypatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = init_distributed(torch.device("cpu"))
+    assert ctx.backend is None and not ctx.distributed and ctx.world_size == 1
+
+
+def test_device_cuda_without_cuda_is_refused_before_anything_is_written(tiny_data, monkeypatch) -> None:
+    from models.train import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device without CUDA"))
+    needle = r"^train.device is 'cuda' but (this torch build has no CUDA|torch \(CUDA .*\) sees no GPU).*; use train.device cpu or auto"
+    with pytest.raises(ValueError, match=needle):
+        select_device("cuda")
+    with pytest.raises(ValueError, match=needle):
+        check_gpu_ranks(1, device="cuda")
+    assert select_device("auto") == torch.device("cpu")
+    config = tiny_data(device="cuda")
+    before = _fingerprint(config.paths.root)
+    with pytest.raises(ValueError, match=needle):
+        train(config)
+    assert _fingerprint(config.paths.root) == before
 
 
 def test_the_loader_pins_batches_for_a_cuda_device_only() -> None:

@@ -146,3 +146,35 @@ def test_the_train_task_refuses_more_ranks_than_gpus_before_writing_its_config(t
     assert not (tmp_path / "out").exists()
     cpu = load_config(env={}, overrides={"train": {"nproc_per_node": 3}})
     assert "--nproc_per_node=3" in torchrun_command(cpu, tmp_path / "c.yaml")  # the command itself never checks
+
+
+def test_device_cuda_without_cuda_is_one_clear_error_before_any_work(tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch
+
+    from pipelines.tasks import train_task
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths: {{root: {tmp_path / 'out'}}}\n")
+    assert main(["train", "--config", str(cfg), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spherecast: error: train.device is 'cuda' but "), err
+    assert "use train.device cpu or auto" in err
+    config = load_config(env={}, overrides={"paths": {"root": str(tmp_path / "out")}, "train": {"device": "cuda"}})
+    with pytest.raises(ValueError, match="^train.device is 'cuda' but "):
+        train_task.fn(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cpu_launches_more_cpu_ranks_than_gpus(tmp_path: Path, two_fake_gpus, monkeypatch) -> None:
+    from pipelines import cli, flows
+
+    launched = []
+    monkeypatch.setattr(cli, "prefect_environment", lambda: None)
+    monkeypatch.setattr(flows, "train_sfno", lambda path, overrides: launched.append(overrides) or "checkpoint.pt")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths: {{root: {tmp_path / 'out'}}}\n")
+    assert main(["train", "--config", str(cfg), "--nproc-per-node", "4", "--device", "cpu"]) == 0
+    assert launched == [{"train": {"nproc_per_node": 4, "device": "cpu"}}]
+    assert main(["train", "--config", str(cfg), "--nproc-per-node", "4"]) == 2  # auto: the 2 GPUs, refused
+    assert len(launched) == 1
