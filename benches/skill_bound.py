@@ -13,7 +13,10 @@ held-out test period (same stores, same relative error, DESIGN §4), from ``--st
 
 The initial states come from re-running the planet (about 5 min of solver for the default 487 days),
 and each is checked against the store before it is used, so the bound is scored on the store's truth.
-With ``--skill-report`` (the JSON of ``benches/skill_swe.py``) the SFNO's figures print beside it.
+With ``--skill-report`` (the JSON of ``benches/skill_swe.py``) the SFNO's figures print beside it, and
+the fraction of the attainable improvement it reached: ``attained = (persistence − SFNO) / (persistence −
+bound)``, persistence from the skill bench's (all test times), the bound the unstirred solver. The report
+records the planet's settings and periods, so ``benches/skill_swe.py --bound`` can refuse another planet's.
 
 Usage: python benches/skill_bound.py [--out spherecast-out/skill_swe] [--days 487] [--starts 16]
        [--members 8] [--skill-report report.json] [--json FILE] [--quick]
@@ -136,6 +139,7 @@ def bound(args: argparse.Namespace) -> dict[str, Any]:
         row["ensemble_mean_infinite"] = float((infinite[j] / clim_rmse[j]).mean()) if args.members > 1 else None
         table[f"{h}h"] = row
     return {"command": " ".join(["python benches/skill_bound.py", *args.argv]),
+            "periods": periods.as_dict(), "planet": config.ingest.synthetic.model_dump(mode="json"),
             "initial_times": [str(pd.Timestamp(test.init_times[k])) for k in picks], "members": args.members,
             "member_seeds": seeds[1:], "test_initial_times_available": len(test),
             "max_reproduction_difference": worst_mismatch, "seconds": round(time.perf_counter() - began, 1),
@@ -147,7 +151,7 @@ def print_report(r: dict[str, Any], skill: dict[str, Any] | None) -> None:
     print(f"\nPerfect-model bound from {len(r['initial_times'])} initial times ({r['initial_times'][0]} … "
           f"{r['initial_times'][-1]}), ensemble of {r['members']}; relative error (climatology = 1):")
     head = f"{'lead':>5} {'unstirred':>10} {'ens. mean':>10} {'ens. ∞':>8} {'persist.':>9} | {'unstirred/p':>11} {'∞/p':>6}"
-    print(head + ("  | SFNO/p (skill bench, all test times)" if skill else ""))
+    print(head + ("  | SFNO/p, attained (skill bench, all test times)" if skill else ""))
     for lead, row in r["relative_error"].items():
         inf = row["ensemble_mean_infinite"]
         best = inf if inf is not None else row["ensemble_mean"]
@@ -156,9 +160,20 @@ def print_report(r: dict[str, Any], skill: dict[str, Any] | None) -> None:
                 f"{row['unstirred'] / row['persistence']:>11.2f} {best / row['persistence']:>6.2f}")
         if skill:
             s = skill["relative_error"][lead]
-            line += f"  | {s['sfno'] / s['persistence']:.2f}"
+            a = attained_vs(r, skill)[lead]["attained"]
+            line += f"  | {s['sfno'] / s['persistence']:.2f}, {'—' if a is None else format(a, '.2f')}"
         print(line)
     print(f"(states reproduced to {r['max_reproduction_difference']:.1e} of the field maximum; {r['seconds']} s)")
+
+
+def attained_vs(r: dict[str, Any], skill: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per lead: the skill bench's SFNO and persistence, and its attained fraction of the way to this bound."""
+    out = {}
+    for lead, row in r["relative_error"].items():
+        s = skill["relative_error"][lead]
+        out[lead] = {"sfno": s["sfno"], "persistence": s["persistence"],
+                     "attained": sw.attained(s["persistence"], s["sfno"], row["unstirred"])}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"skill_bound: error: {exc}", file=sys.stderr)
         return 2
+    if skill:
+        report["skill_report"] = {"path": str(args.skill_report), "leads": attained_vs(report, skill)}
     print_report(report, skill)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,18 @@
    training windows (``models.noise``), the unforeseeable stirring a mean-squared-error model
    averages away; the KE goal is judged on the stochastic run, the deterministic one is reported.
 5. Runs the same weights zero-shot on the finer grid against its truth: error ratio per lead.
+6. With ``--bound`` (the ``--json`` of ``benches/skill_bound.py`` on the same stores), states skill as the
+   fraction of the attainable improvement over persistence, per lead:
+   ``attained = (persistence − SFNO) / (persistence − bound)``, the bound being the planet's own solver
+   from the exact state (the planet is stirred at random, so no forecast reaches zero error; DESIGN §4).
 
-Goals: 24 h SFNO ≤ 0.5× persistence and ≤ 1.0× the example; the year stays bounded with mean KE
-within ±20 %; zero-shot 24 h error ≤ 1.5× the native one. Figures print as a table and go to
-``--json``. ``--quick`` is the smoke-test size (tiny grid, a 25×48 solver, seconds of training).
+Goals: attained ≥ 0.90 at 24 h and at 120 h; 24 h SFNO ≤ 1.0× the example; the stochastic year stays
+bounded with mean KE within ±20 % and each hemisphere's jet within 10° of the planet's own range of
+30-day means in every 30 days, from every start; zero-shot 24 h error ≤ 1.5× the native one. Figures
+print as a table and go to ``--json``. ``--quick`` is the smoke-test size (tiny grid, a 25×48 solver,
+seconds of training).
 
-Usage: python benches/skill_swe.py [--days 487] [--budget-minutes 5] [--out DIR] [--json FILE]
+Usage: python benches/skill_swe.py [--days 487] [--budget-minutes 5] [--out DIR] [--json FILE] [--bound FILE]
        [--rollout-starts 4] [--set train.rollout_steps=4 ...] [--tag NAME] [--no-example] [--example-budget cpu|wall] [--quick]
 """
 
@@ -71,7 +77,11 @@ from models.noise import ResidualNoise, StochasticForecaster  # noqa: E402
 log = logging.getLogger("benches.skill_swe")  # not __name__: that is "__main__" when run as a script
 
 LEADS_H = (6, 24, 72, 120)
-GOAL_PERSISTENCE, GOAL_EXAMPLE, GOAL_KE, GOAL_ZERO_SHOT = 0.5, 1.0, 0.2, 1.5
+GOAL_EXAMPLE, GOAL_KE, GOAL_ZERO_SHOT = 1.0, 0.2, 1.5
+# Skill as the fraction of what the planet allows (issue 4 found ≤ 0.5× persistence at 24 h is below the
+# perfect-model bound's 0.504×), judged at these leads.
+GOAL_ATTAINED, ATTAINED_GOAL_LEADS = 0.90, ("24h", "120h")
+GOAL_JET_DEG = 10.0  # how far (degrees) a rolled-out jet may stray beyond the planet's range of 30-day means
 # The SFNO's year rollout with its own one-step residuals added (models/noise.py; the bank centred: uncentred,
 # its mean forced the flow steadily and the years gained energy from month 11).
 STOCHASTIC = "sfno+residuals"
@@ -114,6 +124,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-minutes", type=float, help="wall-clock training budget per model (default 5)")
     p.add_argument("--out", type=Path, default=Path("spherecast-out/skill_swe"), help="stores and runs (reused)")
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--bound", type=Path,
+                   help="the perfect-model bound (benches/skill_bound.py --json on the same --out/--days/--set), "
+                        "to report attained = (persistence − SFNO) / (persistence − bound) per lead")
     p.add_argument("--grid", help="training grid preset (default 5.625deg; quick tiny)")
     p.add_argument("--zero-shot-grid", help="finer grid for the zero-shot test (default 2.8125deg; quick 5.625deg)")
     p.add_argument("--year-steps", type=int, help="steps of the long rollout (default 1460 = one year)")
@@ -129,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke-test size: tiny grid, 12 days, seconds of training")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.bound is not None and not args.bound.is_file():
+        p.error(f"--bound {args.bound} is not a file")
     preset = QUICK if args.quick else FULL
     for key in ("grid", "zero_shot_grid", "days", "budget_minutes", "year_steps", "rollout_starts"):
         if getattr(args, key) is None:
@@ -158,7 +173,85 @@ def plan(args: argparse.Namespace) -> tuple[Config, Config, sd.Periods, dict[str
     from models.train import build_sfno
 
     build_sfno(coarse, *coarse.grid.grid().shape)  # a bad model section fails here, before any simulation
+    if args.bound is not None:
+        check_bound(args.bound, load_bound(args.bound), periods, coarse)
     return coarse, fine, periods, overrides
+
+
+def load_bound(path: Path) -> dict[str, Any]:
+    """The report of ``benches/skill_bound.py --json``; ValueError naming what is missing if it is not one."""
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--bound {path} is not a JSON report of benches/skill_bound.py ({exc})") from None
+    rows = r.get("relative_error") if isinstance(r, dict) else None
+    missing = [f"{h}h" for h in LEADS_H
+               if not (isinstance(rows, dict) and isinstance(rows.get(f"{h}h"), dict)
+                       and isinstance(rows[f"{h}h"].get("unstirred"), int | float))]
+    if missing or not r.get("initial_times"):
+        raise ValueError(f"--bound {path} has no perfect-model bound at {', '.join(missing) or 'any initial time'}: "
+                         "give the --json of benches/skill_bound.py")
+    return r
+
+
+def check_bound(path: Path, bound: dict[str, Any], periods: sd.Periods, config: Config) -> None:
+    """ValueError unless ``bound`` was measured on this run's planet and test period."""
+    again = "run benches/skill_bound.py with the same --out, --days and --set"
+    if "periods" in bound and bound["periods"] != periods.as_dict():
+        raise ValueError(f"--bound {path} was measured on the periods {bound['periods']}, this run's are "
+                         f"{periods.as_dict()}: {again}")
+    planet = config.ingest.synthetic.model_dump(mode="json")
+    if "planet" in bound and bound["planet"] != planet:
+        diff = sorted(k for k in planet if bound["planet"].get(k) != planet[k])
+        raise ValueError(f"--bound {path} was measured on another planet (differs in {', '.join(diff)}): {again}")
+    # Reports that predate the two keys above still name their initial times: all must be test times.
+    times = pd.DatetimeIndex(bound["initial_times"])
+    if times.min() < periods.test_start or times.max() > periods.end:
+        raise ValueError(f"--bound {path} starts at {times.min()} … {times.max()}, outside this run's test period "
+                         f"{periods.test_start} … {periods.end}: {again}")
+
+
+def attained(persistence: float | None, model: float | None, bound: float | None) -> float | None:
+    """The fraction of the attainable improvement over persistence: (persistence − model) / (persistence − bound)."""
+    if persistence is None or model is None or bound is None:
+        return None
+    room = persistence - bound
+    if not room > 0:  # persistence already at the bound: there is nothing to attain, no fraction to state
+        return None
+    return (persistence - model) / room
+
+
+def attained_per_lead(errors: dict[str, dict[str, float | None]], bound: dict[str, Any]) -> dict[str, Any]:
+    """Per lead: the bound (the unstirred solver) and the SFNO's attained fraction against this run's persistence."""
+    out = {}
+    for lead, row in errors.items():
+        b = bound["relative_error"][lead]["unstirred"]
+        out[lead] = {"bound": b, "bound_persistence": bound["relative_error"][lead].get("persistence"),
+                     "attained": attained(row["persistence"], row["sfno"], b)}
+    return out
+
+
+def jet_excursion(jets: list[list[float]] | None, planet: dict[str, list[float]]) -> float:
+    """Largest distance (degrees) of any 30-day jet (north or south) beyond the planet's range; 0 inside, inf if none."""
+    if not jets:
+        return math.inf
+    worst = 0.0
+    for north, south in jets:
+        for lat, (lo, hi) in ((north, planet["north"]), (south, planet["south"])):
+            worst = max(worst, lo - lat, lat - hi)
+    return worst
+
+
+def jet_verdict(starts: list[dict[str, Any]], planet: dict[str, list[float]],
+                tolerance: float = GOAL_JET_DEG) -> dict[str, Any]:
+    """Each start's worst jet excursion and whether every start's jets stayed within ``tolerance`` all year.
+
+    A rollout that went non-finite fails: its circulation did not survive the year.
+    """
+    per_start = [jet_excursion(r.get("jets_per_30_days"), planet) if r["finite"] else math.inf for r in starts]
+    worst = max(per_start)
+    return {"per_start_deg": per_start, "worst_deg": worst, "tolerance_deg": tolerance,
+            "pass": bool(math.isfinite(worst) and worst <= tolerance)}
 
 
 def train_sfno(config: Config) -> tuple[Path, dict[str, Any]]:
@@ -304,8 +397,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "periods": periods.as_dict(), "leads_h": list(LEADS_H)},
     }
     data, report["data"] = load_data(coarse_cfg, fine_cfg, periods, args.quick)
+    bound = load_bound(args.bound) if args.bound is not None else None
+    if bound is not None and bound.get("test_initial_times_available", len(data.test)) != len(data.test):
+        raise ValueError(f"--bound {args.bound} saw {bound['test_initial_times_available']} test initial times, "
+                         f"this run has {len(data.test)}: run benches/skill_bound.py on the same stores")
     models = train_models(args, coarse_cfg, data, report)
     report.update(score(models, data))
+    if bound is not None:
+        report["bound"] = {"path": str(args.bound), "command": bound.get("command"),
+                           "initial_times": len(bound["initial_times"]),
+                           "leads": attained_per_lead(report["relative_error"], bound)}
     planet_ke = sd.planet_mean_ke(data.coarse)
     weights = coarse_cfg.grid.grid().weights
     starts = sorted({round(k) for k in np.linspace(0, len(data.sfno_test) - 1,
@@ -329,8 +430,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "south": [float(jets[:, 1].min()), float(jets[:, 1].max())]}
     report["rollout_starts"] = {
         name: [{"initial_time": str(pd.Timestamp(data.sfno_test.init_times[k])), "finite": r["finite"],
-                "ke_ratio": r["ke_ratio"], "ke_per_30_days": r["ke_per_30_days"], "pass": r["pass"]}
+                "ke_ratio": r["ke_ratio"], "ke_per_30_days": r["ke_per_30_days"], "pass": r["pass"],
+                "jets_per_30_days": r["jets_per_30_days"]}
                for k, r in zip(starts, rs, strict=True)] for name, rs in runs.items()}
+    report["jets"] = {name: jet_verdict(rs, report["rollout"]["planet_jets"])
+                      for name, rs in report["rollout_starts"].items()}
     report["zero_shot"] = zero_shot(models["sfno"], data, report["relative_error"], fine_cfg.grid.grid().describe())
     report["goals"] = goals(report, args)
     report["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -338,27 +442,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def goals(report: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The issue's four goals with value, limit and PASS/FAIL (``None`` when not measured)."""
+    """The issue's goals with value, limit and PASS/FAIL (``None`` when not measured, e.g. no ``--bound``)."""
     e24 = report["relative_error"]["24h"]
     ex = e24["example"]
     ro = report["rollout_starts"][STOCHASTIC]
     # Every start must stay bounded; the value shown is the start furthest from the planet's KE.
     worst = max(ro, key=lambda r: abs(r["ke_ratio"] - 1.0) if math.isfinite(r["ke_ratio"]) else math.inf)
+    jets = report["jets"][STOCHASTIC]
     zs = report["zero_shot"]["leads"]["24h"]["ratio"]
-    rows = [
-        ("24 h SFNO / persistence", e24["sfno"] / e24["persistence"], f"≤ {GOAL_PERSISTENCE}", None),
-        ("24 h SFNO / example SFNO", None if ex is None else e24["sfno"] / ex, f"≤ {GOAL_EXAMPLE}", None),
+    bound = report.get("bound")
+    # (name, value, limit text, verdict: a comparison with the limit, or given)
+    rows: list[tuple[str, float | None, str, Any]] = [
+        (f"attained at {lead} (bound: the planet's solver)",
+         None if bound is None else bound["leads"][lead]["attained"], f"≥ {GOAL_ATTAINED}",
+         lambda v: v >= GOAL_ATTAINED) for lead in ATTAINED_GOAL_LEADS]
+    rows += [
+        ("24 h SFNO / example SFNO", None if ex is None else e24["sfno"] / ex, f"≤ {GOAL_EXAMPLE}",
+         lambda v: v <= GOAL_EXAMPLE),
         (f"{args.year_steps}-step stochastic rollout KE / planet, worst of {len(ro)}", worst["ke_ratio"],
-         f"finite, 1 ± {GOAL_KE}",
-         all(r["pass"] for r in ro)),
-        (f"zero-shot {report['zero_shot']['grid'].split(':')[1]} / native at 24 h", zs, f"≤ {GOAL_ZERO_SHOT}", None),
+         f"finite, 1 ± {GOAL_KE}", all(r["pass"] for r in ro)),
+        (f"stochastic year: jets beyond planet's range (°), worst of {len(ro)}", jets["worst_deg"],
+         f"≤ {GOAL_JET_DEG:g}° every 30 d", jets["pass"]),
+        (f"zero-shot {report['zero_shot']['grid'].split(':')[1]} / native at 24 h", zs, f"≤ {GOAL_ZERO_SHOT}",
+         lambda v: v <= GOAL_ZERO_SHOT),
     ]
-    limits = (GOAL_PERSISTENCE, GOAL_EXAMPLE, None, GOAL_ZERO_SHOT)
     out = []
-    for (name, value, limit_text, passed), limit in zip(rows, limits, strict=True):
-        if passed is None and value is not None:
-            passed = bool(math.isfinite(value) and value <= limit)
-        out.append({"goal": name, "value": value, "limit": limit_text, "pass": passed})
+    for name, value, limit_text, verdict in rows:
+        if callable(verdict):
+            verdict = None if value is None else bool(math.isfinite(value) and verdict(value))
+        out.append({"goal": name, "value": value, "limit": limit_text, "pass": verdict})
     return out
 
 
@@ -393,12 +505,18 @@ def print_report(r: dict[str, Any]) -> None:
         line += (f"; example {te['steps']} steps ({te['parameters']:,} params, wall {te['wall_s']} s, "
                  f"cpu {te['cpu_s']} s)")
     print(line + f"; overrides {s['overrides'] or 'none'}")
-    print("\nrelative error (climatology = 1 by construction)")
-    print(f"{'lead':>6} {'SFNO':>8} {'example':>8} {'persist.':>9} {'clim.':>7} {'SFNO/pers.':>11} {'SFNO/ex.':>9}")
+    bound = r.get("bound")
+    print("\nrelative error (climatology = 1 by construction); attained = (persistence − SFNO) / (persistence − bound)"
+          + (f", bound: the planet's own solver from the exact state at {bound['initial_times']} test initial times"
+             if bound else ", bound: not given (--bound)"))
+    print(f"{'lead':>6} {'SFNO':>8} {'example':>8} {'persist.':>9} {'clim.':>7} {'SFNO/pers.':>11} {'SFNO/ex.':>9} "
+          f"{'bound':>7} {'attained':>9}")
     for lead, row in r["relative_error"].items():
         ratio_ex = None if row["example"] is None else row["sfno"] / row["example"]
+        b = bound["leads"][lead] if bound else {"bound": None, "attained": None}
         print(f"{lead:>6} {_f(row['sfno']):>8} {_f(row['example']):>8} {_f(row['persistence']):>9} "
-              f"{_f(row['climatology']):>7} {_f(row['sfno'] / row['persistence'], '.2f'):>11} {_f(ratio_ex, '.2f'):>9}")
+              f"{_f(row['climatology']):>7} {_f(row['sfno'] / row['persistence'], '.2f'):>11} {_f(ratio_ex, '.2f'):>9} "
+              f"{_f(b['bound']):>7} {_f(b['attained'], '.2f'):>9}")
     rn = r["residual_noise"]
     print(f"\nlong rollout from {r['rollout']['initial_time']} (planet mean KE {r['rollout']['sfno']['planet_mean_ke']:.1f} m²/s²)")
     print(f"  ({STOCHASTIC}: the SFNO plus one of {rn['windows']} one-step training residuals per step, rms "
@@ -420,14 +538,19 @@ def print_report(r: dict[str, Any]) -> None:
     for name, rs in r.get("rollout_starts", {}).items():
         print(f"  {name:15} from {len(rs)} initial times: KE / planet " + ", ".join(
             f"{x['initial_time'][:16]} {_f(x['ke_ratio'], '.3g')}" for x in rs))
+        if name in r.get("jets", {}):
+            print(f"  {'':15} jets' worst excursion beyond the planet's range per start (°): "
+                  + ", ".join(_f(v, ".1f") for v in r["jets"][name]["per_start_deg"]))
     z = r["zero_shot"]
     print(f"\nzero-shot on {z['grid']} ({z['initial_times']} initial times): relative error native → zero-shot (ratio)")
     print("  " + "; ".join(f"{lead} {v['native']:.3f} → {v['zero_shot']:.3f} ({v['ratio']:.2f}×, persistence "
                            f"{v['persistence_fine']:.3f})" for lead, v in z["leads"].items()))
     print("\ngoals")
+    print("  attained per lead: " + (", ".join(f"{lead} {_f(v['attained'], '.2f')}" for lead, v in bound["leads"].items())
+                                     if bound else "not measured (no --bound)"))
     for g in r["goals"]:
         verdict = "not measured" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
-        print(f"  {g['goal']:<44} {_f(g['value'], '.3g'):>8}  {g['limit']:<15} {verdict}")
+        print(f"  {g['goal']:<60} {_f(g['value'], '.3g'):>8}  {g['limit']:<20} {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
