@@ -29,7 +29,8 @@ def test_demo_flow_end_to_end(tmp_path: Path, harness) -> None:
         tmp_path / "demo",
         ingest={"end": "2000-01-09T18"},
         train={"train_end": "2000-01-05T18", "val_start": "2000-01-06", "val_end": "2000-01-07T18",
-               "max_steps": 25, "budget_minutes": 5, "batch_size": 4, "nproc_per_node": 2},
+               "max_steps": 25, "budget_minutes": 5, "batch_size": 4, "nproc_per_node": 2,
+               "device": "cpu"},
         forecast={"init_time": "2000-01-08T00", "lead_hours": 24},
         model={"embed_dim": 8, "num_layers": 2},
     )

@@ -349,7 +349,7 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[su
     for kind in KINDS:
         # One-step loss so the curve measures optimization only; PowerSGD compresses from step 4 of 40.
         config = tiny_config(root, max_steps=TRAIN_STEPS, rollout_steps=1, run_name=kind, comm_hook=kind,
-                             powersgd_start_iter=4)
+                             powersgd_start_iter=4, device="cpu")
         path = root / f"{kind}.yaml"
         path.write_text(yaml.safe_dump(dump_config(config)))
         proc = _torchrun(path)

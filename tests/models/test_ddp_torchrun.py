@@ -24,7 +24,7 @@ def _torchrun(config_path: Path, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 def test_two_rank_gloo_training_writes_a_valid_checkpoint(tiny_data, tmp_path: Path) -> None:
-    config = tiny_data(max_steps=6, batch_size=4, threads=1)
+    config = tiny_data(max_steps=6, batch_size=4, threads=1, device="cpu")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(dump_config(config)))
     proc = _torchrun(cfg)
@@ -40,8 +40,24 @@ def test_two_rank_gloo_training_writes_a_valid_checkpoint(tiny_data, tmp_path: P
     assert "joined the gloo process group" in proc.stderr
 
 
+def test_one_torchrun_rank_joins_a_gloo_group_and_trains_under_ddp(tiny_data, tmp_path: Path) -> None:
+    """A world of one under torchrun takes the multi-rank path: a process group (gloo on the CPU) and DDP."""
+    config = tiny_data(max_steps=4, batch_size=4, threads=1, device="cpu")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(dump_config(config)))
+    proc = _torchrun(cfg, nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/1 joined the gloo process group" in proc.stderr
+    run_dir = config.paths.runs / config.train.run_name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    start, end = records[0], records[-1]
+    assert (start["event"], start["world_size"], start["device"], start["backend"]) == ("start", 1, "cpu", "gloo")
+    assert end["event"] == "end" and end["steps"] == 4
+    assert end["comm"]["kind"] == "none" and end["comm"]["steps"] == 4  # DDP's all-reduce hook ran every step
+
+
 def test_batch_not_divisible_by_ranks_exits_nonzero_with_a_clear_message(tiny_data, tmp_path: Path) -> None:
-    config = tiny_data(batch_size=3)
+    config = tiny_data(batch_size=3, device="cpu")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(dump_config(config)))
     proc = _torchrun(cfg)
@@ -59,7 +75,7 @@ def test_two_ranks_end_with_the_weights_of_one_rank_at_the_same_global_batch(tin
 
     # A budget far beyond the run makes progress (hence lr and rollout length) a function of the step
     # alone, so the two runs see the same schedule; the step cap ends both.
-    config = tiny_data(max_steps=6, batch_size=4, threads=1, budget_minutes=100000.0)
+    config = tiny_data(max_steps=6, batch_size=4, threads=1, budget_minutes=100000.0, device="cpu")
     two = config.model_copy(deep=True)
     two.train.run_name = "two-ranks"
     cfg = tmp_path / "two.yaml"

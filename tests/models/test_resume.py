@@ -36,10 +36,13 @@ KILL_AT = 16  # mid-epoch: the resume must skip the batches already consumed
 
 
 def run_config(root: Path, name: str, **train_opts: object) -> Config:
-    """Deterministic tiny-grid run whose schedule follows the step count (the budget never ends it)."""
+    """Deterministic tiny-grid run whose schedule follows the step count (the budget never ends it).
+
+    On the CPU (gloo) unless ``device`` is given, so the 2-rank runs work the same on a 1-GPU host.
+    """
     t = {**TRAIN, "max_steps": STEPS, "batch_size": 4, "threads": 1, "rollout_steps": 2, "budget_minutes": 1e5,
          "checkpoint_every_steps": EVERY, "deterministic": True, "tensorboard": False, "run_name": name,
-         **train_opts}
+         "device": "cpu", **train_opts}
     return config_from_dict({"paths": {"root": str(root)}, "grid": {"preset": "tiny"}, "train": t})
 
 
@@ -321,7 +324,7 @@ def test_checkpoints_also_follow_the_wall_clock(finished: Config, tmp_path: Path
 @pytest.mark.gpu
 def test_fp16_on_cuda_checkpoints_and_resumes_its_loss_scale(tmp_path: Path) -> None:
     write_data(tmp_path, moving_planet())
-    config = run_config(tmp_path, "fp16", precision="fp16", max_steps=4, deterministic=False)
+    config = run_config(tmp_path, "fp16", precision="fp16", max_steps=4, deterministic=False, device="cuda")
     train(config)
     scaler = read_checkpoint(run_dir(config) / "last.pt")["training"]["scaler"]
     assert scaler and scaler["scale"] > 0
@@ -332,7 +335,7 @@ def test_fp16_on_cuda_checkpoints_and_resumes_its_loss_scale(tmp_path: Path) -> 
     assert read_checkpoint(run_dir(config) / "last.pt")["meta"]["train_step"] == 6
 
 
-# ---- bf16 under torchrun: on this machine's device, and on one GPU where there is one ------------
+# ---- bf16 under torchrun: one rank on the CPU (gloo), and on one GPU (nccl) where there is one -----
 
 def killed_and_resumed(root: Path, name: str, **train_opts: object) -> dict[str, Path]:
     """A 1-rank torchrun run, and its twin SIGKILLed after a checkpoint then relaunched; asserts they end identical."""
@@ -351,21 +354,23 @@ def killed_and_resumed(root: Path, name: str, **train_opts: object) -> dict[str,
 
 
 def test_a_killed_bf16_torchrun_run_resumes_bit_identical(root: Path) -> None:
-    """The code path of the one-GPU test below, run on this machine's device (the CPU without CUDA)."""
+    """The code path of the one-GPU test below on the CPU: a lone torchrun rank in a gloo group, under DDP."""
     runs = killed_and_resumed(root, "bf16", precision="bf16")
     vals = [r for d in runs.values() for r in records(d) if r["event"] == "val"]
     assert vals and {v["precision"] for v in vals} == {"bf16"}
+    starts = [r for d in runs.values() for r in records(d) if r["event"] in ("start", "resume")]
+    assert len(starts) == 3 and {(r["backend"], r["world_size"]) for r in starts} == {("gloo", 1)}
 
 
 @pytest.mark.gpu
 def test_a_killed_bf16_run_on_one_gpu_resumes_bit_identical(root: Path) -> None:
-    """torchrun on one GPU: its rank takes cuda:0 from LOCAL_RANK, bf16 autocast, deterministic kernels.
-
-    One rank forms no process group (DDP and nccl need two ranks: see the nccl comm-hook test), so
-    what this checks is the CUDA side of exact resume: the CUDA RNG stream, pinned batches, bf16.
-    """
-    runs = killed_and_resumed(root, "gpu-bf16", precision="bf16")
+    """torchrun on one GPU: its rank takes cuda:0 from LOCAL_RANK, joins an nccl group of one and trains
+    under DDP, with bf16 autocast and deterministic kernels; the CUDA RNG stream and pinned batches resume too."""
+    runs = killed_and_resumed(root, "gpu-bf16", precision="bf16", device="cuda")
     starts = [r for d in runs.values() for r in records(d) if r["event"] in ("start", "resume")]
     assert len(starts) == 3 and {r["device"] for r in starts} == {"cuda:0"}
+    assert {(r["backend"], r["world_size"]) for r in starts} == {("nccl", 1)}
+    ends = [r for d in runs.values() for r in records(d) if r["event"] == "end"]
+    assert len(ends) == 2 and all(e["comm"]["kind"] == "none" for e in ends)  # the DDP hook counted the all-reduce
     vals = [r for d in runs.values() for r in records(d) if r["event"] == "val"]
     assert {v["precision"] for v in vals} == {"bf16"}

@@ -115,7 +115,7 @@ def test_rollout_schedule_settings_are_checked(bad: dict) -> None:
 
 def test_bf16_autocast_on_cpu_learns_and_reports_precision_and_memory(tiny_data) -> None:
     # With activation checkpointing on as well: the two memory savers combine.
-    config = tiny_data(max_steps=30, rollout_steps=1, precision="bf16", activation_checkpointing=True)
+    config = tiny_data(max_steps=30, rollout_steps=1, precision="bf16", activation_checkpointing=True, device="cpu")
     train(config)
     vals = _records(config.paths.runs / config.train.run_name, "val")
     assert {v["precision"] for v in vals} == {"bf16"}
