@@ -17,8 +17,9 @@ from tests.models.conftest import moving_planet, tiny_config, write_data
 
 
 def _config(root: Path, **train_opts: object):
+    # The CPU's compile path (a C++ compiler, no Triton) is what these tests are about, on any host.
     config = tiny_config(root, max_steps=3, rollout_steps=1, tensorboard=False, compile=True, run_name="compiled",
-                         **train_opts)
+                         device="cpu", **train_opts)
     config.model.embed_dim, config.model.num_layers, config.model.mlp_ratio = 4, 1, 1.0
     return config
 
