@@ -139,11 +139,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-example", action="store_true", help="skip torch-harmonics' example SFNO (tuning runs)")
     p.add_argument("--example-budget", choices=("cpu", "wall"), default="cpu",
                    help="give the example the SFNO run's CPU seconds (default) or the same wall-clock budget")
+    p.add_argument("--noise-scale", type=float, default=1.0,
+                   help="scale of the one-step residuals the stochastic year adds (default 1: as measured)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="score this SFNO checkpoint (trained on the same stores) instead of training one; "
+                        "implies --no-example, since the equal-budget comparison needs both trained here")
     p.add_argument("--quick", action="store_true", help="smoke-test size: tiny grid, 12 days, seconds of training")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.bound is not None and not args.bound.is_file():
-        p.error(f"--bound {args.bound} is not a file")
+    for name in ("bound", "checkpoint"):
+        if getattr(args, name) is not None and not getattr(args, name).is_file():
+            p.error(f"--{name} {getattr(args, name)} is not a file")
+    if not args.noise_scale >= 0:
+        p.error(f"--noise-scale must be ≥ 0, got {args.noise_scale}")
+    args.no_example = args.no_example or args.checkpoint is not None
     preset = QUICK if args.quick else FULL
     for key in ("grid", "zero_shot_grid", "days", "budget_minutes", "year_steps", "rollout_starts"):
         if getattr(args, key) is None:
@@ -272,6 +281,16 @@ def train_sfno(config: Config) -> tuple[Path, dict[str, Any]]:
                                            "val_lead_hours", "rollout_grad_steps", "input_noise")}}
 
 
+def trained_before(checkpoint: Path) -> dict[str, Any]:
+    """What the run that wrote ``checkpoint`` did, from its ``metrics.jsonl`` (``None`` where it is absent)."""
+    metrics = checkpoint.parent / "metrics.jsonl"
+    ends = ([r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "end"]
+            if metrics.is_file() else [])
+    end = ends[-1] if ends else {}
+    return {"steps": end.get("steps"), "epochs": end.get("epochs"), "wall_s": None, "cpu_s": None,
+            "best_val_score": end.get("best_score"), "checkpoint": str(checkpoint), "from_checkpoint": True}
+
+
 @dataclass
 class Data:
     """The two stores and the datasets the scores are computed on."""
@@ -322,7 +341,10 @@ def train_models(args: argparse.Namespace, config: Config, data: Data, report: d
     from models.distributed import set_threads
 
     t = config.train
-    checkpoint, report["training_sfno"] = train_sfno(config)
+    if args.checkpoint is not None:
+        checkpoint, report["training_sfno"] = args.checkpoint, trained_before(args.checkpoint)
+    else:
+        checkpoint, report["training_sfno"] = train_sfno(config)
     sfno, meta = load_for_inference(checkpoint)
     report["training_sfno"]["parameters"] = sum(p.numel() for p in sfno.parameters())
     models: dict[str, nn.Module] = {"sfno": sfno}
@@ -362,12 +384,13 @@ def score(models: dict[str, nn.Module], data: Data) -> dict[str, Any]:
             "rmse_persistence": scores["sfno"]["persistence_rmse"]}
 
 
-def residual_noise(sfno: nn.Module, config: Config, data: Data) -> ResidualNoise:
-    """The SFNO's one-step residuals on training windows (never the test period's), for stochastic rollouts."""
+def residual_noise(sfno: nn.Module, config: Config, data: Data, scale: float = 1.0) -> ResidualNoise:
+    """The SFNO's one-step residuals on training windows (never the test period's), times ``scale``, for stochastic
+    rollouts."""
     t, task = config.train, config.task
     train = WindowDataset(data.coarse, data.channels, t.train_start, t.train_end, 1, data.step_h, task.history,
                           task.time_features)
-    return ResidualNoise.fit(sfno, train, seed=t.seed)
+    return ResidualNoise.fit(sfno, train, seed=t.seed, scale=scale)
 
 
 def zero_shot(sfno: nn.Module, data: Data, native: dict[str, dict[str, float | None]], grid: str) -> dict[str, Any]:
@@ -412,8 +435,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     starts = sorted({round(k) for k in np.linspace(0, len(data.sfno_test) - 1,
                                                    min(args.rollout_starts, len(data.sfno_test)))})
     lat = data.coarse["latitude"].values
-    noise = residual_noise(models["sfno"], coarse_cfg, data)
-    report["residual_noise"] = {"windows": len(noise.bank), "rms": dict(zip(data.channels, noise.rms(), strict=True))}
+    noise = residual_noise(models["sfno"], coarse_cfg, data, args.noise_scale)
+    report["residual_noise"] = {"windows": len(noise.bank), "scale": args.noise_scale,
+                                "rms": dict(zip(data.channels, noise.rms(), strict=True))}
     # The year also runs stochastically (models/noise.py): the SFNO plus, each step, one of its own one-step
     # residuals on training windows — the stirring no analysis shows, which a mean-squared-error model smooths away.
     rollers = {name: [m] * len(starts) for name, m in models.items()}
@@ -500,6 +524,8 @@ def print_report(r: dict[str, Any]) -> None:
     ts = r["training_sfno"]
     line = (f"training, {s['budget_minutes']:g} min each: SFNO {ts['steps']} steps ({ts['parameters']:,} params, "
             f"wall {ts['wall_s']} s, cpu {ts['cpu_s']} s)")
+    if ts.get("from_checkpoint"):
+        line = f"SFNO not trained here: {ts['checkpoint']} ({ts['steps']} steps, {ts['parameters']:,} params)"
     if "training_example" in r:
         te = r["training_example"]
         line += (f"; example {te['steps']} steps ({te['parameters']:,} params, wall {te['wall_s']} s, "
@@ -519,7 +545,8 @@ def print_report(r: dict[str, Any]) -> None:
               f"{_f(b['bound']):>7} {_f(b['attained'], '.2f'):>9}")
     rn = r["residual_noise"]
     print(f"\nlong rollout from {r['rollout']['initial_time']} (planet mean KE {r['rollout']['sfno']['planet_mean_ke']:.1f} m²/s²)")
-    print(f"  ({STOCHASTIC}: the SFNO plus one of {rn['windows']} one-step training residuals per step, rms "
+    print(f"  ({STOCHASTIC}: the SFNO plus one of {rn['windows']} one-step training residuals per step"
+          + (f" times {rn['scale']:g}" if rn.get("scale", 1.0) != 1.0 else "") + ", rms "
           + ", ".join(f"{c} {v:.3g}" for c, v in rn["rms"].items()) + ")")
     for name in ("sfno", STOCHASTIC, "example"):
         if name in r["rollout"]:

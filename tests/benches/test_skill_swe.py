@@ -130,3 +130,40 @@ def test_bad_input_fails_first_with_one_clear_error(tmp_path: Path, capsys, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()  # refused before any store was created
+
+
+@pytest.mark.slow
+def test_checkpoint_is_rescored_without_training(quick: dict[str, Any], tmp_path: Path, digest: Any) -> None:
+    import json
+
+    from benches.skill_swe import main
+
+    r0 = quick["report"]
+    before = digest(quick["out"])
+    out = tmp_path / "again.json"
+    checkpoint = r0["training_sfno"]["checkpoint"]
+    assert main(["--quick", "--out", str(quick["out"]), "--checkpoint", checkpoint, "--noise-scale", "0.5",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert digest(quick["out"]) == before  # nothing trained, nothing re-simulated
+    assert r["training_sfno"]["from_checkpoint"] and r["training_sfno"]["steps"] == r0["training_sfno"]["steps"]
+    assert "training_example" not in r and r["relative_error"]["24h"]["example"] is None
+    for lead in LEADS:  # the same weights on the same test windows score the same
+        assert r["relative_error"][lead]["sfno"] == pytest.approx(r0["relative_error"][lead]["sfno"], rel=1e-6)
+    assert r["residual_noise"]["scale"] == 0.5
+    assert r["rollout"]["sfno"]["ke_ratio"] == pytest.approx(r0["rollout"]["sfno"]["ke_ratio"], rel=1e-6)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--noise-scale", "-1"], "--noise-scale must be ≥ 0, got -1.0"),
+    (["--checkpoint", "nowhere.pt"], "--checkpoint nowhere.pt is not a file"),
+    (["--bound", "nowhere.json"], "--bound nowhere.json is not a file"),
+])
+def test_bad_option_is_refused_by_the_parser(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    from benches.skill_swe import main
+
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(out), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
