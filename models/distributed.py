@@ -8,6 +8,7 @@ of one and no process group is created (plain in-process training).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -124,6 +125,10 @@ def shutdown_distributed(ctx: DistContext, clean: bool = True) -> None:
     if ctx.distributed and dist.is_initialized():
         if clean:
             dist.barrier()
+        # DDP wrappers sit in reference cycles, so they are freed at some later collection; free them
+        # now, while their group exists: a reducer torn down after its group can abort a caller that
+        # lives on (an in-process train() in a test session; a pytest run once died so, SIGABRT).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ check its results here against a numpy oracle and hand-computed numbers; converg
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -239,7 +240,9 @@ def test_powersgd_on_cpu_buckets_does_not_synchronize_cuda_on_a_cuda_host(monkey
         model = DistributedDataParallel(_Matrix())
         stats = register_comm_hook(model, "powersgd", rank=PSGD_RANK, start_iter=PSGD_START)
         res = _steps(model, stats, *_matrix_grads(0))
+        del model, stats
     finally:
+        gc.collect()  # the DDP reducer (in reference cycles) goes before its group, as shutdown_distributed does
         dist.destroy_process_group()
     assert calls == []
     compressed = ((LIN_OUT + LIN_IN) * PSGD_RANK + LIN_OUT) * 4
