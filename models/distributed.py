@@ -126,7 +126,7 @@ def shutdown_distributed(ctx: DistContext, clean: bool = True) -> None:
         if clean:
             dist.barrier()
         # DDP wrappers sit in reference cycles, so they are freed at some later collection; free them
-        # now, while their group exists: a reducer torn down after its group can abort a caller that
+        # now, while their group exists: a wrapper torn down after its group can abort a caller that
         # lives on (an in-process train() in a test session; a pytest run once died so, SIGABRT).
         gc.collect()
         dist.destroy_process_group()
