@@ -30,7 +30,8 @@ print as a table and go to ``--json``. ``--quick`` is the smoke-test size (tiny 
 seconds of training).
 
 Usage: python benches/skill_swe.py [--days 487] [--budget-minutes 5] [--out DIR] [--json FILE] [--bound FILE]
-       [--rollout-starts 4] [--set train.rollout_steps=4 ...] [--tag NAME] [--no-example] [--example-budget cpu|wall] [--quick]
+       [--rollout-starts 4] [--set train.rollout_steps=4 ...] [--tag NAME] [--no-example] [--example-budget cpu|wall]
+       [--checkpoint FILE] [--noise-scale 1.0] [--quick]
 """
 
 from __future__ import annotations
