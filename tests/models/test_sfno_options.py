@@ -24,6 +24,8 @@ OPTIONS = [
     {"normalization": "instance"}, {"activation": "silu"}, {"activation": "relu"},
     {"operator_type": "diagonal"}, {"model_grid": "equiangular"}, {"model_grid": "lobatto"},
     {"data_grid": "legendre-gauss"}, {"skip": "identity", "use_mlp": False, "normalization": "instance"},
+    *({"factorization": kind, "operator_type": op, "rank": 0.1} for kind in ("cp", "tucker")
+      for op in ("driscoll-healy", "diagonal")),
 ]
 
 
