@@ -13,6 +13,11 @@ variables × year × month × day × time (× pressure_level), with the server's
 depend only on (variable, level, time) and any request split ingests the same numbers. Times
 after ``era5t_after`` are delivered as ERA5T (expver 5). Every HTTP call is recorded in
 ``received``; ``faults`` injects failures one call (or job, or download) at a time.
+
+Deliveries are written in a child process of their own. HDF5 (under netCDF4) is not thread-safe,
+and the code under test reads deliveries with it in this process, from Dask worker threads too: a
+write in a server thread next to those reads crashed the whole test run once (a segfault in
+``netCDF4.Dataset.close``), so the server keeps HDF5 out of this process entirely.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import base64
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -161,7 +168,8 @@ class CdsServer:
         self.received: list[Received] = []
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self._deliver_lock = threading.Lock()  # HDF5 (NetCDF4 writes) is not thread-safe
+        self._deliver_lock = threading.Lock()  # one delivery at a time, as one writer process
+        self._writer: ProcessPoolExecutor | None = None
         self._release = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -184,6 +192,9 @@ class CdsServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        if self._writer is not None:
+            self._writer.shutdown(cancel_futures=True)
+            self._writer = None
 
     def __enter__(self) -> CdsServer:
         return self.start()
@@ -233,11 +244,16 @@ class CdsServer:
         job.expver = [5 if cutoff is not None and t > cutoff else 1 for t in times]
         ext = "grib" if fmt == "grib" else "nc"
         path = self.root / f"{job.id}.{ext}"
+        if self._writer is None:  # spawned, not forked: this process has threads (and maybe HDF5 state)
+            self._writer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         if fmt == "grib":
-            write_cds_grib(path, times, variables, levels, grid_deg=self.grid_deg, expver=job.expver, seed=self.seed)
+            done = self._writer.submit(write_cds_grib, path, times, variables, levels, grid_deg=self.grid_deg,
+                                       expver=job.expver, seed=self.seed)
         else:
-            write_cds_netcdf(path, times, variables, levels, grid_deg=self.grid_deg, expver=job.expver,
-                             seed=self.seed, legacy=job.api == "legacy" and self.legacy_netcdf)
+            done = self._writer.submit(write_cds_netcdf, path, times, variables, levels, grid_deg=self.grid_deg,
+                                       expver=job.expver, seed=self.seed,
+                                       legacy=job.api == "legacy" and self.legacy_netcdf)
+        done.result()
         job.path, job.size = path, path.stat().st_size
 
     def _submit(self, api: str, dataset: str, request: dict) -> Job:

@@ -53,17 +53,7 @@ VARS = ["geopotential", "u_component_of_wind", "v_component_of_wind"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
     with pytest.MonkeyPatch.context() as mp:
-        for server in serve_cds(tmp_path_factory, mp, grid_deg=GRID_DEG):
-            # The server writes each delivery with netCDF4/HDF5 in its request thread, and HDF5 is not
-            # thread-safe: two Dask workers submitting at once break a write ("NetCDF: HDF error").
-            submit, guard = server._submit, threading.Lock()
-
-            def one_at_a_time(*args: object, submit: Callable = submit, guard: threading.Lock = guard) -> object:
-                with guard:
-                    return submit(*args)
-
-            server._submit = one_at_a_time  # type: ignore[method-assign]
-            yield server
+        yield from serve_cds(tmp_path_factory, mp, grid_deg=GRID_DEG)
 
 
 @pytest.fixture(autouse=True)
