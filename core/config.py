@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,13 +18,21 @@ from pydantic import ValidationError, field_validator, model_validator
 from core.config_base import Moment, _Section
 from core.config_ingest import CdsConfig, FilesConfig, IngestConfig, MirrorConfig, SyntheticConfig
 from core.config_model import ModelConfig
+from core.config_ops import (
+    EnsembleConfig,
+    ForecastConfig,
+    InitialConditionsConfig,
+    OpenDataConfig,
+    VerifyConfig,
+)
 from core.config_train import TrainConfig
 from core.grid import Grid, check_scale_factor, get_grid
 from core.variables import channel_names, check_level, get_variable
 
 # The ingest, model and train sections live in their own modules; they are re-exported here, the one import path.
-__all__ = ["CdsConfig", "Config", "FilesConfig", "IngestConfig", "MirrorConfig", "ModelConfig", "SyntheticConfig",
-           "TrainConfig", "Moment",
+__all__ = ["CdsConfig", "Config", "EnsembleConfig", "FilesConfig", "ForecastConfig", "IngestConfig",
+           "InitialConditionsConfig", "MirrorConfig", "ModelConfig", "OpenDataConfig", "SyntheticConfig", "TrainConfig",
+           "VerifyConfig", "Moment",
            "config_from_dict", "deep_merge", "load_config", "dump_config", "channels_of"]
 
 ENV_PREFIX = "SPHERECAST_"
@@ -66,6 +73,16 @@ class PathsConfig(_Section):
     def stats_file(self) -> Path:
         """Path of the normalization statistics."""
         return self.data / "stats.nc"
+
+    @property
+    def initial_conditions_store(self) -> Path:
+        """Path of the live initial-conditions Zarr store (same contract as the analysis, labelled by source)."""
+        return self.data / "initial-conditions.zarr"
+
+    @property
+    def verification(self) -> Path:
+        """Directory of per-run scores, scorecards and the default scores database."""
+        return self.root / "verification"
 
 
 class GridConfig(_Section):
@@ -131,15 +148,6 @@ class TaskConfig(_Section):
         return channel_names(self.variables, self.levels)
 
 
-class ForecastConfig(_Section):
-    init_time: Moment | Literal["latest"] = datetime(2000, 3, 20)
-    """Initial time of the forecast, or ``latest`` complete analysis."""
-    lead_hours: int = 120
-    """Forecast length in hours (a multiple of the task's time step)."""
-    checkpoint: Path | None = None
-    """Checkpoint to run; default ``<runs>/<train.run_name>/checkpoint.pt``."""
-
-
 class RenderConfig(_Section):
     dpi: int = 80
     """Resolution of the map PNGs."""
@@ -169,8 +177,12 @@ class Config(_Section):
     """Training run."""
     ingest: IngestConfig = IngestConfig()
     """Analysis ingest."""
+    initial_conditions: InitialConditionsConfig = InitialConditionsConfig()
+    """Live initial conditions for forecast cycles."""
     forecast: ForecastConfig = ForecastConfig()
     """Forecast runs."""
+    verify: VerifyConfig = VerifyConfig()
+    """Deferred verification."""
     render: RenderConfig = RenderConfig()
     """Maps."""
     serve: ServeConfig = ServeConfig()
