@@ -10,17 +10,17 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test lint bench bench-skill clean
+.PHONY: setup demo test lint bench bench-skill clean constraints
 
 setup: $(VENV)/.installed
 
 # The three-step recipe (DESIGN §7): CPU torch first, then the pinned set, then torch-harmonics
 # without dependencies (a plain install would pull a multi-GB CUDA torch).
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip $(QUIET)
-	$(BIN)/pip install -q torch==2.13.0 $(QUIET)
-	$(BIN)/pip install -q -r requirements.txt $(QUIET)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 $(QUIET)
+	$(BIN)/pip install -q -c constraints.txt -r requirements.txt $(QUIET)
 	$(BIN)/pip install -q --no-deps torch-harmonics==0.9.3 $(QUIET)
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e . $(QUIET)
 	touch $@
@@ -48,6 +48,12 @@ bench-skill: setup
 	$(BIN)/python benches/skill_bound.py --json spherecast-out/skill_swe/bound.json
 	$(BIN)/python benches/skill_swe.py --bound spherecast-out/skill_swe/bound.json \
 		--json spherecast-out/skill_swe/report.json
+
+# Freeze the resolved set of a venv whose `make test` passed; `make setup` installs exactly that.
+constraints: setup
+	{ echo "# The resolved set \`make setup\` installs, frozen from a venv whose \`make test\` passed (pip install -c)."; \
+	  echo "# Regenerate after changing requirements.txt: make constraints (on a green venv)."; \
+	  $(BIN)/pip freeze | grep -v -E "^(#|-e )" | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/' | sort -f; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) spherecast-out .pytest_cache .ruff_cache *.egg-info
