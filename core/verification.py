@@ -1,4 +1,8 @@
-"""Score one forecast against the analysis and the persistence and climatology baselines."""
+"""Score forecasts against the analysis and the persistence and climatology baselines.
+
+:func:`score_forecast` scores a whole in-memory forecast (the demo); :func:`score_lead` scores one
+lead of the model and both baselines with every metric, for deferred verification.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import numpy as np
 import xarray as xr
 
 from core.fields import to_channels
-from core.metrics import acc, bias, rmse
+from core.metrics import acc, bias, crps_ensemble, ensemble_spread, mae, rmse
+from core.spectra import high_wavenumber_ratio, zonal_spectrum
 
 
 def score_forecast(forecast: xr.Dataset, analysis: xr.Dataset, channels: list[str],
@@ -38,3 +43,46 @@ def score_forecast(forecast: xr.Dataset, analysis: xr.Dataset, channels: list[st
         out["acc_persistence"] = acc(xr.zeros_like(truth) + init, truth, clim)
     out = out.assign_coords(lead_hours=("lead_time", (fc["lead_time"].values / np.timedelta64(1, "h")).astype(int)))
     return out
+
+
+def score_lead(forecast: xr.DataArray, truth: xr.DataArray, climatology: xr.DataArray | None = None,
+               persistence: xr.DataArray | None = None, member_dim: str = "member"
+               ) -> tuple[dict[str, dict[str, xr.DataArray]], dict[str, xr.DataArray]]:
+    """Scores of one lead for the model and the baselines, and the zonal spectra of each and of the truth.
+
+    Inputs are ``(channel, [member], latitude, longitude)`` fields on the same grid. Returns
+    ``{system: {metric: DataArray(channel)}}`` and ``{"truth"|system: DataArray(channel, wavenumber)}``.
+    An ensemble (a ``member`` dim) is scored by its mean (RMSE, bias, ACC), its fair CRPS and its
+    spread; single-valued forecasts get CRPS = MAE, which is what the CRPS is for one value.
+    ACC is absent for climatology (its anomaly is zero) and for every system without a climatology.
+    """
+    for name, arr in (("forecast", forecast), ("climatology", climatology), ("persistence", persistence)):
+        if arr is not None and (arr.sizes["latitude"], arr.sizes["longitude"]) != (
+                truth.sizes["latitude"], truth.sizes["longitude"]):
+            raise ValueError(f"{name} grid {arr.sizes['latitude']}x{arr.sizes['longitude']} differs from the "
+                             f"truth's {truth.sizes['latitude']}x{truth.sizes['longitude']}")
+    ensemble = member_dim in forecast.dims
+    systems = {"model": forecast}
+    if persistence is not None:
+        systems["persistence"] = persistence
+    if climatology is not None:
+        systems["climatology"] = climatology
+    spectra = {"truth": zonal_spectrum(truth)}
+    metrics: dict[str, dict[str, xr.DataArray]] = {}
+    for system, fc in systems.items():
+        point = fc.mean(member_dim) if member_dim in fc.dims else fc
+        m = {"rmse": rmse(point, truth), "bias": bias(point, truth)}
+        if climatology is not None and system != "climatology":
+            m["acc"] = acc(point, truth, climatology)
+        if member_dim in fc.dims:
+            m["crps"] = crps_ensemble(fc, truth, member_dim)
+            m["spread"] = ensemble_spread(fc, member_dim)
+        else:
+            m["crps"] = mae(fc, truth)
+        spec = zonal_spectrum(fc)
+        spectra[system] = spec.mean(member_dim) if member_dim in spec.dims else spec
+        m["spectral_ratio"] = high_wavenumber_ratio(spectra[system], spectra["truth"])
+        metrics[system] = m
+    if ensemble:
+        metrics["model"]["members"] = xr.full_like(metrics["model"]["rmse"], forecast.sizes[member_dim])
+    return metrics, spectra
