@@ -2,15 +2,24 @@
 
 A run is assembled in ``<forecasts>/.tmp-<name>-<pid>/`` and published by one ``os.rename`` to
 ``<forecasts>/<name>/``, so a reader never sees a partial run.
+
+Readers of a published run hold a shared ``flock`` on the run directory itself (:func:`reading`);
+whoever removes a run (retention, a republication) first takes the exclusive lock without
+waiting, and leaves the run alone if a reader holds it. The lock is on the directory's inode, so
+it follows the run through the renames of publication and removal, and the kernel drops it when
+the reader dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -84,7 +93,8 @@ def publish(staging: Path, final: Path) -> Path:
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.rename(final, old)
         os.rename(staging, final)
-        shutil.rmtree(old)
+        # A reader still inside the old run keeps it; once this process is gone, retention's sweep removes it.
+        remove_unread(old)
     else:
         os.rename(staging, final)
     return final
@@ -106,3 +116,53 @@ def list_runs(forecasts_dir: Path) -> list[str]:
         return []
     return sorted(p.name for p in forecasts_dir.iterdir()
                   if p.is_dir() and RUN_NAME_RE.match(p.name) and (p / MANIFEST).is_file())
+
+
+class RunGone(ValueError):
+    """The run was removed or replaced before its reader got hold of it."""
+
+
+@contextmanager
+def reading(run_dir: Path) -> Iterator[Path]:
+    """Hold a shared reader lock on a published run for the block, so retention leaves it in place."""
+    run_dir = Path(run_dir)
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise RunGone(f"run {run_dir.name} is not published") from None
+    try:
+        # Blocking: a remover holds the exclusive lock only for the instant of its rename.
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not (run_dir / MANIFEST).is_file() or os.stat(run_dir).st_ino != os.fstat(fd).st_ino:
+            raise RunGone(f"run {run_dir.name} was removed or replaced while being opened")
+        yield run_dir
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[bool]:
+    """Try the exclusive lock of a run directory without waiting; yield whether no reader holds it."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = True
+        except BlockingIOError:
+            got = False
+        yield got
+    finally:
+        os.close(fd)
+
+
+def remove_unread(path: Path) -> bool:
+    """Delete a directory unless a reader holds its lock; return whether it was removed."""
+    with exclusive(path) as free:
+        if not free:
+            return False
+        shutil.rmtree(path)
+    return True
