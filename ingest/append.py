@@ -16,6 +16,12 @@ times that are done, stored as preliminary and delivered as final: final values 
 overwritten, and preliminary data never replaces anything. Per time the order is data, then
 ``replaced = 1``, then ``expver = 1``; a kill anywhere before the last write leaves the time
 marked preliminary, so the next run fetches and rewrites it again (the same bytes).
+
+**The daily re-check** asks the source for the preliminary times only, never for whole slabs:
+:func:`recheck_regions` finds them (within ``ingest.recheck_days``), :func:`recheck_region`
+fetches them one group per slab — a CDS source plans all groups together, so a run of preliminary
+times costs a few exact requests (``ingest.plan``) — and :func:`replace_times` writes back only
+the times delivered final; every other time of the slab keeps its bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,9 +48,9 @@ from ingest.regions import (
     encode_times,
     ensure_replaced_flag,
     open_store,
-    preliminary_times,
     read_flags,
     slab_fields,
+    store_slab_size,
     write_region,
 )
 
@@ -163,33 +169,103 @@ def extend_store(path: Path, new_end: pd.Timestamp, step: pd.Timedelta | None = 
 
 def replace_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> int:
     """Overwrite the slab's done-preliminary times where it brings final data; return how many."""
-    where = slice(start, start + slab.sizes["time"])
-    check_slab(store, slab, where)
-    if "expver" not in slab:
-        raise ValueError(f"slab {where.start}–{where.stop} has no 'expver': cannot tell final from preliminary")
+    return replace_times(path, store, slab, np.arange(start, start + slab.sizes["time"]))
+
+
+def replace_times(path: Path, store: xr.Dataset, fresh: xr.Dataset, index: Sequence[int] | np.ndarray) -> int:
+    """Overwrite the store's done-preliminary times at ``index`` where ``fresh`` is final; return how many."""
+    index = np.asarray(index, dtype=np.int64)
+    n = store.sizes["time"]
+    if index.ndim != 1 or index.size == 0 or np.any(np.diff(index) <= 0) or index[0] < 0 or index[-1] >= n:
+        raise ValueError(f"store {path}: time indices to replace must be increasing, within 0..{n - 1}; "
+                         f"got {index.tolist()[:8]}")
+    span = slice(int(index[0]), int(index[-1]) + 1)
+    check_slab(store, fresh, index)
+    if "expver" not in fresh:
+        raise ValueError(f"slab {span.start}–{span.stop} has no 'expver': cannot tell final from preliminary")
     if "replaced" not in store.data_vars:
         raise ValueError(f"store {path} has no 'replaced' flag; open it for writing (store_lock) first")
-    flags = read_flags(path).isel(time=where)
-    fresh = slab["expver"].values
+    flags = read_flags(path).isel(time=index)
     mask = (flags["done"].values.astype(bool) & (flags["expver"].values == EXPVER_PRELIMINARY)
-            & (fresh == EXPVER_FINAL))
+            & (fresh["expver"].values == EXPVER_FINAL))
     if not mask.any():
         return 0
-    runs = contiguous_runs(mask)
-    data = slab_fields(store, slab.isel(time=np.flatnonzero(mask)), where)  # refuse NaN before any write
+    data = slab_fields(store, fresh.isel(time=np.flatnonzero(mask)), span)  # refuse NaN before any write
+    chosen = np.zeros(span.stop - span.start, dtype=bool)
+    chosen[index[mask] - span.start] = True
+    runs = [slice(span.start + r.start, span.start + r.stop) for r in contiguous_runs(chosen)]
     offset = 0
     for run in runs:
-        n = run.stop - run.start
-        write_region(path, data.isel(time=slice(offset, offset + n)), slice(start + run.start, start + run.stop))
-        offset += n
-    marks = xr.Dataset({"replaced": ("time", np.ones(where.stop - where.start, np.uint8)),
-                        "expver": ("time", np.full(where.stop - where.start, EXPVER_FINAL, np.int8))})
-    for name in ("replaced", "expver"):
+        k = run.stop - run.start
+        write_region(path, data.isel(time=slice(offset, offset + k)), run)
+        offset += k
+    # Data first, then `replaced`, then `expver`: a kill before the last write leaves the time preliminary.
+    for name, value in (("replaced", 1), ("expver", EXPVER_FINAL)):
+        dtype = np.uint8 if name == "replaced" else np.int8
         for run in runs:
-            write_region(path, marks[[name]].isel(time=run), slice(start + run.start, start + run.stop))
-    replaced = pd.DatetimeIndex(store["time"].values[where][mask])
+            mark = xr.Dataset({name: ("time", np.full(run.stop - run.start, value, dtype))})
+            write_region(path, mark, run)
+    replaced = pd.DatetimeIndex(store["time"].values[index[mask]])
     log.info("replaced %d preliminary times by final ERA5 (%s..%s)", mask.sum(), replaced[0], replaced[-1])
     return int(mask.sum())
+
+
+GroupFetch = Callable[[Sequence[Sequence[pd.Timestamp]]], Iterable[xr.Dataset]]
+
+
+def group_fetcher(source: object, variables: Sequence[str], levels: Sequence[int]) -> GroupFetch:
+    """A function fetching groups of times from ``source``: in one go if it can plan them together."""
+    together = getattr(source, "fetch_groups", None)
+    if together is not None:  # CDS: one plan over all groups, so fewer requests than one per group
+        return lambda groups: together(groups, list(variables), list(levels))
+    return lambda groups: (source.fetch(list(g), list(variables), list(levels)) for g in groups)  # type: ignore[attr-defined]
+
+
+def recheck_regions(path: Path, slab_size: int, since: pd.Timestamp | None = None,
+                    busy: Sequence[slice] = ()) -> list[slice]:
+    """Regions (first to last preliminary time, from ``since``) to re-check, none sharing a slab with ``busy``."""
+    # A slab still being written by another job is left for the next run: two jobs rewriting one
+    # shard file at once would lose one's chunks. In a daily append that slab holds the newest,
+    # least likely final times.
+    if slab_size < 1:
+        raise ValueError(f"slab_size must be ≥ 1, got {slab_size}")
+    flags = read_flags(path)
+    times = pd.DatetimeIndex(flags["time"].values)
+    prelim = flags["done"].values.astype(bool) & (flags["expver"].values == EXPVER_PRELIMINARY)
+    if since is not None:
+        prelim &= times >= _utc_naive(since)
+    taken = {k for w in busy for k in range(w.start // slab_size, -(-w.stop // slab_size))}
+    regions: list[slice] = []
+    first = last = -1
+    for i in np.flatnonzero(prelim):
+        slab = int(i) // slab_size
+        if slab in taken:
+            continue
+        if first >= 0 and any(k in taken for k in range(last // slab_size, slab + 1)):
+            regions.append(slice(first, last + 1))
+            first = -1
+        first = int(i) if first < 0 else first
+        last = int(i)
+    if first >= 0:
+        regions.append(slice(first, last + 1))
+    return regions
+
+
+def recheck_region(path: Path, store: xr.Dataset, fetch_groups: GroupFetch, where: slice,
+                   slab_size: int | None = None) -> int:
+    """Fetch only the preliminary times in ``where`` and replace those now final; return how many."""
+    flags = read_flags(path)
+    index = np.arange(store.sizes["time"])[where]
+    prelim = (flags["done"].values[where].astype(bool) & (flags["expver"].values[where] == EXPVER_PRELIMINARY))
+    index = index[prelim]
+    if index.size == 0:
+        return 0
+    size = slab_size or store_slab_size(path) or index.size
+    # One group per slab: each fetched group is at most a slab in memory, and written into one shard.
+    groups = [index[index // size == k] for k in np.unique(index // size)]
+    times = pd.DatetimeIndex(store["time"].values)
+    fetched = fetch_groups([list(times[g]) for g in groups])
+    return sum(replace_times(path, store, fresh, g) for g, fresh in zip(groups, fetched, strict=True))
 
 
 def replace_preliminary(path: Path, fetch: Callable[[Sequence[pd.Timestamp]], xr.Dataset], slab_size: int,
@@ -197,16 +273,8 @@ def replace_preliminary(path: Path, fetch: Callable[[Sequence[pd.Timestamp]], xr
     """Re-fetch the store's preliminary times (from ``since``) and replace those now final."""
     with store_lock(path):
         store = open_store(path)
-        times = pd.DatetimeIndex(store["time"].values)
-        prelim = preliminary_times(path)
-        if since is not None:
-            prelim = prelim[prelim >= _utc_naive(since)]
-        mask = np.zeros(len(times), dtype=bool)
-        mask[times.get_indexer(prelim)] = True
         total = 0
-        for run in contiguous_runs(mask):
-            for begin in range(run.start, run.stop, slab_size):
-                stop = min(begin + slab_size, run.stop)
-                total += replace_slab(path, store, fetch(list(times[begin:stop])), begin)
+        for where in recheck_regions(path, slab_size, since):
+            total += recheck_region(path, store, lambda groups: (fetch(list(g)) for g in groups), where, slab_size)
         consolidate(path)
     return total

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cdsapi
@@ -35,7 +35,7 @@ import xarray as xr
 
 from core.config import CdsConfig
 from core.grid import Grid
-from core.variables import VARIABLES
+from core.variables import VARIABLES, get_variable
 from ingest import plan as planner
 from ingest.delivered import decode_many
 from ingest.plan import CdsRequest, format_plan, plan_requests
@@ -214,7 +214,31 @@ class CdsSource:
         """The analysis at ``times`` for ``variables`` (at ``levels``) on the grid, from CDS."""
         s = self.settings
         plan = plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format)
-        paths = self.retrieve_all(plan)
+        out = self._decode(plan, self.retrieve_all(plan), times, variables, levels)
+        if not s.keep_downloads:
+            self.discard(plan)
+        return out
+
+    def fetch_groups(self, groups: Sequence[Sequence[pd.Timestamp]], variables: Sequence[str],
+                     levels: Sequence[int]) -> Iterator[xr.Dataset]:
+        """Each group's analysis, in order, from as few CDS requests as the union of groups allows."""
+        # Groups are batched up to one request's cost limit (max_fields_per_request), so the
+        # deliveries on disk at once never exceed what a single request may bring.
+        s = self.settings
+        for batch in _batches(groups, _fields_per_time(variables, levels), s.max_fields_per_request):
+            union = sorted({pd.Timestamp(t) for group in batch for t in group})
+            plan = plan_requests(union, variables, levels, s.max_fields_per_request, s.data_format)
+            paths = self.retrieve_all(plan)
+            for times in batch:
+                yield self._decode(plan, paths, times, variables, levels)
+            # Only once every group of the batch was taken: a consumer that stopped (a failed
+            # write) leaves the deliveries for its retry to reuse.
+            if not s.keep_downloads:
+                self.discard(plan)
+
+    def _decode(self, plan: Sequence[CdsRequest], paths: Sequence[Path], times: Sequence[pd.Timestamp],
+                variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:
+        """``times`` decoded from the deliveries of ``plan``, selected and regridded (in memory)."""
         try:
             with decode_many(paths) as raw:
                 # Regrid before loading: a 0.25° slab is ~1 GB at native resolution, a few MB after.
@@ -225,9 +249,28 @@ class CdsSource:
             for req in plan:
                 self._sidecar(req).unlink(missing_ok=True)
             raise
-        if not s.keep_downloads:
-            self.discard(plan)
         return _finish(out)
+
+
+def _fields_per_time(variables: Sequence[str], levels: Sequence[int]) -> int:
+    """Fields one time costs: one per single-level variable, one per level of each pressure variable."""
+    nlev = max(1, len(set(levels)))
+    return sum(nlev if get_variable(v).level_type == "pressure" else 1 for v in set(variables))
+
+
+def _batches(groups: Sequence[Sequence[pd.Timestamp]], per_time: int,
+             max_fields: int) -> Iterator[list[Sequence[pd.Timestamp]]]:
+    """Consecutive groups joined while their fields stay within ``max_fields`` (a group alone may exceed it)."""
+    batch: list[Sequence[pd.Timestamp]] = []
+    size = 0
+    for group in groups:
+        if batch and (size + len(group)) * per_time > max_fields:
+            yield batch
+            batch, size = [], 0
+        batch.append(group)
+        size += len(group)
+    if batch:
+        yield batch
 
 
 def _select(ds: xr.Dataset, times: Sequence[pd.Timestamp], variables: Sequence[str],

@@ -1,10 +1,14 @@
 """Plan CDS requests for ERA5: one dataset per request, never across a month, within a field budget.
 
-A CDS request is a Cartesian product ``year × month × day × time`` (× ``pressure_level``), so a
-request can only cover a set of days that all want the same set of hours. The planner groups
-each month's days by their hour set, then splits a block that costs more than ``max_fields``
-(times × variables × levels) by variable groups, then days, then levels, then hours — in that
-order because CDS serves whole fields per variable cheaply and a month is its storage unit.
+A CDS request is a Cartesian product ``year × month × day × time`` (× ``pressure_level``), so an
+exact request (one that pulls no time that was not asked for) covers a set of days that all want
+the same set of hours. Each month's times are cut into such blocks two ways — days grouped by
+their hour set, or hours grouped by their day set — and the way with fewer requests wins (days
+on a tie). A run of times from 12 UTC on day D to 06 UTC on day E costs three blocks by days
+(D's afternoon, the whole days between, E's morning) but two by hours (12–18 UTC on D..E−1,
+00–06 UTC on D+1..E). A block that costs more than ``max_fields`` (times × variables × levels) is
+split by variable groups, then days, then levels, then hours — in that order because CDS serves
+whole fields per variable cheaply and a month is its storage unit.
 """
 
 from __future__ import annotations
@@ -148,24 +152,53 @@ def _body(cds_vars: Sequence[str], year: int, month: int, days: Sequence[int], h
 def _plan_dataset(kind: str, names: list[str], levels: list[int], times: list[pd.Timestamp],
                   max_fields: int, data_format: str) -> list[CdsRequest]:
     dataset = DATASETS[kind]
-    nlev = len(levels) if kind == "pressure" else 1
     out: list[CdsRequest] = []
     months: dict[tuple[int, int], dict[int, set[int]]] = {}
     for t in times:
         months.setdefault((t.year, t.month), {}).setdefault(t.day, set()).add(t.hour)
     for (year, month), day_hours in sorted(months.items()):
-        # Days wanting the same hours form one Cartesian block; others get their own.
-        blocks: dict[tuple[int, ...], list[int]] = {}
-        for day, hours in sorted(day_hours.items()):
-            blocks.setdefault(tuple(sorted(hours)), []).append(day)
-        for hours, days in sorted(blocks.items(), key=lambda kv: kv[1][0]):
-            sv, sd, sl, sh = _chunk_sizes(len(names), len(days), nlev, len(hours), max_fields)
-            lv_chunks = _split(levels, sl) if kind == "pressure" else [()]
-            for vs, ds, ls, hs in product(_split(names, sv), _split(days, sd), lv_chunks, _split(hours, sh)):
-                body = _body([get_variable(v).cds_name for v in vs], year, month, ds, hs, ls, data_format)
-                covered = tuple(pd.Timestamp(year, month, d, h) for d in ds for h in hs)
-                fields = len(covered) * len(vs) * max(1, len(ls))
-                out.append(CdsRequest(dataset, body, covered, tuple(vs), tuple(ls), fields, request_key(dataset, body)))
+        by_day = _month_requests(dataset, kind, names, levels, year, month, _blocks_by_day(day_hours),
+                                 max_fields, data_format)
+        by_hour = _month_requests(dataset, kind, names, levels, year, month, _blocks_by_hour(day_hours),
+                                  max_fields, data_format)
+        out += by_hour if len(by_hour) < len(by_day) else by_day
+    return out
+
+
+def _blocks_by_day(day_hours: dict[int, set[int]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Exact (days, hours) blocks: days wanting the same hour set share one block."""
+    blocks: dict[tuple[int, ...], list[int]] = {}
+    for day, hours in sorted(day_hours.items()):
+        blocks.setdefault(tuple(sorted(hours)), []).append(day)
+    return sorted(((tuple(days), hours) for hours, days in blocks.items()), key=lambda b: (b[0][0], b[1][0]))
+
+
+def _blocks_by_hour(day_hours: dict[int, set[int]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Exact (days, hours) blocks: hours wanted on the same day set share one block."""
+    hour_days: dict[int, list[int]] = {}
+    for day, hours in sorted(day_hours.items()):
+        for h in hours:
+            hour_days.setdefault(h, []).append(day)
+    blocks: dict[tuple[int, ...], list[int]] = {}
+    for h, days in sorted(hour_days.items()):
+        blocks.setdefault(tuple(days), []).append(h)
+    return sorted(((days, tuple(hours)) for days, hours in blocks.items()), key=lambda b: (b[0][0], b[1][0]))
+
+
+def _month_requests(dataset: str, kind: str, names: list[str], levels: list[int], year: int, month: int,
+                    blocks: list[tuple[tuple[int, ...], tuple[int, ...]]], max_fields: int,
+                    data_format: str) -> list[CdsRequest]:
+    """The requests of one month's exact blocks, each split within ``max_fields``."""
+    nlev = len(levels) if kind == "pressure" else 1
+    out: list[CdsRequest] = []
+    for days, hours in blocks:
+        sv, sd, sl, sh = _chunk_sizes(len(names), len(days), nlev, len(hours), max_fields)
+        lv_chunks = _split(levels, sl) if kind == "pressure" else [()]
+        for vs, ds, ls, hs in product(_split(names, sv), _split(days, sd), lv_chunks, _split(hours, sh)):
+            body = _body([get_variable(v).cds_name for v in vs], year, month, ds, hs, ls, data_format)
+            covered = tuple(pd.Timestamp(year, month, d, h) for d in ds for h in hs)
+            fields = len(covered) * len(vs) * max(1, len(ls))
+            out.append(CdsRequest(dataset, body, covered, tuple(vs), tuple(ls), fields, request_key(dataset, body)))
     return out
 
 
