@@ -198,8 +198,13 @@ class Config(_Section):
         return self
 
     def checkpoint_path(self) -> Path:
-        """The checkpoint the forecast uses."""
-        return self.forecast.checkpoint or self.paths.runs / self.train.run_name / "checkpoint.pt"
+        """The checkpoint the forecast uses: ``forecast.checkpoint``, else the promoted model, else the run's own."""
+        if self.forecast.checkpoint is not None:
+            return self.forecast.checkpoint
+        from core.lineage import current_checkpoint  # core.lineage imports this module
+
+        # current.json is replaced atomically by a promotion, so this read sees the old or the new model, whole.
+        return current_checkpoint(self.paths.runs) or self.paths.runs / self.train.run_name / "checkpoint.pt"
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

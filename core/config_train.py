@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import model_validator
@@ -109,6 +109,15 @@ class TrainConfig(_Section):
     max_restarts: int = 0
     """How often torchrun restarts all ranks after one fails (``--max-restarts``); each restart resumes from
     ``last.pt`` (needs ``resume: auto``)."""
+    window_days: float | None = None
+    """Rolling window of the weekly retrain (``retrain_weekly``): train on this many days that end where its
+    validation period begins. None = keep the fixed ``train_start``..``train_end`` and ``val_start``..``val_end``."""
+    val_days: float = 10.0
+    """Length in days of the weekly retrain's validation period, which ends at the newest complete analysis (only with
+    ``window_days``). The new model and the current one are compared on its windows."""
+    promotion_margin: float = 0.0
+    """A retrained model becomes "current" only if at every ``val_lead_hours`` lead the mean over channels of
+    RMSE(new) / RMSE(current) is below 1 − this margin (0 = any improvement at every lead)."""
     compile: bool = False
     """Compile the SFNO's training forward with ``torch.compile`` (inductor; on CPU it needs a C++ compiler, and the
     first steps spend tens of seconds compiling). Checkpoints keep the plain parameter names."""
@@ -151,7 +160,35 @@ class TrainConfig(_Section):
         if self.max_restarts > 0 and self.resume == "never":
             raise ValueError("max_restarts > 0 needs resume: auto (a restarted rank must continue from last.pt, "
                              "not start over)")
+        if self.window_days is not None and not self.window_days > 0:
+            raise ValueError(f"window_days {self.window_days} must be > 0 (or null for the fixed periods)")
+        if not self.val_days > 0:
+            raise ValueError(f"val_days {self.val_days} must be > 0")
+        if not 0 <= self.promotion_margin < 1:
+            raise ValueError(f"promotion_margin {self.promotion_margin} must be in [0, 1)")
         if self.powersgd_start_iter < 2:
             raise ValueError(f"powersgd_start_iter {self.powersgd_start_iter} must be ≥ 2 (DDP rebuilds its "
                              "gradient buckets after the first step)")
         return self
+
+    def rolling(self, newest: datetime, time_step_hours: int) -> TrainConfig:
+        """This section for a weekly retrain: run ``<run_name>-YYYYMMDDTHH`` (newest analysis), periods rolled to it."""
+        # The name comes from the data, not the wall clock: a second trigger on the same data continues (or finds
+        # finished) the same run instead of training a twin, and newer data always means a run of its own, with its
+        # own budget and its own last.pt.
+        changes: dict[str, object] = {"run_name": f"{self.run_name}-{newest:%Y%m%dT%H}"}
+        if self.window_days is not None:
+            step = timedelta(hours=time_step_hours)
+            n_val = round(self.val_days * 24 / time_step_hours)
+            n_train = round(self.window_days * 24 / time_step_hours)
+            longest = max(self.val_lead_hours) // time_step_hours
+            if n_val - 1 < longest:
+                raise ValueError(f"train.val_days {self.val_days} holds {n_val} analysis times, too few for one "
+                                 f"validation window of the longest val_lead_hours ({max(self.val_lead_hours)} h)")
+            if n_train < 2:
+                raise ValueError(f"train.window_days {self.window_days} holds fewer than 2 analysis times")
+            val_start = newest - (n_val - 1) * step
+            train_end = val_start - step
+            changes |= {"val_start": val_start, "val_end": newest, "train_end": train_end,
+                        "train_start": train_end - (n_train - 1) * step}
+        return TrainConfig.model_validate({**self.model_dump(), **changes})
