@@ -31,7 +31,7 @@ CURRENT = "current.json"
 PROMOTIONS = "promotions.jsonl"
 REGISTRY = "registry.jsonl"
 INPUTS = "inputs.json"
-CURRENT_KEYS = ("checkpoint", "sha256", "run_name", "promoted_at")
+CURRENT_KEYS = ("checkpoint", "checkpoint_sha256", "run_name", "promoted_at")
 
 
 def read_current(runs_dir: Path) -> dict[str, Any] | None:
@@ -154,7 +154,7 @@ def lineage(config: Config, run: str) -> dict[str, Any]:
                    "registered_at": entry.get("registered_at") if entry else None,
                    "train_step": entry.get("train_step") if entry else None,
                    "weights_sha256": prov.get("weights_sha256"), "training_run": training,
-                   "current": bool(current and current.get("sha256") == digest),
+                   "current": bool(current and current.get("checkpoint_sha256") == digest),
                    "promotion": promotions[-1] if promotions else None}
     inputs = training.pop("inputs")
     if inputs is not None:

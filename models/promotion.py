@@ -191,7 +191,7 @@ def promote(runs_dir: Path | str, candidate: Path | str, comparison: Comparison)
         if sha256_file(candidate) != comparison.candidate_sha256:
             raise ValueError(f"candidate {candidate} changed since it was compared (sha256 differs): compare again")
         now = read_current(runs_dir)
-        now_sha = now["sha256"] if now else None
+        now_sha = now["checkpoint_sha256"] if now else None
         if now_sha != comparison.current_sha256:
             raise ValueError(f"the current model is {now_sha or 'none'} but the comparison was made against "
                              f"{comparison.current_sha256 or 'none'}: compare again with the current model")
@@ -204,9 +204,9 @@ def promote(runs_dir: Path | str, candidate: Path | str, comparison: Comparison)
         at = datetime.now(UTC).isoformat(timespec="seconds")
         scores = {"candidate": comparison.candidate_rmse, "current": comparison.current_rmse}
         if decision == "promoted":
-            previous = {k: now[k] for k in ("checkpoint", "sha256", "run_name")} if now else None
-            _atomic_json({"checkpoint": _stored_path(candidate, runs_dir), "sha256": comparison.candidate_sha256,
-                          "run_name": candidate.resolve().parent.name, "promoted_at": at,
+            previous = {k: now[k] for k in ("checkpoint", "checkpoint_sha256", "run_name")} if now else None
+            _atomic_json({"checkpoint": _stored_path(candidate, runs_dir),
+                          "checkpoint_sha256": comparison.candidate_sha256, "run_name": candidate.resolve().parent.name, "promoted_at": at,
                           "period": list(comparison.period), "lead_hours": comparison.lead_hours,
                           "init_times": len(comparison.init_times), "scores": scores, "ratio": comparison.ratio,
                           "margin": comparison.margin, "reason": comparison.reason, "previous": previous},

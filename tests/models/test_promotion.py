@@ -71,7 +71,7 @@ def test_the_first_model_becomes_current_and_the_forecast_follows_it(models: dic
     assert first.beats and first.current_rmse is None and "no current model" in first.reason
     assert promote(runs, models["good"], first)
     record = read_current(runs)
-    assert record["sha256"] == sha256_file(models["good"]) and record["scores"]["current"] is None
+    assert record["checkpoint_sha256"] == sha256_file(models["good"]) and record["scores"]["current"] is None
     assert record["previous"] is None and record["run_name"] == "good"
     assert config.checkpoint_path() == models["good"]
     assert [x["decision"] for x in lines(runs)] == ["promoted"]
@@ -102,8 +102,8 @@ def test_a_better_candidate_is_promoted_with_both_scorecards(models: dict, tmp_p
     assert verdict.beats and all(r < 1 for r in verdict.ratio.values())
     assert promote(runs, models["good"], verdict)
     record = read_current(runs)
-    assert record["sha256"] == sha256_file(models["good"])
-    assert record["previous"]["sha256"] == sha256_file(models["poor"])
+    assert record["checkpoint_sha256"] == sha256_file(models["good"])
+    assert record["previous"]["checkpoint_sha256"] == sha256_file(models["poor"])
     assert record["scores"] == {"candidate": verdict.candidate_rmse, "current": verdict.current_rmse}
     assert record["ratio"] == verdict.ratio and record["lead_hours"] == LEADS
     assert runs_config(models, runs).checkpoint_path() == models["good"]
@@ -157,7 +157,7 @@ def test_current_json_is_switched_atomically_under_a_reading_process(models: dic
          "runs, stop, ok, bad, seen = Path(sys.argv[1]), Path(sys.argv[2]), 0, [], set()\n"
          "while not stop.exists():\n"
          "    try:\n"
-         "        seen.add(read_current(runs)['sha256']); ok += 1\n"
+         "        seen.add(read_current(runs)['checkpoint_sha256']); ok += 1\n"
          "    except Exception as exc:\n"
          "        bad.append(repr(exc))\n"
          "    if ok == 1:\n"
@@ -184,7 +184,7 @@ def test_current_json_is_switched_atomically_under_a_reading_process(models: dic
     report = json.loads(out)
     assert report["n_bad"] == 0, report["bad"]
     assert report["ok"] > 0 and set(report["seen"]) <= set(shas.values())
-    assert len(lines(runs)) == 301 and read_current(runs)["sha256"] == shas[now]
+    assert len(lines(runs)) == 301 and read_current(runs)["checkpoint_sha256"] == shas[now]
 
 
 def test_a_stale_comparison_or_a_changed_candidate_is_refused_untouched(models: dict, tmp_path: Path) -> None:
@@ -223,5 +223,5 @@ def test_a_damaged_current_json_is_a_clear_error(models: dict, tmp_path: Path) -
     with pytest.raises(ValueError, match="current.json is not valid JSON"):
         runs_config(models, runs).checkpoint_path()
     (runs / CURRENT).write_text('{"checkpoint": "good/checkpoint.pt"}')
-    with pytest.raises(ValueError, match=r"current.json lacks \['sha256'"):
+    with pytest.raises(ValueError, match=r"current.json lacks \['checkpoint_sha256'"):
         runs_config(models, runs).checkpoint_path()
