@@ -23,22 +23,41 @@ class Variable:
     valid_range: tuple[float, float]
     cmap: str = "viridis"
     diverging: bool = False
+    param_id: int = 0
+    """ECMWF/WMO GRIB parameter id (``paramId``): what a GRIB2 message of this variable is labelled."""
+    standard_name: str = ""
+    """CF standard name (CF-1.8 table) written on the variable in NetCDF output."""
+    accumulation_hours: int = 0
+    """Hours a value accumulates over, ending at its time (ERA5's hourly ``tp``: 1); 0 = instantaneous."""
 
 
 _TABLE = [
-    Variable("geopotential", "Geopotential", "m**2 s**-2", "pressure", "geopotential", "z", (-1e4, 3.5e5), "viridis"),
-    Variable("temperature", "Temperature", "K", "pressure", "temperature", "t", (150.0, 350.0), "RdYlBu_r"),
-    Variable("u_component_of_wind", "U component of wind", "m s**-1", "pressure", "u_component_of_wind", "u", (-250.0, 250.0), "RdBu_r", True),
-    Variable("v_component_of_wind", "V component of wind", "m s**-1", "pressure", "v_component_of_wind", "v", (-250.0, 250.0), "RdBu_r", True),
-    Variable("specific_humidity", "Specific humidity", "kg kg**-1", "pressure", "specific_humidity", "q", (0.0, 0.1), "YlGnBu"),
-    Variable("vertical_velocity", "Vertical velocity", "Pa s**-1", "pressure", "vertical_velocity", "w", (-50.0, 50.0), "RdBu_r", True),
-    Variable("2m_temperature", "2 metre temperature", "K", "single", "2m_temperature", "t2m", (150.0, 350.0), "RdYlBu_r"),
-    Variable("10m_u_component_of_wind", "10 metre U wind component", "m s**-1", "single", "10m_u_component_of_wind", "u10", (-150.0, 150.0), "RdBu_r", True),
-    Variable("10m_v_component_of_wind", "10 metre V wind component", "m s**-1", "single", "10m_v_component_of_wind", "v10", (-150.0, 150.0), "RdBu_r", True),
-    Variable("mean_sea_level_pressure", "Mean sea level pressure", "Pa", "single", "mean_sea_level_pressure", "msl", (8.0e4, 1.1e5), "viridis"),
-    Variable("surface_pressure", "Surface pressure", "Pa", "single", "surface_pressure", "sp", (4.0e4, 1.1e5), "viridis"),
-    Variable("total_precipitation", "Total precipitation", "m", "single", "total_precipitation", "tp", (0.0, 1.0), "Blues"),
-    Variable("total_column_water_vapour", "Total column vertically-integrated water vapour", "kg m**-2", "single", "total_column_water_vapour", "tcwv", (0.0, 150.0), "YlGnBu"),
+    Variable("geopotential", "Geopotential", "m**2 s**-2", "pressure", "geopotential", "z", (-1e4, 3.5e5), "viridis",
+             param_id=129, standard_name="geopotential"),
+    Variable("temperature", "Temperature", "K", "pressure", "temperature", "t", (150.0, 350.0), "RdYlBu_r",
+             param_id=130, standard_name="air_temperature"),
+    Variable("u_component_of_wind", "U component of wind", "m s**-1", "pressure", "u_component_of_wind", "u", (-250.0, 250.0), "RdBu_r", True,
+             param_id=131, standard_name="eastward_wind"),
+    Variable("v_component_of_wind", "V component of wind", "m s**-1", "pressure", "v_component_of_wind", "v", (-250.0, 250.0), "RdBu_r", True,
+             param_id=132, standard_name="northward_wind"),
+    Variable("specific_humidity", "Specific humidity", "kg kg**-1", "pressure", "specific_humidity", "q", (0.0, 0.1), "YlGnBu",
+             param_id=133, standard_name="specific_humidity"),
+    Variable("vertical_velocity", "Vertical velocity", "Pa s**-1", "pressure", "vertical_velocity", "w", (-50.0, 50.0), "RdBu_r", True,
+             param_id=135, standard_name="lagrangian_tendency_of_air_pressure"),
+    Variable("2m_temperature", "2 metre temperature", "K", "single", "2m_temperature", "t2m", (150.0, 350.0), "RdYlBu_r",
+             param_id=167, standard_name="air_temperature"),
+    Variable("10m_u_component_of_wind", "10 metre U wind component", "m s**-1", "single", "10m_u_component_of_wind", "u10", (-150.0, 150.0), "RdBu_r", True,
+             param_id=165, standard_name="eastward_wind"),
+    Variable("10m_v_component_of_wind", "10 metre V wind component", "m s**-1", "single", "10m_v_component_of_wind", "v10", (-150.0, 150.0), "RdBu_r", True,
+             param_id=166, standard_name="northward_wind"),
+    Variable("mean_sea_level_pressure", "Mean sea level pressure", "Pa", "single", "mean_sea_level_pressure", "msl", (8.0e4, 1.1e5), "viridis",
+             param_id=151, standard_name="air_pressure_at_mean_sea_level"),
+    Variable("surface_pressure", "Surface pressure", "Pa", "single", "surface_pressure", "sp", (4.0e4, 1.1e5), "viridis",
+             param_id=134, standard_name="surface_air_pressure"),
+    Variable("total_precipitation", "Total precipitation", "m", "single", "total_precipitation", "tp", (0.0, 1.0), "Blues",
+             param_id=228, standard_name="lwe_thickness_of_precipitation_amount", accumulation_hours=1),
+    Variable("total_column_water_vapour", "Total column vertically-integrated water vapour", "kg m**-2", "single", "total_column_water_vapour", "tcwv", (0.0, 150.0), "YlGnBu",
+             param_id=137, standard_name="atmosphere_mass_content_of_water_vapor"),
 ]
 
 VARIABLES: dict[str, Variable] = {v.name: v for v in _TABLE}

@@ -8,14 +8,15 @@ Publication (manifest, rename) is the caller's job with :mod:`core.runs`.
 :func:`stream_forecast` is how a run is written: the Zarr store is laid out first (a template written
 with ``compute=False``: metadata and coordinates only), then each lead is written into its region as
 soon as it is computed, so host memory holds one lead at a time however long the forecast (a 10-day
-0.25° run of 73 channels is 12 GB). The NetCDF file is then copied from the store chunk by chunk.
+0.25° run of 73 channels is 12 GB). The download files (CF NetCDF, GRIB2: :mod:`models.forecast_files`)
+are then copied from the store lead by lead.
 :func:`rollout` returns the whole forecast in memory instead, for small runs and tests.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from core.grid import grid_for_shape, parse_grid_attr
 from core.schema import SCHEMA_VERSION, validate_forecast
 from models.checkpoint import code_version, load_for_inference
 from models.clock import clock_fields
+from models.forecast_files import write_formats
 from models.normalization import Normalized, Rollout
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ COORD_ATTRS = {
     "valid_time": {"standard_name": "time", "long_name": "time the forecast is valid for"},
     "latitude": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
     "longitude": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
-    "level": {"long_name": "pressure level", "units": "hPa", "positive": "down", "axis": "Z"},
+    "level": {"standard_name": "air_pressure", "long_name": "pressure level", "units": "hPa", "positive": "down",
+              "axis": "Z"},
 }
 
 
@@ -126,11 +129,12 @@ def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
 
 def stream_forecast(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
                     init_time: datetime | str | pd.Timestamp, lead_hours: int, run_dir: Path,
-                    on_lead: Callable[[int], None] | None = None) -> xr.Dataset:
-    """Roll out into ``run_dir``'s ``forecast.zarr`` lead by lead, then write ``forecast.nc`` from it.
+                    on_lead: Callable[[int], None] | None = None,
+                    formats: Sequence[str] = ("netcdf", "grib2")) -> xr.Dataset:
+    """Roll out into ``run_dir``'s ``forecast.zarr`` lead by lead, then write the files in ``formats`` from it.
 
     Returns the store opened lazily. ``on_lead(k)`` is called once lead ``k`` is in the store (and
-    before lead ``k + 1`` is computed).
+    before lead ``k + 1`` is computed). ``formats`` are those of :func:`models.forecast_files.write_formats`.
     """
     step_h, leads = _lead_count(meta, lead_hours)
     channels = list(meta["channels"])
@@ -152,7 +156,7 @@ def stream_forecast(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
         if on_lead is not None:
             on_lead(k)
     forecast = validate_forecast(xr.open_zarr(zarr_path, consolidated=False), what=f"forecast store {zarr_path}")
-    _write_netcdf(forecast, run_dir / "forecast.nc")
+    write_formats(forecast, run_dir, formats)
     return forecast
 
 
@@ -196,27 +200,11 @@ def _zarr_encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
             for name, da in ds.data_vars.items()}
 
 
-def _write_netcdf(ds: xr.Dataset, path: Path) -> None:
-    """CF NetCDF (lead in hours, zlib), chunked per lead; a lazy ``ds`` is copied chunk by chunk."""
-    ds = ds.copy()
-    for var in ds.variables.values():
-        var.encoding = {}  # the store's Zarr encodings (compressors, chunk grid) mean nothing to netCDF4
-    enc: dict[str, dict[str, Any]] = {
-        str(n): {"zlib": True, "complevel": 4,
-                 "chunksizes": tuple(1 if d in ("init_time", "lead_time") else ds.sizes[d] for d in ds[n].dims)}
-        for n in ds.data_vars}
-    enc["lead_time"] = {"units": "hours", "dtype": "int32"}
-    enc["init_time"] = {"units": "hours since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
-    enc["valid_time"] = dict(enc["init_time"])
-    ds.to_netcdf(path, engine="netcdf4", encoding=enc)
-
-
-def write_forecast(ds: xr.Dataset, run_dir: Path) -> list[Path]:
-    """Write an in-memory forecast as ``forecast.zarr`` (v3, one chunk per lead) and ``forecast.nc`` (CF)."""
+def write_forecast(ds: xr.Dataset, run_dir: Path, formats: Sequence[str] = ("netcdf", "grib2")) -> list[Path]:
+    """Write an in-memory forecast as ``forecast.zarr`` (v3, one chunk per lead) and the files in ``formats``."""
     validate_forecast(ds)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    zarr_path, nc_path = run_dir / "forecast.zarr", run_dir / "forecast.nc"
+    zarr_path = run_dir / "forecast.zarr"
     ds.to_zarr(zarr_path, mode="w", zarr_format=3, consolidated=False, encoding=_zarr_encoding(ds))
-    _write_netcdf(ds, nc_path)
-    return [zarr_path, nc_path]
+    return [zarr_path, *write_formats(ds, run_dir, formats)]

@@ -1,0 +1,205 @@
+"""A forecast run's download files: CF-1.8 NetCDF and GRIB2, each written from a (possibly lazy) forecast.
+
+Both writers read the forecast one lead at a time (one Zarr chunk per variable and lead), so a lazily
+opened ``forecast.zarr`` of any length is written with host memory holding about one lead. Each file is
+written under a temporary name and renamed into place, so a failed write never leaves a partial file
+under the final name nor replaces a good one.
+
+NetCDF (``forecast.nc``) conventions: the contract's dims and names (it reopens as a valid forecast:
+``init_time, lead_time, [level,] latitude, longitude``, which CF's T, Z, Y, X order check warns about
+since ``lead_time`` is no time axis); times as int32 ``hours since 1970-01-01``; ``lead_time`` as int32
+hours (``forecast_period``, read back as timedelta with ``decode_timedelta=True``); no ``_FillValue`` on
+coordinates; ``standard_name`` on every data variable from ``core.variables``.
+
+GRIB2 (``forecast.grib2``) conventions: one message per (lead, member, variable, level); ``paramId``
+from ``core.variables``; pressure channels on ``isobaricInhPa`` levels, single-level ones on the
+surface ecCodes defines for their paramId (2t at 2 m, 10u/10v at 10 m, msl at mean sea level, sp and tp
+at the surface); ``dataDate``/``dataTime`` = init time, ``step`` = lead in hours; accumulations (tp)
+span the ``accumulation_hours`` before the valid time (product template 8, 11 for members); members as
+ensemble messages (product template 1, ``perturbationNumber``, ``numberOfForecastsInEnsemble``);
+a regular_ll grid 90 → −90, 0 → 360−Δ; CCSDS packing at 16 bits, so a value read back is within
+``(max − min) / (2**16 − 1)`` of its field's range of the value written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from core.schema import validate_forecast
+from core.variables import VARIABLES
+
+log = logging.getLogger(__name__)
+
+FILE_NAMES = {"netcdf": "forecast.nc", "grib2": "forecast.grib2"}
+GRIB_BITS_PER_VALUE = 16
+"""Bits per packed GRIB2 value: the error bound is the field's range / (2**bits − 1)."""
+_TIME_UNITS = "hours since 1970-01-01 00:00:00"
+
+
+def write_formats(ds: xr.Dataset, run_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """Write ``ds`` into ``run_dir`` in each of ``formats`` (``netcdf``, ``grib2``); the paths written."""
+    unknown = [f for f in formats if f not in FILE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown forecast file format(s) {unknown}; known: {', '.join(FILE_NAMES)}")
+    writers = {"netcdf": write_netcdf, "grib2": write_grib2}
+    out = []
+    for fmt in dict.fromkeys(formats):  # once each, in the order asked
+        path = Path(run_dir) / FILE_NAMES[fmt]
+        writers[fmt](ds, path)
+        out.append(path)
+    return out
+
+
+def write_netcdf(ds: xr.Dataset, path: Path) -> Path:
+    """Write ``ds`` as CF-1.8 NetCDF-4 at ``path`` (zlib, one chunk per lead), copied lead by lead if lazy."""
+    validate_forecast(ds)
+    _check_whole_hours(ds)
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {}  # the store's Zarr encodings (compressors, chunk grid) mean nothing to netCDF4
+    for name in ds.data_vars:
+        if name in VARIABLES and VARIABLES[name].standard_name:
+            ds[name].attrs["standard_name"] = VARIABLES[name].standard_name
+    # Lead as plain int32 hours: encoded by xarray, a timedelta would carry a non-CF ``dtype`` attribute.
+    hours = (ds["lead_time"].values // np.timedelta64(1, "h")).astype(np.int32)
+    attrs = {k: v for k, v in ds["lead_time"].attrs.items() if k != "dtype"}
+    ds = ds.assign_coords(lead_time=("lead_time", hours, {**attrs, "units": "hours"}))
+    enc: dict[str, dict[str, Any]] = {
+        str(n): {"zlib": True, "complevel": 4,
+                 "chunksizes": tuple(1 if d in ("member", "init_time", "lead_time") else ds.sizes[d]
+                                     for d in ds[n].dims)}
+        for n in ds.data_vars}
+    # int32 hours: CF-1.8 has no int64 (NetCDF classic types), and every forecast time is a whole hour.
+    enc["init_time"] = {"units": _TIME_UNITS, "calendar": "proleptic_gregorian", "dtype": "int32", "_FillValue": None}
+    enc["valid_time"] = dict(enc["init_time"])
+    for name in ds.coords:
+        enc.setdefault(str(name), {})["_FillValue"] = None  # CF: coordinates hold no missing values
+    tmp = _tmp_path(path)
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4", encoding=enc)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_grib2(ds: xr.Dataset, path: Path) -> Path:
+    """Write ``ds`` as GRIB2 at ``path`` with ecCodes, one message per lead, member, variable and level."""
+    import eccodes
+
+    validate_forecast(ds)
+    _check_whole_hours(ds)
+    names = [n for n in VARIABLES if n in ds.data_vars]  # vocabulary order: the same file however ds was opened
+    missing = [n for n in names if not VARIABLES[n].param_id]
+    if missing:
+        raise ValueError(f"variables {missing} have no GRIB paramId in core.variables")
+    members = [int(m) for m in ds["member"].values] if "member" in ds.dims else None
+    if members is not None and (min(members) < 0 or max(members) > 255):
+        raise ValueError(f"GRIB2 perturbationNumber is one byte: members {members} do not fit 0..255")
+    base = eccodes.codes_grib_new_from_samples("GRIB2")
+    tmp = _tmp_path(path)
+    try:
+        _set_grid(base, ds)
+        init = pd.Timestamp(ds["init_time"].values[0])
+        eccodes.codes_set(base, "dataDate", int(init.strftime("%Y%m%d")))
+        eccodes.codes_set(base, "dataTime", int(init.strftime("%H%M")))
+        eccodes.codes_set(base, "stepUnits", "h")
+        leads = (ds["lead_time"].values // np.timedelta64(1, "h")).astype(int)
+        with open(tmp, "wb") as out:
+            for k, lead in enumerate(leads):
+                for m, number in enumerate(members if members is not None else [None]):
+                    for name in names:
+                        var = VARIABLES[name]
+                        da = ds[name].isel(init_time=0, lead_time=k)
+                        if number is not None:
+                            da = da.isel(member=m)
+                        # One variable at one lead: a single Zarr chunk, read and released per message.
+                        values = da.transpose(..., "latitude", "longitude").values
+                        for level, field in _levels(da, values):
+                            _write_message(out, base, var.param_id, level, int(lead), var.accumulation_hours,
+                                           number, len(members or []), field)
+        os.replace(tmp, path)
+    finally:
+        eccodes.codes_release(base)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _levels(da: xr.DataArray, values: np.ndarray) -> Iterator[tuple[int | None, np.ndarray]]:
+    if "level" not in da.dims:
+        yield None, values
+        return
+    for i, level in enumerate(da["level"].values):
+        yield int(level), values[i]
+
+
+def _set_grid(handle: Any, ds: xr.Dataset) -> None:
+    import eccodes
+
+    lat, lon = ds["latitude"].values, ds["longitude"].values
+    dlat, dlon = 180.0 / (lat.size - 1), 360.0 / lon.size
+    for what, step in (("latitude", dlat), ("longitude", dlon)):
+        # GRIB2 stores angles in micro-degrees: a step it cannot hold would misplace every point.
+        if abs(step * 1e6 - round(step * 1e6)) > 1e-6:
+            raise ValueError(f"GRIB2 cannot hold a {what} step of {step!r}° (it stores micro-degrees); "
+                             f"grid {lat.size}x{lon.size} needs NetCDF")
+    for key, value in (("Ni", lon.size), ("Nj", lat.size),
+                       ("latitudeOfFirstGridPointInDegrees", 90.0), ("longitudeOfFirstGridPointInDegrees", 0.0),
+                       ("latitudeOfLastGridPointInDegrees", -90.0),
+                       ("longitudeOfLastGridPointInDegrees", 360.0 - dlon),
+                       ("iDirectionIncrementInDegrees", dlon), ("jDirectionIncrementInDegrees", dlat),
+                       ("iScansNegatively", 0), ("jScansPositively", 0)):
+        eccodes.codes_set(handle, key, value)
+
+
+def _write_message(out: Any, base: Any, param_id: int, level: int | None, lead: int, accumulation: int,
+                   number: int | None, n_members: int, field: np.ndarray) -> None:
+    import eccodes
+
+    if not np.all(np.isfinite(field)):
+        raise ValueError(f"paramId {param_id} level {level} at lead {lead} h has non-finite values; "
+                         "GRIB2 is written from complete forecasts only")
+    handle = eccodes.codes_clone(base)
+    try:
+        # The product template comes first: setting paramId picks the surface and statistics it implies.
+        template = (11 if accumulation else 1) if number is not None else (8 if accumulation else 0)
+        eccodes.codes_set(handle, "productDefinitionTemplateNumber", template)
+        eccodes.codes_set(handle, "paramId", param_id)
+        if level is not None:
+            eccodes.codes_set(handle, "typeOfLevel", "isobaricInhPa")
+            eccodes.codes_set(handle, "level", level)
+        if number is not None:
+            eccodes.codes_set(handle, "typeOfEnsembleForecast", 0 if number == 0 else 3)  # control, perturbed
+            eccodes.codes_set(handle, "perturbationNumber", number)
+            eccodes.codes_set(handle, "numberOfForecastsInEnsemble", n_members)
+        if accumulation:
+            eccodes.codes_set(handle, "stepRange", f"{max(lead - accumulation, 0)}-{lead}")
+        else:
+            eccodes.codes_set(handle, "step", lead)
+        eccodes.codes_set(handle, "packingType", "grid_ccsds")
+        eccodes.codes_set(handle, "bitsPerValue", GRIB_BITS_PER_VALUE)
+        eccodes.codes_set_values(handle, np.ascontiguousarray(field, dtype=np.float64).ravel())
+        eccodes.codes_write(handle, out)
+    finally:
+        eccodes.codes_release(handle)
+
+
+def _check_whole_hours(ds: xr.Dataset) -> None:
+    hour = np.timedelta64(1, "h")
+    init = ds["init_time"].values.astype("datetime64[ns]")
+    if np.any(ds["lead_time"].values % hour) or np.any((init - init.astype("datetime64[h]")) % hour):
+        raise ValueError("forecast files encode times in whole hours; init_time "
+                         f"{pd.Timestamp(init[0])} or a lead_time is not a whole hour")
+
+
+def _tmp_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
