@@ -43,6 +43,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, attr, None)
         if value is not None:
             out.setdefault(section, {})[key] = value
+    if getattr(args, "members", None) is not None:
+        out.setdefault("forecast", {})["ensemble"] = {"members": args.members}
     return out
 
 
@@ -82,6 +84,99 @@ def _data(config: Any, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _describe_cycle(result: dict[str, Any]) -> str:
+    """One line per cycle: what the trigger did."""
+    match result["action"]:
+        case "published":
+            return f"published {result['run_dir']}"
+        case "existing":
+            return f"already published (nothing done; --force replaces it): {result['run_dir']}"
+        case _:
+            return f"{result['action']} {result.get('init_time') or ''}: {result['reason']}".replace("  ", " ")
+
+
+def _status(config: Any) -> int:
+    """Print the newest run and its age against the schedule; exit 1 when late."""
+    from core.retention import run_status
+
+    st = run_status(config.paths.forecasts, config.forecast.cycle_hours, config.forecast.wait_minutes)
+    if st["newest_run"] is None:
+        print(f"late: {st['reason']} in {config.paths.forecasts}")
+    else:
+        print(f"{st['status']}: newest run {st['newest_run']} (init {st['init_time']}) published {st['published']}, "
+              f"{st['age_hours']:.1f} h ago; allowed {st['allowed_hours']:g} h "
+              f"(cycle {st['cycle_hours']} h + wait)")
+    return 0 if st["status"] == "ok" else 1
+
+
+def _start(cmd: list[str], env: dict[str, str], cwd: Path) -> Any:
+    import subprocess
+
+    print("starting:", " ".join(cmd), flush=True)
+    # Own process group: Ctrl-C reaches this process alone, and each child is stopped in order.
+    return subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+
+
+def _stop(procs: list[Any], grace_s: float = 20.0) -> None:
+    import signal
+    import subprocess
+
+    for proc in reversed(procs):  # the worker first, the server last
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def schedule(host: str, port: int) -> int:
+    """Run a Prefect server, the ``spherecast-local`` worker and flows.yaml's deployments until Ctrl-C."""
+    import subprocess
+    import time
+    import urllib.request
+
+    user_ui = os.environ.get("PREFECT_UI_ENABLED")
+    prefect_environment()
+    root = Path(__file__).resolve().parents[1]
+    prefect = [sys.executable, "-m", "prefect"]
+    api = f"http://{host}:{port}/api"
+    env = {**os.environ, "PREFECT_API_URL": api, "SPHERECAST_HOME": os.environ.get("SPHERECAST_HOME", str(root))}
+    env["PREFECT_UI_ENABLED"] = user_ui or "true"  # the operator watches the runs in the UI
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    procs = [_start(prefect + ["server", "start", "--host", host, "--port", str(port)], env, root)]
+    try:
+        deadline = time.monotonic() + float(env.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2):
+                    break
+            except OSError:
+                if procs[0].poll() is not None or time.monotonic() > deadline:
+                    raise ValueError(f"the Prefect server did not answer on {api} (is the port taken?)") from None
+                time.sleep(1)
+        pool = subprocess.run(prefect + ["work-pool", "create", "spherecast-local", "--type", "process"], env=env,
+                              cwd=root, capture_output=True, text=True)
+        if pool.returncode and "already exists" not in pool.stdout + pool.stderr:
+            raise ValueError(f"could not create work pool spherecast-local: {pool.stdout}{pool.stderr}")
+        deploy = subprocess.run(prefect + ["--no-prompt", "deploy", "--prefect-file", "flows.yaml", "--all"], env=env,
+                                cwd=root, capture_output=True, text=True)
+        if deploy.returncode:
+            raise ValueError(f"prefect deploy failed:\n{deploy.stdout[-3000:]}{deploy.stderr[-3000:]}")
+        procs.append(_start(prefect + ["worker", "start", "--pool", "spherecast-local"], env, root))
+        print(f"spherecast schedule: server and UI on http://{host}:{port}, worker on pool spherecast-local, "
+              "deployments from flows.yaml. Ctrl-C stops them.", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        raise ValueError("a child stopped on its own: " + ", ".join(f"pid {p.pid} exit {p.returncode}" for p in procs))
+    except KeyboardInterrupt:
+        print("stopping the worker and the server…", flush=True)
+        return 0
+    finally:
+        _stop(procs)
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch one parsed command."""
     from core.config import load_config
@@ -99,6 +194,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "data":
         return _data(config, args)
+    if args.command == "status":
+        return _status(config)
+    if args.command == "schedule":
+        return schedule(args.prefect_host, args.prefect_port)
+    if args.command == "forecast":
+        from pipelines.cycles import check_request, cycle_times
+
+        check_request(config)  # a bad horizon fails here, before Prefect starts
+        if args.backfill:
+            cycle_times(*args.backfill, config.forecast.cycle_hours)
     if args.command == "ingest":
         from ingest.build import plan_ingest
 
@@ -119,8 +224,11 @@ def run(args: argparse.Namespace) -> int:
         print(flows.ingest_era5(config_path, overrides, append=args.append))
     elif args.command == "train":
         print(flows.train_sfno(config_path, overrides))
+    elif args.command == "forecast" and args.backfill:
+        for result in flows.backfill_forecasts(*args.backfill, config_path, overrides, force=args.force):
+            print(_describe_cycle(result))
     elif args.command == "forecast":
-        print(flows.run_forecast(config_path, overrides))
+        print(_describe_cycle(flows.run_forecast(config_path, overrides, force=args.force)))
     elif args.command == "render":
         print(flows.rerender(config_path, overrides, args.run))
     return 0
@@ -160,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("forecast", "Run and publish a forecast.")
     p.add_argument("--init-time", help="initial time, or 'latest'")
     p.add_argument("--lead-hours", type=int, help="forecast length in hours")
+    p.add_argument("--members", type=int, help="ensemble members (forecast.ensemble.members; 1 = deterministic)")
+    p.add_argument("--force", action="store_true", help="replace a run already published for this initial time")
+    p.add_argument("--backfill", nargs=2, metavar=("START", "END"),
+                   help="run every cycle from START to END (forecast.cycle_hours apart), skipping published ones")
+    p = add("status", "Report the newest published run and its age against the schedule (exit 1 when late).")
+    p = add("schedule", "Start a Prefect server, a worker and the deployments of flows.yaml; Ctrl-C stops them.")
+    p.add_argument("--prefect-host", default="127.0.0.1", help="interface the Prefect server binds to")
+    p.add_argument("--prefect-port", type=int, default=4200, help="port of the Prefect server and its UI")
     p = add("render", "Re-render the maps of a published run (republished by rename).")
     p.add_argument("--run", required=True, help="run name, e.g. 20000320T00")
     p = add("serve", "Serve published runs, maps and the viewer over HTTP.")

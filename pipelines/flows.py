@@ -8,7 +8,8 @@ from prefect import flow, get_run_logger
 from tqdm import tqdm
 
 from core.config import Config, dump_config, load_config
-from pipelines.tasks import forecast_task, ingest_task, score_task, slab_task, stats_task, train_task
+from pipelines.cycles import CycleResult, check_request, cycle_times, exclusive_cycle, record
+from pipelines.tasks import forecast_task, ingest_task, score_task, slab_task, stats_task, train_task, wait_task
 
 
 def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config:
@@ -29,8 +30,10 @@ def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None
     slab = slab_task.with_options(retries=ing.retries, retry_delay_seconds=ing.retry_delay_seconds)
     # The planet is one continuous simulation: its slabs run in order in this process.
     workers = 1 if ing.source == "synthetic" else ing.workers
-    # The executor first: an unreachable scheduler is reported before the store is touched.
-    with slab_executor(workers, ing.scheduler_address) as executor, ingest_session(config, append) as plan:
+    # The cycle lock first: a forecast run never reads the store while it is being appended to.
+    # Then the executor: an unreachable scheduler is reported before the store is touched.
+    with (exclusive_cycle(config), slab_executor(workers, ing.scheduler_address) as executor,
+          ingest_session(config, append) as plan):
         logger.info("%s", plan.describe())
         jobs = [(s, False) for s in plan.todo] + [(s, True) for s in plan.recheck]
         with ingest_context.installed(executor), tqdm(total=len(jobs), desc="ingest slabs", unit="slab") as bar:
@@ -59,9 +62,41 @@ def train_sfno(config_path: str | None = None, overrides: dict[str, Any] | None 
 
 
 @flow(name="run_forecast", log_prints=True)
-def run_forecast(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> str:
-    """Forecast from the configured (or latest) initial time and publish the run."""
-    return forecast_task(_config(config_path, overrides))
+def run_forecast(config_path: str | None = None, overrides: dict[str, Any] | None = None, force: bool = False,
+                 now: str | None = None) -> dict[str, Any]:
+    """One cycle: wait for its initial conditions, then publish it once (``force`` replaces a published run).
+
+    ``now`` replaces the clock of the late policy (replays and tests); default the current UTC time.
+    """
+    config = _config(config_path, overrides)
+    check_request(config)
+    choice, why = wait_task(config, now)
+    if choice is None:
+        result = CycleResult("skipped", reason=why)
+        record(config, result, None)
+        get_run_logger().warning("cycle skipped: %s", why)
+        return result.to_dict()
+    return forecast_task(config, choice, force)
+
+
+@flow(name="backfill_forecasts", log_prints=True)
+def backfill_forecasts(start: str, end: str, config_path: str | None = None,
+                       overrides: dict[str, Any] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Every cycle from ``start`` to ``end`` (``forecast.cycle_hours`` apart), skipping published ones unless ``force``."""
+    from core.ic_select import choose_init
+
+    config = _config(config_path, overrides)
+    check_request(config)
+    results, failed = [], []
+    for init in cycle_times(start, end, config.forecast.cycle_hours):
+        try:
+            results.append(forecast_task(config, choose_init(config, init), force))
+        except ValueError as exc:  # one cycle without data does not stop the others
+            failed.append(f"{init.isoformat()}: {exc}")
+            results.append(CycleResult("failed", init_time=init.isoformat(), reason=str(exc)).to_dict())
+    if failed:
+        raise ValueError(f"backfill: {len(failed)} of {len(results)} cycles failed: " + "; ".join(failed))
+    return results
 
 
 @flow(name="demo", log_prints=True)
@@ -70,7 +105,7 @@ def demo(config_path: str | None = None, overrides: dict[str, Any] | None = None
     config = _config(config_path, overrides)
     ingest_task(config)
     checkpoint = train_task(config)
-    run_dir = forecast_task(config)
+    run_dir = forecast_task(config, force=True)["run_dir"]  # a retrained model replaces the demo's run
     scores = score_task(config, run_dir)
     get_run_logger().info("demo finished: run %s from %s", run_dir, checkpoint)
     return {"run_dir": run_dir, "checkpoint": checkpoint, "scores": scores}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -11,21 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 import models
 from core.config import Config, dump_config
 from core.fields import to_channels
-from core.runs import publish, run_name, sha256_file, staging_dir, write_manifest
+from core.ic_select import InitChoice, check_compatible, choose_init, latest_cycle
+from core.retention import apply_retention, sweep_leftovers
+from core.runs import MANIFEST, publish, run_name, sha256_file, staging_dir, write_manifest
 from core.verification import score_forecast
 from ingest.build import finish_ingest, ingest, ingest_slab
 from models.checkpoint import code_version, register_checkpoint
 from models.data import open_analysis
 from models.distributed import check_gpu_ranks
 from models.forecast import load_forecaster, stream_forecast
+from pipelines.cycles import CycleResult, check_request, exclusive_cycle, pick_latest, record, wait_for_init
 from serve.maps import render_run_maps
 
 PROJECT_ROOT = Path(models.__file__).resolve().parents[1]
@@ -108,44 +112,92 @@ def train_task(config: Config) -> str:
     return str(checkpoint)
 
 
-def resolve_init_time(config: Config, analysis: Any) -> pd.Timestamp:
-    """The configured initial time, or the latest completely ingested analysis time."""
-    if config.forecast.init_time != "latest":
-        return pd.Timestamp(config.forecast.init_time)
-    done = analysis["done"].values.astype(bool)
-    if not done.any():
-        raise ValueError(f"no completed analysis time in {config.paths.analysis_store}")
-    return pd.Timestamp(analysis["time"].values[done][-1])
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a run, the module logger outside (a task called as a plain function)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def _redacted(data: dict[str, Any]) -> dict[str, Any]:
+    """The config as published in the manifest, with credentials removed."""
+    # REDACT CALL SITE: core.redact (passwords, tokens, user:password in URLs) is written alongside this
+    # change; until it lands the config is published as before.
+    try:
+        from core.redact import redact
+    except ImportError:
+        return data
+    return redact(data)
+
+
+@task(name="wait-initial-conditions", cache_policy=NO_CACHE)
+def wait_task(config: Config, now: str | None = None) -> tuple[InitChoice | None, str]:
+    """The cycle's initial state once complete (bounded wait), or ``(None, why)`` when the late policy skips it."""
+    check_request(config)
+    if config.forecast.init_time == "latest":
+        return pick_latest(config, now)
+    return wait_for_init(config, config.forecast.init_time), ""
 
 
 @task(name="forecast-publish", cache_policy=NO_CACHE)
-def forecast_task(config: Config) -> str:
+def forecast_task(config: Config, choice: InitChoice | None = None, force: bool = False) -> dict[str, Any]:
+    """One cycle under the cycle lock: a no-op if already published (unless ``force``), else roll out and publish."""
+    check_request(config)
+    if choice is None:
+        init = config.forecast.init_time
+        choice = latest_cycle(config) if init == "latest" else choose_init(config, init)
+    forecasts = config.paths.forecasts
+    name = run_name(choice.init_time)
+    final = forecasts / name
+    with exclusive_cycle(config) as acquired:
+        swept = sweep_leftovers(forecasts)  # staging of killed runs, before this run stages its own
+        if not force and (final / MANIFEST).is_file():
+            result = CycleResult("existing", name, str(final), choice.init_time.isoformat(),
+                                 "already published; force (--force) replaces it")
+            record(config, result, acquired, swept=swept)
+            _logger().info("run %s is already published: nothing to do", name)
+            return result.to_dict()
+        try:
+            produce_run(config, choice, name)
+        except BaseException as exc:
+            record(config, CycleResult("failed", name, None, choice.init_time.isoformat(), str(exc)), acquired)
+            raise
+        kept = apply_retention(forecasts, config.forecast.keep_runs, config.paths.runs)
+        result = CycleResult("published", name, str(final), choice.init_time.isoformat())
+        record(config, result, acquired, swept=swept, retention_removed=kept.removed,
+               retention_protected=kept.protected)
+    return result.to_dict()
+
+
+def produce_run(config: Config, choice: InitChoice, name: str) -> Path:
     """Roll out lead by lead into Zarr, then NetCDF and maps from the store, checksum, publish by one rename."""
-    logger = get_run_logger()
+    logger = _logger()
     checkpoint = config.checkpoint_path()
     if not checkpoint.is_file():
         raise ValueError(f"checkpoint {checkpoint} does not exist; run `spherecast train` first")
     model, meta = load_forecaster(checkpoint)
-    analysis = open_analysis(config.paths.analysis_store)
-    init = resolve_init_time(config, analysis)
-    name = run_name(init)
+    analysis = open_analysis(choice.store)
+    check_compatible(meta, analysis, choice.store, config.forecast.grid)
     staging = staging_dir(config.paths.forecasts, name)
     try:
         # Each lead goes to the store as it is computed; maps then read the store one channel at a time.
-        forecast = stream_forecast(model, meta, analysis, init, config.forecast.lead_hours, staging)
+        forecast = stream_forecast(model, meta, analysis, choice.init_time, config.forecast.lead_hours, staging)
         maps = render_run_maps(forecast, staging, dpi=config.render.dpi,
                                natural_earth_dir=config.render.natural_earth_dir)
         provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
                       "weights_sha256": meta["weights_sha256"], "dataset_version": meta["dataset_version"],
                       "code_version": code_version(), "lead_hours": config.forecast.lead_hours,
-                      "channels": list(meta["channels"]), "config": dump_config(config)}
-        write_manifest(staging, init, provenance)
+                      "channels": list(meta["channels"]), "ensemble_members": config.forecast.ensemble.members,
+                      **choice.provenance(), "config": _redacted(dump_config(config))}
+        write_manifest(staging, choice.init_time, provenance)
         final = publish(staging, config.paths.forecasts / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("published %s (%d maps)", final, len(maps))
-    return str(final)
+    logger.info("published %s from the %s store (%s, %s) with %d maps", final, choice.kind, choice.source,
+                choice.dataset_version, len(maps))
+    return final
 
 
 @task(name="score-run", cache_policy=NO_CACHE)

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
+from core.config_ops import ForecastConfig
+from core.retention import run_status
 from serve.catalog import Catalog
 from serve.settings import ServeSettings, get_settings
 
@@ -17,10 +19,13 @@ VIEWER_HTML = STATIC_DIR / "viewer.html"
 router = APIRouter(tags=["site"])
 
 
-@router.get("/health", summary="Liveness and number of published runs")
+@router.get("/health", summary="Liveness, number of published runs, and the newest run's age against the schedule")
 def health(settings: Annotated[ServeSettings, Depends(get_settings)]) -> dict[str, Any]:
-    """``{"status": "ok", "runs": N}`` with N the published runs."""
-    return {"status": "ok", "runs": len(Catalog(settings.forecasts_dir).run_names())}
+    """``{"status": "ok", "runs": N, "schedule": {...}}``: the service is up; ``schedule.status`` is ok or late."""
+    # ServeSettings carries no cycle length yet: the config's default cycle (6 h) until it does.
+    cycle = getattr(settings, "cycle_hours", ForecastConfig().cycle_hours)
+    return {"status": "ok", "runs": len(Catalog(settings.forecasts_dir).run_names()),
+            "schedule": run_status(settings.forecasts_dir, cycle)}
 
 
 @router.get("/", response_class=FileResponse, include_in_schema=False)
