@@ -28,15 +28,15 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from core.fields import to_channels
 from core.schema import FLAG_VARIABLES
-from core.variables import VARIABLES
+from core.variables import VARIABLES, parse_channel
 
 log = logging.getLogger(__name__)
 
 DAYS = 366
 CLIM_DIR = "climatology"
 DEFAULT_MAX_BYTES = 512 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def store_channels(store: xr.Dataset) -> list[str]:
@@ -53,6 +53,35 @@ def store_channels(store: xr.Dataset) -> list[str]:
         else:
             out.append(name)
     return out
+
+
+def channel_array(ds: xr.Dataset, channels: list[str], **index: int | slice) -> xr.DataArray:
+    """``(…, channel, latitude, longitude)`` float64 of ``ds.isel(**index)``, read variable by variable.
+
+    The same stack as :func:`core.fields.to_channels` without its per-call merging, which costs
+    more than reading a small field; this is the inner loop of the climatology and the scores.
+    """
+    parts, cache = [], {}
+    for ch in channels:
+        name, level = parse_channel(ch)
+        if name not in ds.data_vars:
+            raise ValueError(f"dataset has no variable {name!r} (needed for channel {ch!r})")
+        if name not in cache:
+            cache[name] = ds[name].isel(**{k: v for k, v in index.items() if k in ds[name].dims})
+        da = cache[name]
+        if level is not None:
+            levels = ds["level"].values.tolist()
+            if level not in levels:
+                raise ValueError(f"dataset has no level {level} for {name!r} (needed for channel {ch!r})")
+            da = da.isel(level=levels.index(level))
+        lead = [d for d in da.dims if d not in ("latitude", "longitude")]
+        parts.append(np.asarray(da.transpose(*lead, "latitude", "longitude").values, dtype=np.float64))
+    ref = cache[parse_channel(channels[0])[0]]
+    dims = [d for d in ref.dims if d not in ("level", "latitude", "longitude")]
+    coords = {d: ref[d].values for d in dims if d in ref.coords}
+    coords.update(channel=list(channels), latitude=ref["latitude"].values, longitude=ref["longitude"].values)
+    return xr.DataArray(np.stack(parts, axis=len(dims)), dims=(*dims, "channel", "latitude", "longitude"),
+                        coords=coords)
 
 
 def _period_mask(store: xr.Dataset, start: pd.Timestamp, end: pd.Timestamp) -> np.ndarray:
@@ -99,7 +128,7 @@ def build_climatology(store: xr.Dataset, start: pd.Timestamp, end: pd.Timestamp,
     channels = store_channels(store)
     times = pd.DatetimeIndex(store["time"].values[idx])
     hours = np.unique(times.hour)
-    doy_i = times.dayofyear.values - 1
+    doy_i = times.day_of_year.values - 1
     hour_i = np.searchsorted(hours, times.hour.values)
     nlat, nlon, nch = store.sizes["latitude"], store.sizes["longitude"], len(channels)
     per_row = DAYS * hours.size * nch * nlon * 8
@@ -115,22 +144,24 @@ def build_climatology(store: xr.Dataset, start: pd.Timestamp, end: pd.Timestamp,
               "channel": np.asarray(channels, dtype=object),
               "latitude": store["latitude"].values, "longitude": store["longitude"].values}
     shape = (DAYS, hours.size, nch, nlat, nlon)
+    # Chunks follow the bands (aligned region writes) and hold ~16 MiB of days each.
+    days = int(max(1, min(DAYS, CHUNK_BYTES // (hours.size * nch * rows * nlon * 4))))
+    chunks = (days, hours.size, nch, rows, nlon)
     template = xr.Dataset(
         # A lazy template: only metadata (and the small ``count``) is written before the bands.
-        {"climatology": (tuple(coords), dask.array.zeros(shape, dtype=np.float32, chunks=(1,) + shape[1:])),
+        {"climatology": (tuple(coords), dask.array.zeros(shape, dtype=np.float32, chunks=chunks)),
          "count": (("dayofyear", "hour"), np.where(counts_s > 0, counts_s, 0).astype(np.int32))},
         coords=coords,
         attrs={"dataset_version": str(store.attrs.get("dataset_version")), "grid": str(store.attrs.get("grid")),
                "period_start": start.isoformat(), "period_end": end.isoformat(), "window_days": window_days,
                "samples": int(idx.size)})
-    encoding = {"climatology": {"chunks": (1, hours.size, nch, nlat, nlon)}}
-    template.to_zarr(tmp, zarr_format=3, consolidated=False, compute=False, encoding=encoding, mode="w")
+    template.to_zarr(tmp, zarr_format=3, consolidated=False, compute=False, mode="w",
+                     encoding={"climatology": {"chunks": chunks}})
     for lo in range(0, nlat, rows):
         hi = min(nlat, lo + rows)
         sums = np.zeros((DAYS, hours.size, nch, hi - lo, nlon))
         for t, d, h in zip(idx, doy_i, hour_i, strict=True):
-            field = to_channels(store.isel(time=int(t), latitude=slice(lo, hi)), channels)
-            sums[d, h] += np.asarray(field.values, dtype=np.float64)
+            sums[d, h] += channel_array(store, channels, time=int(t), latitude=slice(lo, hi)).values
         hour_mean = sums.sum(0) / np.where(hour_counts > 0, hour_counts, np.nan)[:, None, None, None]
         smoothed = _smooth(sums, window_days)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -166,5 +197,5 @@ def climatology_at(clim: xr.Dataset, valid_time: pd.Timestamp | np.datetime64, c
         raise ValueError(f"the climatology has no channels {missing}")
     hours = clim["hour"].values
     dist = np.abs(((hours - t.hour) + 12) % 24 - 12)
-    field = clim["climatology"].isel(dayofyear=t.dayofyear - 1, hour=int(np.argmin(dist)))
+    field = clim["climatology"].isel(dayofyear=t.day_of_year - 1, hour=int(np.argmin(dist)))
     return field.sel(channel=channels).drop_vars(["dayofyear", "hour"]).load()

@@ -25,9 +25,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from core.climatology import cached_climatology, climatology_at, climatology_key, store_channels
+from core.climatology import cached_climatology, channel_array, climatology_at, climatology_key, store_channels
 from core.config import Config
-from core.fields import to_channels
 from core.metrics import CRPS_METHOD
 from core.runs import list_runs, read_manifest
 from core.schema import validate_analysis, validate_forecast
@@ -115,12 +114,12 @@ def _persistence(fc: xr.Dataset, channels: list[str], store: xr.Dataset) -> xr.D
     """The run's initial state: lead 0 of the forecast (members averaged), else the analysis at init."""
     zero = np.flatnonzero(fc["lead_time"].values == np.timedelta64(0))
     if zero.size:
-        init = to_channels(fc.isel(init_time=0, lead_time=int(zero[0])), channels).load()
+        init = channel_array(fc, channels, init_time=0, lead_time=int(zero[0]))
         return init.mean("member") if "member" in init.dims else init
     t = pd.Timestamp(fc["init_time"].values[0])
     times, done = pd.DatetimeIndex(store["time"].values), store["done"].values.astype(bool)
     i = times.get_indexer([t])[0]
-    return to_channels(store.isel(time=int(i)), channels).load() if i >= 0 and done[i] else None
+    return channel_array(store, channels, time=int(i)) if i >= 0 and done[i] else None
 
 
 def score_run(name: str, fc: xr.Dataset, store: xr.Dataset, state: list[dict[str, Any]], clim: xr.Dataset,
@@ -136,8 +135,8 @@ def score_run(name: str, fc: xr.Dataset, store: xr.Dataset, state: list[dict[str
     version = str(store.attrs["dataset_version"])
     leads, rows = [], []
     for s in state:
-        fck = to_channels(fc.isel(init_time=0, lead_time=s["index"]), channels).load()
-        truth = to_channels(store.isel(time=s["store_index"]), channels).load()
+        fck = channel_array(fc, channels, init_time=0, lead_time=s["index"])
+        truth = channel_array(store, channels, time=s["store_index"])
         clim_k = climatology_at(clim, pd.Timestamp(s["valid_time"]), channels)
         metrics, spectra = score_lead(fck, truth, clim_k, persistence)
         table = {sys_: {m: {c: _finite(v) for c, v in zip(channels, da.values.tolist(), strict=True)}
