@@ -21,6 +21,7 @@ import models
 from core.config import Config, dump_config
 from core.fields import to_channels
 from core.ic_select import InitChoice, check_compatible, choose_init, latest_cycle
+from core.redact import redact
 from core.retention import apply_retention, sweep_leftovers
 from core.runs import MANIFEST, publish, run_name, sha256_file, staging_dir, write_manifest
 from core.verification import score_forecast
@@ -120,17 +121,6 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
-def _redacted(data: dict[str, Any]) -> dict[str, Any]:
-    """The config as published in the manifest, with credentials removed."""
-    # REDACT CALL SITE: core.redact (passwords, tokens, user:password in URLs) is written alongside this
-    # change; until it lands the config is published as before.
-    try:
-        from core.redact import redact
-    except ImportError:
-        return data
-    return redact(data)
-
-
 @task(name="wait-initial-conditions", cache_policy=NO_CACHE)
 def wait_task(config: Config, now: str | None = None) -> tuple[InitChoice | None, str]:
     """The cycle's initial state once complete (bounded wait), or ``(None, why)`` when the late policy skips it."""
@@ -189,7 +179,7 @@ def produce_run(config: Config, choice: InitChoice, name: str) -> Path:
                       "weights_sha256": meta["weights_sha256"], "dataset_version": meta["dataset_version"],
                       "code_version": code_version(), "lead_hours": config.forecast.lead_hours,
                       "channels": list(meta["channels"]), "ensemble_members": config.forecast.ensemble.members,
-                      **choice.provenance(), "config": _redacted(dump_config(config))}
+                      **choice.provenance(), "config": redact(dump_config(config))}
         write_manifest(staging, choice.init_time, provenance)
         final = publish(staging, config.paths.forecasts / name)
     except BaseException:

@@ -67,6 +67,7 @@ def make_config(tmp_path: Path, trained: tuple[Path, Path], data_dir: Path | Non
     """A config file forecasting 6 h from the trained checkpoint into ``tmp_path/forecasts``."""
     checkpoint, data = trained
     doc = {"paths": {"root": str(tmp_path), "data_dir": str(data_dir or data)}, "grid": {"preset": "tiny"},
+           "train": {"mlflow_tracking_uri": "https://ops:s3cret@mlflow.example"},  # must not be published
            "forecast": {"checkpoint": str(checkpoint), "lead_hours": 6, "init_time": "2000-01-18T00",
                         "wait_minutes": 0, "poll_seconds": 0.2, **forecast}}
     path = tmp_path / "spherecast.yaml"
@@ -211,6 +212,8 @@ def test_late_policy_runs_only_the_newest_cycle_and_skips_it_when_too_old(tmp_pa
     prov = manifest["provenance"]
     assert (prov["init_store_kind"], prov["cycle"], prov["init_dataset_version"]) == (
         "analysis", "2000-01-20T18:00:00", "testing-0")
+    assert "mlflow.example" in prov["config"]["train"]["mlflow_tracking_uri"]
+    assert "s3cret" not in (forecasts / "20000120T18" / "manifest.json").read_text()
 
 
 def write_ic_store(path: Path, start: str, periods: int, not_done: tuple[int, ...] = ()) -> None:
