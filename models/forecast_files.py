@@ -65,6 +65,9 @@ def write_netcdf(ds: xr.Dataset, path: Path) -> Path:
     ds = ds.copy()
     for var in ds.variables.values():
         var.encoding = {}  # the store's Zarr encodings (compressors, chunk grid) mean nothing to netCDF4
+    for var in ds.variables.values():
+        if var.attrs.get("axis") not in (None, "X", "Y", "Z", "T"):  # CF-1.8 knows no other axis (e.g. "E")
+            var.attrs = {k: v for k, v in var.attrs.items() if k != "axis"}
     for name in ds.data_vars:
         if name in VARIABLES and VARIABLES[name].standard_name:
             ds[name].attrs["standard_name"] = VARIABLES[name].standard_name

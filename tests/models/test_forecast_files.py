@@ -57,7 +57,9 @@ def make_forecast(nlat: int = 17, nlon: int = 32, leads: int = 4, step_h: int = 
     for name, attrs in COORD_ATTRS.items():
         ds[name].attrs = dict(attrs)
     if members:
-        ds["member"].attrs = {"long_name": "ensemble member"}
+        # As models.ensemble labels it; "E" is no CF-1.8 axis, so the NetCDF writer must leave it out.
+        ds["member"].attrs = {"standard_name": "realization", "long_name": "ensemble member", "units": "1",
+                              "axis": "E"}
     return validate_forecast(ds)
 
 
@@ -180,6 +182,9 @@ def test_netcdf_has_no_cf_1_8_errors(tmp_path: Path, members: int) -> None:
         for name in ("init_time", "lead_time", "valid_time", "latitude", "longitude", "level"):
             assert "_FillValue" not in nc.variables[name].ncattrs(), name
         assert "dtype" not in nc.variables["lead_time"].ncattrs()
+        if members:
+            assert nc.variables["member"].standard_name == "realization"
+            assert "axis" not in nc.variables["member"].ncattrs()
         assert {nc.variables[n].dtype for n in ("init_time", "valid_time", "lead_time")} == {np.dtype("int32")}
         for name in PRESSURE + SINGLE:
             assert nc.variables[name].standard_name == VARIABLES[name].standard_name
