@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SCORING_VERSION = "1"
 SCORES_JSON = "scores.json"
 AGGREGATE_JSON = "aggregate.json"
+SPECTRA_NC = "spectra.nc"
 
 
 @dataclass
@@ -103,6 +104,13 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _write_netcdf(path: Path, ds: xr.Dataset) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ds.to_netcdf(tmp)
+    os.replace(tmp, path)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -123,8 +131,12 @@ def _persistence(fc: xr.Dataset, channels: list[str], store: xr.Dataset) -> xr.D
 
 
 def score_run(name: str, fc: xr.Dataset, store: xr.Dataset, state: list[dict[str, Any]], clim: xr.Dataset,
-              fp: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Score the verifiable leads of one run one lead at a time; return the JSON payload and the table rows."""
+              fp: str) -> tuple[dict[str, Any], list[dict[str, Any]], xr.Dataset]:
+    """Score the verifiable leads of one run one lead at a time; return the JSON payload, table rows and spectra.
+
+    Spectra go to their own NetCDF (``source`` truth/model/persistence/climatology × lead × channel ×
+    wavenumber): at 0.25° they are far too many numbers for the JSON.
+    """
     have = set(store_channels(store))
     channels = [c for c in store_channels(fc) if c in have]
     if not channels:
@@ -133,7 +145,7 @@ def score_run(name: str, fc: xr.Dataset, store: xr.Dataset, state: list[dict[str
     persistence = _persistence(fc, channels, store)
     scored_at = pd.Timestamp.now(tz="UTC").tz_localize(None).floor("s")
     version = str(store.attrs["dataset_version"])
-    leads, rows = [], []
+    leads, rows, spec_parts = [], [], []
     for s in state:
         fck = channel_array(fc, channels, init_time=0, lead_time=s["index"])
         truth = channel_array(store, channels, time=s["store_index"])
@@ -141,10 +153,9 @@ def score_run(name: str, fc: xr.Dataset, store: xr.Dataset, state: list[dict[str
         metrics, spectra = score_lead(fck, truth, clim_k, persistence)
         table = {sys_: {m: {c: _finite(v) for c, v in zip(channels, da.values.tolist(), strict=True)}
                         for m, da in ms.items()} for sys_, ms in metrics.items()}
-        spec = {k: {c: [float(x) for x in row] for c, row in zip(channels, da.values.tolist(), strict=True)}
-                for k, da in spectra.items()}
+        spec_parts.append(xr.concat([spectra[k].expand_dims(source=[k]) for k in spectra], dim="source"))
         leads.append({**{k: s[k] for k in ("lead_hours", "valid_time", "truth_expver", "truth_replaced")},
-                      "scores": table, "spectra": spec})
+                      "scores": table})
         for sys_, ms in table.items():
             for metric, by_ch in ms.items():
                 for ch, value in by_ch.items():
@@ -160,8 +171,13 @@ def score_run(name: str, fc: xr.Dataset, store: xr.Dataset, state: list[dict[str
                "dataset_version": version, "channels": channels, "crps_method": CRPS_METHOD,
                "members": int(fc.sizes["member"]) if "member" in fc.dims else None,
                "climatology": {k: clim.attrs.get(k) for k in ("key", "period_start", "period_end", "window_days")},
-               "leads": leads, "pending_leads": [h for h in all_leads if h not in done_leads]}
-    return payload, rows
+               "leads": leads, "pending_leads": [h for h in all_leads if h not in done_leads],
+               "spectra_file": SPECTRA_NC}
+    spectra_ds = xr.concat(spec_parts, dim="lead_hours", join="outer").assign_coords(
+        lead_hours=[s["lead_hours"] for s in state]).astype(np.float32).to_dataset(name="power")
+    spectra_ds["power"].attrs = {"long_name": "zonal power spectrum, area-weighted mean over latitude",
+                                 "units": "field units squared"}
+    return payload, rows, spectra_ds
 
 
 def verify_runs(config: Config) -> VerifyReport:
@@ -193,9 +209,10 @@ def verify_runs(config: Config) -> VerifyReport:
                     continue
                 if clim is None:
                     clim = cached_climatology(store, start, end, window, out_dir)
-                payload, rows = score_run(name, fc, store, state, clim, fp)
+                payload, rows, spectra = score_run(name, fc, store, state, clim, fp)
             # The database first: if it fails, the JSON still carries the old fingerprint and the run is retried.
             replace_run(engine, name, rows)
+            _write_netcdf(out_dir / name / SPECTRA_NC, spectra)
             _write_json(out_dir / name / SCORES_JSON, payload)
             report.scored.append(name)
             report.runs[name] = payload

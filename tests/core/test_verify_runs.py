@@ -128,6 +128,16 @@ def test_only_existing_truth_is_scored_and_the_rest_once_it_arrives(tmp_path: Pa
         np.testing.assert_allclose([cell(rows, lead, c, "climatology", "rmse")["value"] for c in CH],
                                    np_rmse(clim[valid.day_of_year - 1, hour], truth[t]), rtol=1e-5)
     assert {r["truth_expver"] for r in rows} == {EXPVER_FINAL}
+    # Spectra (own file): the truth's power sums to its area-mean square (Parseval); the model's is the truth+1's.
+    spectra = xr.open_dataset(config.paths.verification / name / "spectra.nc").load()
+    assert spectra["power"].dims == ("lead_hours", "source", "channel", "wavenumber")
+    assert spectra["lead_hours"].values.tolist() == [0, 6, 12] and spectra.sizes["wavenumber"] == 17
+    w = numpy_weights(ds.latitude.values)
+    power = spectra["power"].sel(lead_hours=6, channel=CH)
+    np.testing.assert_allclose(power.sel(source="truth").sum("wavenumber").values,
+                               ((truth[10] ** 2).mean(-1) * w).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(power.sel(source="model").sum("wavenumber").values,
+                               (((truth[10] + 1) ** 2).mean(-1) * w).sum(-1), rtol=1e-5)
     scored_at = rows[0]["scored_at"]
 
     # Nothing changed: skipped, rows untouched.
