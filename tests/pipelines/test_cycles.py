@@ -298,6 +298,13 @@ def test_status_reports_ok_then_late(tmp_path: Path, trained, harness: str, caps
     assert main(["status", "--config", str(path)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("late: newest run 20000118T00") and "7.0 h ago; allowed 6 h" in out
+    from fastapi.testclient import TestClient
+
+    from serve.app import app_from_config
+
+    health = TestClient(app_from_config(cfg(path))).get("/health").json()
+    assert health["status"] == "ok" and health["runs"] == 1  # the service is up; the schedule is late
+    assert health["schedule"]["status"] == "late" and health["schedule"]["newest_run"] == "20000118T00"
 
 
 @pytest.mark.parametrize(("args", "needle"), [
