@@ -24,6 +24,10 @@ Forecast run (``<forecasts>/<init:%Y%m%dT%H>/``)
     ``forecast.zarr`` + ``forecast.nc`` with dims ``init_time``(1), ``lead_time`` (timedelta),
     ``level``, ``latitude``, ``longitude`` and coord ``valid_time(init_time, lead_time)``;
     ``maps/<variable>/<lead_h:03d>.png``; ``manifest.json`` (see :func:`validate_manifest`).
+    An ensemble run adds dim ``member`` (integers 0 … n−1, 0 the unperturbed control) after
+    ``lead_time`` on every data variable, and ``ensemble.zarr`` beside it: the ensemble mean in the
+    variable names and ``<variable>_spread``, the standard deviation over members (ddof 0), same
+    dims and units (see :func:`validate_ensemble_summary`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ CHECKPOINT_META_KEYS = (
     "dataset_version", "weights_sha256", "train_step",
 )
 MANIFEST_KEYS = ("schema_version", "init_time", "files", "provenance")
+SPREAD_SUFFIX = "_spread"  # ensemble.zarr: ``<variable>_spread`` is the std over members beside the mean ``<variable>``
 
 
 def _fail(what: str, msg: str) -> None:
@@ -86,7 +91,7 @@ def _check_data_vars(ds: xr.Dataset, what: str, lead_dims: tuple[str, ...]) -> N
         da = ds[name]
         level_dims = ("level",) if var.level_type == "pressure" else ()
         expected = lead_dims + level_dims + ("latitude", "longitude")
-        dims = tuple(d for d in da.dims if d != "member")
+        dims = tuple(da.dims)
         if dims != expected:
             _fail(what, f"variable {name!r} has dims {da.dims}, expected {expected}")
         if da.dtype != np.float32:
@@ -175,7 +180,42 @@ def validate_forecast(ds: xr.Dataset, what: str = "forecast") -> xr.Dataset:
     if not np.array_equal(ds["valid_time"].values, expected):
         _fail(what, "valid_time is not init_time + lead_time")
     _check_grid_coords(ds, what)
-    _check_data_vars(ds, what, ("init_time", "lead_time"))
+    lead_dims: tuple[str, ...] = ("init_time", "lead_time")
+    if "member" in ds.dims:
+        _check_members(ds, what)
+        lead_dims += ("member",)
+    _check_data_vars(ds, what, lead_dims)
+    return ds
+
+
+def _check_members(ds: xr.Dataset, what: str) -> None:
+    """An ensemble's ``member`` coordinate: integers 0 … n−1 (0 the control), on every data variable."""
+    if "member" not in ds.coords:
+        _fail(what, "dimension 'member' has no coordinate")
+    members = np.asarray(ds["member"].values)
+    if not np.issubdtype(members.dtype, np.integer):
+        _fail(what, f"member has dtype {members.dtype}, expected integer")
+    if not np.array_equal(members, np.arange(members.size)):
+        _fail(what, f"member must run 0 … {members.size - 1}, got {members.tolist()[:8]}")
+
+
+def validate_ensemble_summary(ds: xr.Dataset, what: str = "ensemble summary") -> xr.Dataset:
+    """Check an ensemble's ``ensemble.zarr``: each variable (the mean) with its ``<variable>_spread`` (std over members)."""
+    if "member" in ds.dims:
+        _fail(what, "holds a 'member' dimension; the members belong in forecast.zarr")
+    spreads = [str(n) for n in ds.data_vars if str(n).endswith(SPREAD_SUFFIX)]
+    means = [str(n) for n in ds.data_vars if str(n) not in spreads]
+    for name in spreads:
+        mean = name[: -len(SPREAD_SUFFIX)]
+        if mean not in ds.data_vars:
+            _fail(what, f"{name!r} has no ensemble mean {mean!r} beside it")
+        if ds[name].dims != ds[mean].dims or ds[name].dtype != np.float32 \
+                or ds[name].attrs.get("units") != ds[mean].attrs.get("units"):
+            _fail(what, f"{name!r} must have the dims, float32 dtype and units of {mean!r}")
+    lacking = [m for m in means if f"{m}{SPREAD_SUFFIX}" not in ds.data_vars]
+    if lacking:
+        _fail(what, f"no spread for {lacking}")
+    validate_forecast(ds[means], what)
     return ds
 
 
