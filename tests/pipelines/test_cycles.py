@@ -341,3 +341,46 @@ def test_a_checkpoint_incompatible_with_the_initial_conditions_publishes_nothing
     assert list_runs(forecasts) == [] and not [p for p in forecasts.iterdir() if p.name.startswith(".tmp")]
     assert [e["action"] for e in read_journal(forecasts)] == ["failed"]
     assert (forecasts / JOURNAL).is_file()
+
+
+def test_schedule_starts_server_worker_and_deployments_and_ctrl_c_stops_them(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a free port for the server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPHERECAST_", "PREFECT_API"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO), PREFECT_UI_ENABLED="false")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", "--prefect-port", str(port)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops them" in line:
+                break
+        assert proc.poll() is None, "".join(lines)[-4000:]
+        api = f"http://127.0.0.1:{port}/api"
+        request = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            deployments = json.loads(r.read())
+        assert {d["name"] for d in deployments} >= {"ingest-daily", "forecast-per-cycle", "train-weekly", "demo"}
+        assert {d["work_pool_name"] for d in deployments} == {"spherecast-local"}
+        request = urllib.request.Request(f"{api}/work_pools/spherecast-local/workers/filter", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 120
+        while True:  # the worker registers itself with its first heartbeat
+            with urllib.request.urlopen(request, timeout=30) as r:
+                if json.loads(r.read()):
+                    break
+            assert time.monotonic() < deadline, "no worker registered on spherecast-local"
+            time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        lines.append(out)
+    assert proc.returncode == 0, "".join(lines)[-4000:]
+    with pytest.raises(OSError):  # the server is gone with it
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5)
