@@ -37,6 +37,7 @@ DAYS = 366
 CLIM_DIR = "climatology"
 DEFAULT_MAX_BYTES = 512 * 2**20
 CHUNK_BYTES = 16 * 2**20
+READ_BYTES = 64 * 2**20
 
 
 def store_channels(store: xr.Dataset) -> list[str]:
@@ -160,8 +161,16 @@ def build_climatology(store: xr.Dataset, start: pd.Timestamp, end: pd.Timestamp,
     for lo in range(0, nlat, rows):
         hi = min(nlat, lo + rows)
         sums = np.zeros((DAYS, hours.size, nch, hi - lo, nlon))
-        for t, d, h in zip(idx, doy_i, hour_i, strict=True):
-            sums[d, h] += channel_array(store, channels, time=int(t), latitude=slice(lo, hi)).values
+        # Consecutive times are read together (each read has a fixed cost), a batch at most READ_BYTES.
+        batch = max(1, READ_BYTES // (nch * (hi - lo) * nlon * 8))
+        a = 0
+        while a < idx.size:
+            # The batch ends before it would span more than ``batch`` store times (undone gaps included).
+            b = a + int(np.searchsorted(idx[a:], idx[a] + batch))
+            sel, a = slice(a, b), b
+            first, last = int(idx[sel][0]), int(idx[sel][-1])
+            block = channel_array(store, channels, time=slice(first, last + 1), latitude=slice(lo, hi)).values
+            np.add.at(sums, (doy_i[sel], hour_i[sel]), block[idx[sel] - first])
         hour_mean = sums.sum(0) / np.where(hour_counts > 0, hour_counts, np.nan)[:, None, None, None]
         smoothed = _smooth(sums, window_days)
         with np.errstate(invalid="ignore", divide="ignore"):

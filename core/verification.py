@@ -62,25 +62,34 @@ def score_lead(forecast: xr.DataArray, truth: xr.DataArray, climatology: xr.Data
             raise ValueError(f"{name} grid {arr.sizes['latitude']}x{arr.sizes['longitude']} differs from the "
                              f"truth's {truth.sizes['latitude']}x{truth.sizes['longitude']}")
     ensemble = member_dim in forecast.dims
-    systems = {"model": forecast}
+    point = {"model": forecast.mean(member_dim) if ensemble else forecast}
     if persistence is not None:
-        systems["persistence"] = persistence
+        point["persistence"] = persistence
     if climatology is not None:
-        systems["climatology"] = climatology
-    spectra = {"truth": zonal_spectrum(truth)}
+        point["climatology"] = climatology
+    # One stacked array (system, channel, lat, lon): each metric is one call, not one per system.
+    names = list(point)
+    stack = xr.concat([point[n].drop_vars(member_dim, errors="ignore") for n in names], dim="system",
+                      coords="minimal", compat="override").assign_coords(system=names)
+    rmse_s, bias_s = rmse(stack, truth), bias(stack, truth)
+    mae_s = mae(stack, truth)
+    acc_s = acc(stack, truth, climatology) if climatology is not None else None
+    spec_s = zonal_spectrum(xr.concat([truth.expand_dims(system=["truth"]), stack], dim="system",
+                                      coords="minimal", compat="override"))
+    spectra = {"truth": spec_s.sel(system="truth", drop=True)}
+    if ensemble:
+        spectra["model"] = zonal_spectrum(forecast).mean(member_dim)
     metrics: dict[str, dict[str, xr.DataArray]] = {}
-    for system, fc in systems.items():
-        point = fc.mean(member_dim) if member_dim in fc.dims else fc
-        m = {"rmse": rmse(point, truth), "bias": bias(point, truth)}
-        if climatology is not None and system != "climatology":
-            m["acc"] = acc(point, truth, climatology)
-        if member_dim in fc.dims:
-            m["crps"] = crps_ensemble(fc, truth, member_dim)
-            m["spread"] = ensemble_spread(fc, member_dim)
+    for system in names:
+        m = {"rmse": rmse_s.sel(system=system, drop=True), "bias": bias_s.sel(system=system, drop=True)}
+        if acc_s is not None and system != "climatology":
+            m["acc"] = acc_s.sel(system=system, drop=True)
+        if system == "model" and ensemble:
+            m["crps"] = crps_ensemble(forecast, truth, member_dim)
+            m["spread"] = ensemble_spread(forecast, member_dim)
         else:
-            m["crps"] = mae(fc, truth)
-        spec = zonal_spectrum(fc)
-        spectra[system] = spec.mean(member_dim) if member_dim in spec.dims else spec
+            m["crps"] = mae_s.sel(system=system, drop=True)
+        spectra.setdefault(system, spec_s.sel(system=system, drop=True))
         m["spectral_ratio"] = high_wavenumber_ratio(spectra[system], spectra["truth"])
         metrics[system] = m
     if ensemble:
