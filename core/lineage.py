@@ -148,7 +148,9 @@ def lineage(config: Config, run: str) -> dict[str, Any]:
     training = _training_run(checkpoint, entry)
     current = read_current(runs_dir)
     promotions = [p for p in read_jsonl(runs_dir / PROMOTIONS) if p.get("candidate_sha256") == digest]
-    now_sha = sha256_file(checkpoint) if checkpoint.is_file() else None
+    # A relative path in the manifest is relative to where the forecast ran; the registry holds it resolved.
+    on_disk = checkpoint if checkpoint.is_file() or entry is None else Path(entry["checkpoint"])
+    now_sha = sha256_file(on_disk) if on_disk.is_file() else None
     record_ckpt = {"path": str(checkpoint), "sha256": digest, "file_now": "missing" if now_sha is None else
                    ("same" if now_sha == digest else f"changed (sha256 {now_sha})"),
                    "registered_at": entry.get("registered_at") if entry else None,
@@ -170,7 +172,8 @@ def lineage(config: Config, run: str) -> dict[str, Any]:
     scores = {"path": str(scores_file), "sha256": sha256_file(scores_file)} if scores_file.is_file() else None
     forecast = {"name": run, "init_time": manifest["init_time"], "created": manifest.get("created"),
                 "dir": str(run_dir), "manifest_sha256": sha256_file(run_dir / MANIFEST),
-                "code_version": prov.get("code_version"), "lead_hours": prov.get("lead_hours")}
+                "code_version": prov.get("code_version"), "lead_hours": prov.get("lead_hours"),
+                "init_source": prov.get("init_source"), "init_store_kind": prov.get("init_store_kind")}
     return {"run": run, "dataset": dataset, "stats": stats, "checkpoint": record_ckpt, "forecast": forecast,
             "scores": scores}
 
@@ -203,8 +206,9 @@ def format_lineage(record: dict[str, Any]) -> str:
     promo = c["promotion"]
     lines.append("              " + ("the current model" if c["current"] else "not the current model")
                  + (f"; promotion {promo.get('decision')} at {promo.get('decided_at')}" if promo else ""))
+    source = f", initial state from the {f['init_store_kind']} store ({f['init_source']})" if f.get("init_source") else ""
     lines.append(f"  forecast    {f['name']} init {f['init_time']} manifest sha256 {_short(f['manifest_sha256'])} "
-                 f"(code {f['code_version']})")
+                 f"(code {f['code_version']}{source})")
     lines.append(f"  scores      {sc['path']} sha256 {_short(sc['sha256'])}" if sc else
                  "  scores      not yet (no scores.json for this run)")
     return "\n".join(lines)
