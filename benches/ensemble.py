@@ -19,7 +19,7 @@ one-step residuals) for each (ic_scale, residual_scale) pair asked, and scores t
 Goals: relative error of the ensemble mean < the deterministic run's at 72 h and 120 h; spread/error
 ratio 0.8–1.2 at 120 h (channel mean of the corrected ratio).
 
-Usage: python benches/ensemble.py [--checkpoint FILE] [--data DIR] [--members 10] [--inits 12]
+Usage: python benches/ensemble.py [--checkpoint FILE] [--data DIR] [--members 51] [--inits 16]
        [--ic-scale 0.5 ...] [--residual-scale 1.0 ...] [--bank 512] [--json FILE]
 """
 
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=SKILL / "runs/sfno-default/checkpoint.pt",
                    help="a planet checkpoint (default the skill bench's)")
     p.add_argument("--data", type=Path, default=SKILL / "data", help="folder holding the checkpoint's analysis.zarr")
-    p.add_argument("--members", type=int, default=10, help="members per ensemble, control included (default 10)")
-    p.add_argument("--inits", type=int, default=12, help="initial times over the held-out tail (default 12)")
+    p.add_argument("--members", type=int, default=51, help="members per ensemble, control included (default 51)")
+    p.add_argument("--inits", type=int, default=16, help="initial times over the held-out tail (default 16)")
     p.add_argument("--ic-scale", type=float, nargs="+", default=[EnsembleConfig().ic_scale])
     p.add_argument("--residual-scale", type=float, nargs="+", default=[EnsembleConfig().residual_scale])
     p.add_argument("--ic-lmax", type=int, default=EnsembleConfig().ic_lmax)
@@ -84,9 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def init_times(analysis: xr.Dataset, count: int, lead_h: int) -> list[pd.Timestamp]:
-    """``count`` initial times evenly over the last 15 % of the store that still have ``lead_h`` of truth."""
+    """``count`` initial times evenly over the last 15 % of the store that still have ``lead_h`` of truth.
+
+    The same held-out test period as ``benches/skill_swe.py`` (``benches.skill_data.split_periods``).
+    """
     times = pd.DatetimeIndex(analysis["time"].values)
-    tail = times[int(0.85 * len(times)):]
+    tail = times[len(times) - round(0.15 * len(times)):]
     usable = tail[tail + pd.Timedelta(hours=lead_h) <= times[-1]]
     picks = np.unique(np.linspace(0, len(usable) - 1, count).round().astype(int))
     return [usable[i] for i in picks]

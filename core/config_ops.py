@@ -10,20 +10,25 @@ from pydantic import field_validator, model_validator
 
 from core.config_base import Moment, _Section
 
+# Ensemble defaults, tuned on the shallow-water planet with benches/ensemble.py (docs/benchmarks.md).
+IC_SCALE = 1.0
+RESIDUAL_SCALE = 0.9
+
 
 class EnsembleConfig(_Section):
-    """Initial-condition perturbations and stochastic residuals of an ensemble run (``members`` > 1)."""
+    """Initial-condition perturbations and stochastic residuals of an ensemble run (``members`` > 1; docs/ensembles.md)."""
 
     members: int = 1
-    """Forecasts per initial time; 1 = one deterministic run, > 1 adds a ``member`` dimension."""
+    """Forecasts per initial time, the unperturbed control (member 0) included; 1 = the deterministic run alone."""
     seed: int = 0
-    """Seed of the perturbations: the same seed, init time and member give the same forecast."""
-    ic_scale: float = 0.1
-    """Initial-condition perturbation as a fraction of each channel's 6 h tendency standard deviation."""
+    """Seed of the perturbations (≥ 0): the same seed, init time and member give the same forecast."""
+    ic_scale: float = IC_SCALE
+    """Initial-condition perturbation rms as a fraction of each channel's 6 h tendency standard deviation."""
     ic_lmax: int = 24
     """Highest spherical-harmonic degree of the initial-condition perturbations (large scales only)."""
-    residual_scale: float = 0.0
-    """Stochastic residual noise added each step (``models.noise``) as a fraction of the step's residual std."""
+    residual_scale: float = RESIDUAL_SCALE
+    """Residual added each step to each perturbed member, as a fraction of the model's measured one-step residual
+    (``models.noise``; 0 = initial perturbations only). Tuned on the planet (docs/benchmarks.md)."""
 
     @field_validator("members")
     @classmethod
@@ -34,8 +39,8 @@ class EnsembleConfig(_Section):
 
     @model_validator(mode="after")
     def _scales(self) -> EnsembleConfig:
-        if self.ic_scale < 0 or self.residual_scale < 0 or self.ic_lmax < 1:
-            raise ValueError("forecast.ensemble.ic_scale and residual_scale must be ≥ 0, ic_lmax ≥ 1")
+        if self.ic_scale < 0 or self.residual_scale < 0 or self.ic_lmax < 1 or self.seed < 0:
+            raise ValueError("forecast.ensemble.ic_scale, residual_scale and seed must be ≥ 0, ic_lmax ≥ 1")
         return self
 
 

@@ -24,6 +24,7 @@ validated by :func:`core.schema.validate_ensemble_summary`. See docs/ensembles.m
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -108,16 +109,32 @@ def ic_perturbation(meta: Mapping[str, Any], nlat: int, nlon: int, ensemble: Ens
 
 
 def residual_bank(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset, count: int = 512,
-                  seed: int = 0) -> ResidualNoise:
-    """The model's one-step residuals on ``count`` windows of its stats period (training data), scale 1."""
+                  seed: int = 0, cache_dir: Path | None = None) -> ResidualNoise:
+    """The model's one-step residuals on ``count`` windows of its stats period (training data), scale 1.
+
+    With ``cache_dir`` the bank is kept there as ``residuals-<weights sha>-<grid>-<count>-<seed>.pt``
+    (written atomically) and reused, so a scheduled cycle measures it once per checkpoint.
+    """
     period = meta.get("stats_period")
     if not period:
         raise ValueError("the checkpoint records no stats_period, so there are no known training windows "
                          "to measure its residuals on")
+    nlat, nlon = analysis.sizes["latitude"], analysis.sizes["longitude"]
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / f"residuals-{str(meta['weights_sha256'])[:16]}-{nlat}x{nlon}-{count}-{seed}.pt"
+        if cached.is_file():
+            return ResidualNoise(torch.load(cached, weights_only=True), center=False)  # stored centred
     task = meta["task"]
     windows = WindowDataset(analysis, list(meta["channels"]), period[0], period[1], 1, int(task["time_step_hours"]),
                             int(task.get("history", 1)), task.get("time_features", []))
-    return ResidualNoise.fit(model, windows, count=count, seed=seed)
+    bank = ResidualNoise.fit(model, windows, count=count, seed=seed)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        torch.save(bank.bank, tmp)
+        os.replace(tmp, cached)
+    return bank
 
 
 class _Members(nn.Module):

@@ -153,7 +153,8 @@ def test_bad_ensemble_inputs_fail_clearly(forecaster, tmp_path: Path) -> None:
 
 def test_schema_checks_the_member_dimension_and_the_summary(forecaster, tmp_path: Path) -> None:
     model, meta, analysis, bank = forecaster
-    stream_ensemble(model, meta, analysis, INIT, 6, tmp_path / "run", EnsembleConfig(members=2), formats=())
+    stream_ensemble(model, meta, analysis, INIT, 6, tmp_path / "run", EnsembleConfig(members=2), formats=(),
+                    residual_bank=bank)
     members = xr.open_zarr(tmp_path / "run" / "forecast.zarr", consolidated=False).load()
     summary = xr.open_zarr(tmp_path / "run" / "ensemble.zarr", consolidated=False).load()
     with pytest.raises(ValueError, match="member has dtype"):
@@ -168,3 +169,14 @@ def test_schema_checks_the_member_dimension_and_the_summary(forecaster, tmp_path
         validate_ensemble_summary(summary.drop_vars("geopotential"))
     with pytest.raises(ValueError, match="belong in forecast.zarr"):
         validate_ensemble_summary(summary.expand_dims(member=[0], axis=2))
+
+
+def test_residual_bank_is_measured_once_and_reused_from_its_cache(forecaster, tmp_path: Path) -> None:
+    model, meta, analysis, _ = forecaster
+    first = residual_bank(model, meta, analysis, count=8, cache_dir=tmp_path)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("residuals-")
+    torch.save(first.bank * 2, files[0])  # a reused bank is read back, not measured again
+    again = residual_bank(model, meta, analysis, count=8, cache_dir=tmp_path)
+    torch.testing.assert_close(again.bank, first.bank * 2)
+    assert torch.equal(residual_bank(model, meta, analysis, count=8).bank, first.bank)  # measuring is deterministic
