@@ -96,7 +96,7 @@ def test_perturbations_have_the_asked_rms_and_no_power_above_ic_lmax(ic_lmax: in
 def test_stream_writes_members_mean_and_spread_equal_to_numpy(forecaster, tmp_path: Path) -> None:
     model, meta, analysis, bank = forecaster
     ens = EnsembleConfig(members=4, ic_scale=0.5, residual_scale=0.5, seed=3)
-    returned = stream_ensemble(model, meta, analysis, INIT, 24, tmp_path / "run", ens, formats=("netcdf",),
+    returned = stream_ensemble(model, meta, analysis, INIT, 24, tmp_path / "run", ens, formats=("netcdf", "grib2"),
                                residual_bank=bank)
     members = validate_forecast(xr.open_zarr(tmp_path / "run" / "forecast.zarr", consolidated=False).load())
     summary = validate_ensemble_summary(xr.open_zarr(tmp_path / "run" / "ensemble.zarr", consolidated=False).load())
@@ -117,6 +117,14 @@ def test_stream_writes_members_mean_and_spread_equal_to_numpy(forecaster, tmp_pa
     nc = xr.open_dataset(tmp_path / "run" / "forecast.nc", engine="netcdf4").load()
     np.testing.assert_array_equal(nc["geopotential"].transpose(*members["geopotential"].dims).values,
                                   members["geopotential"].values)
+    import eccodes
+
+    numbers = []
+    with open(tmp_path / "run" / "forecast.grib2", "rb") as f:
+        while (h := eccodes.codes_grib_new_from_file(f)) is not None:
+            numbers.append(eccodes.codes_get(h, "perturbationNumber"))
+            eccodes.codes_release(h)
+    assert sorted(set(numbers)) == [0, 1, 2, 3] and len(numbers) == 5 * 4 * 3  # leads × members × channels
 
 
 def test_one_member_writes_the_deterministic_files(forecaster, tmp_path: Path) -> None:
