@@ -115,7 +115,8 @@ def record_training_inputs(config: Config) -> Path:
     return run_dir / INPUTS
 
 
-def _training_run(checkpoint: Path, entry: dict[str, Any] | None) -> dict[str, Any]:
+def training_run(checkpoint: Path, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training run behind a checkpoint: name, directory, periods (from its ``config.yaml``) and ``inputs.json``."""
     run_dir = Path(entry["checkpoint"]).parent if entry else checkpoint.parent
     out: dict[str, Any] = {"name": run_dir.name, "dir": str(run_dir)}
     config_file = run_dir / "config.yaml"
@@ -145,7 +146,7 @@ def lineage(config: Config, run: str) -> dict[str, Any]:
     runs_dir = config.paths.runs
     entries = [e for e in read_jsonl(runs_dir / REGISTRY) if e.get("sha256") == digest]
     entry = entries[-1] if entries else None
-    training = _training_run(checkpoint, entry)
+    training = training_run(checkpoint, entry)
     current = read_current(runs_dir)
     promotions = [p for p in read_jsonl(runs_dir / PROMOTIONS) if p.get("candidate_sha256") == digest]
     # A relative path in the manifest is relative to where the forecast ran; the registry holds it resolved.

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import Config, load_config
-from core.lineage import current_checkpoint, read_current, record_training_inputs
+from core.lineage import current_checkpoint, read_current, record_training_inputs, training_run
 from models.data import open_analysis
 from models.promotion import compare_checkpoints, promote
 from pipelines.tasks import train_task
@@ -51,13 +51,20 @@ def compare_task(config: Config, candidate: str) -> dict[str, Any]:
     current = current_checkpoint(runs)
     comparison = compare_checkpoints(candidate, current, config.paths.analysis_store, (t.val_start, t.val_end),
                                      t.val_lead_hours, t.promotion_margin)
+    note = None
+    if current is not None:
+        seen = training_run(current).get("train_period")
+        if seen and pd.Timestamp(seen[0]) <= pd.Timestamp(t.val_end) and pd.Timestamp(seen[1]) >= pd.Timestamp(t.val_start):
+            # The verdict stands (it can only favour the current model), but the operator should know.
+            note = f"the current model trained on {seen[0]} → {seen[1]}, which overlaps the validation period"
+            get_run_logger().warning("%s", note)
     promoted = promote(runs, candidate, comparison)
     record = read_current(runs)
     decision = ("promoted" if promoted else
                 "unchanged" if record and record["checkpoint_sha256"] == comparison.candidate_sha256 else "refused")
     get_run_logger().info("%s %s: %s", decision, candidate, comparison.reason)
     return {"decision": decision, "candidate": candidate, "current": str(current_checkpoint(runs)),
-            "comparison": comparison.as_dict()}
+            "comparison": comparison.as_dict(), "note": note}
 
 
 @flow(name="retrain_weekly", log_prints=True)

@@ -96,6 +96,7 @@ def test_weekly_retrains_are_dated_runs_with_their_own_budgets_and_only_a_better
     assert events[-1]["event"] == "end" and events[-1]["steps"] >= 1  # a budget of its own, not the first run's
     assert (run1 / "last.pt").read_bytes() == last1
     assert second["decision"] == "refused", second["comparison"]["reason"]
+    assert second["note"] is None  # the current model never saw the new validation period
     assert all(r > 1 for r in second["comparison"]["ratio"].values())
     assert read_current(tmp_path / "runs")["checkpoint_sha256"] == sha256_file(candidate1)
     decisions = [json.loads(x) for x in (tmp_path / "runs" / PROMOTIONS).read_text().splitlines()]
