@@ -237,3 +237,31 @@ def test_a_failed_write_keeps_the_file_already_there(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="non-finite values"):
         write_grib2(nan, tmp_path / "forecast.grib2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forecast.grib2", "forecast.nc"]  # no temporary left
+
+
+# VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) peak into ru_maxrss across fork and exec.
+_PEAK = """
+import sys, xarray as xr
+from models.forecast_files import write_formats
+with xr.open_zarr(sys.argv[1], consolidated=False) as lazy:
+    write_formats(lazy, sys.argv[2], ["netcdf", "grib2"])
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+"""
+
+
+def test_memory_stays_flat_however_many_leads_are_written(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    peaks = {}
+    for leads in (2, 41):
+        store = tmp_path / f"l{leads}" / "forecast.zarr"
+        write_forecast(make_forecast(nlat=121, nlon=240, leads=leads, seed=leads), store.parent, formats=[])
+        # A fresh process per run: its peak RSS is the writers' alone, reading the store lazily.
+        run = subprocess.run([sys.executable, "-c", _PEAK, str(store), str(store.parent)], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+        peaks[leads] = int(run.stdout.split()[-1]) / 1024  # KiB → MiB
+        assert {p.name for p in store.parent.iterdir()} == {"forecast.zarr", "forecast.nc", "forecast.grib2"}
+    per_lead = 10 * 121 * 240 * 4 / 2**20  # 10 float32 fields a lead: 1.1 MiB
+    # 39 more leads hold 43 MiB; a writer that kept them (or HDF5's chunk cache) would grow by that much.
+    assert peaks[41] - peaks[2] < 10 * per_lead, peaks
