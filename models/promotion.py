@@ -31,12 +31,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from core.grid import parse_grid_attr
 from core.lineage import CURRENT, PROMOTIONS, read_current
 from core.runs import sha256_file
 from models.checkpoint import load_for_inference
 from models.data import WindowDataset, open_analysis
+from models.distributed import DistContext
 from models.evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,8 @@ def _verdict(cand: Scores, cur: Scores, margin: float) -> tuple[dict[str, float]
 
 
 def compare_checkpoints(candidate: Path | str, current: Path | str | None, analysis_store: Path | str,
-                        period: tuple[Any, Any], leads: list[int], margin: float = 0.0) -> Comparison:
+                        period: tuple[Any, Any], leads: list[int], margin: float = 0.0,
+                        device: str | torch.device = "cpu") -> Comparison:
     """Score ``candidate`` and ``current`` (None: no current model) on the same windows of ``period`` at ``leads`` h."""
     if not 0 <= margin < 1:
         raise ValueError(f"promotion margin {margin} must be in [0, 1)")
@@ -135,12 +138,13 @@ def compare_checkpoints(candidate: Path | str, current: Path | str | None, analy
         raise ValueError(f"no initial time in {start}..{end} has complete analyses for {max(steps) * step_h} h "
                          f"of leads{' for both models' if current is not None else ''}")
     _restrict(cand_ds, common)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
     clim = cand_ds.time_mean()  # only for the relative errors evaluate also reports; the verdict uses RMSE
-    cand = evaluate(cand_model, cand_ds, steps, step_h, clim)["rmse"]
+    cand = evaluate(cand_model.to(ctx.device), cand_ds, steps, step_h, clim, ctx)["rmse"]
     cur = ratio = None
     if cur_ds is not None:
         _restrict(cur_ds, common)
-        cur = evaluate(cur_model, cur_ds, steps, step_h, clim)["rmse"]
+        cur = evaluate(cur_model.to(ctx.device), cur_ds, steps, step_h, clim, ctx)["rmse"]
         ratio, beats, reason = _verdict(cand, cur, margin)
     else:
         beats, reason = True, "there is no current model: the first model becomes current"

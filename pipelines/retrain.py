@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from core.config import Config, load_config
 from core.lineage import current_checkpoint, read_current, record_training_inputs, training_run
 from models.data import open_analysis
+from models.distributed import select_device
 from models.promotion import compare_checkpoints, promote
 from pipelines.tasks import train_task
 
@@ -50,7 +51,7 @@ def compare_task(config: Config, candidate: str) -> dict[str, Any]:
     t, runs = config.train, config.paths.runs
     current = current_checkpoint(runs)
     comparison = compare_checkpoints(candidate, current, config.paths.analysis_store, (t.val_start, t.val_end),
-                                     t.val_lead_hours, t.promotion_margin)
+                                     t.val_lead_hours, t.promotion_margin, select_device(t.device))
     note = None
     if current is not None:
         seen = training_run(current).get("train_period")
