@@ -45,9 +45,10 @@ def test_written_netcdf_reopens_equal_to_the_zarr(forecaster, tmp_path) -> None:
     model, meta, analysis = forecaster
     ds = rollout(model, meta, analysis, "2000-01-17", 24)
     paths = write_forecast(ds, tmp_path / "staging")
-    assert [p.name for p in paths] == ["forecast.zarr", "forecast.nc"]
+    assert [p.name for p in paths] == ["forecast.zarr", "forecast.nc", "forecast.grib2"]
     z = xr.open_zarr(paths[0], consolidated=False).load()
-    with xr.open_dataset(paths[1], engine="netcdf4") as nc:
+    # CF carries lead_time as plain hours (no xarray dtype attribute): ask for the timedelta decoding.
+    with xr.open_dataset(paths[1], engine="netcdf4", decode_timedelta=True) as nc:
         n = nc.load()
     validate_forecast(z)
     validate_forecast(n)

@@ -50,7 +50,7 @@ def test_streamed_files_equal_the_in_memory_forecast_written_directly(forecaster
     write_forecast(direct, tmp_path / "direct")
     for name in ("forecast.zarr", "forecast.nc"):
         opened = [xr.open_zarr(d / name, consolidated=False) if name.endswith("zarr") else
-                  xr.open_dataset(d / name, engine="netcdf4") for d in (tmp_path / "streamed", tmp_path / "direct")]
+                  xr.open_dataset(d / name, engine="netcdf4", decode_timedelta=True) for d in (tmp_path / "streamed", tmp_path / "direct")]
         a, b = (ds.load() for ds in opened)
         validate_forecast(a)
         xr.testing.assert_equal(a, b)
