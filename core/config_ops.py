@@ -97,7 +97,7 @@ class OpenDataConfig(_Section):
     timeout: float = 60.0
     """Seconds a single HTTP read may stall before it counts as a failed attempt."""
     retries: int = 3
-    """Attempts per file before the cycle is reported as not available."""
+    """Attempts per request (index or byte ranges) on a 5xx or a dropped connection before the cycle fails."""
 
 
 class InitialConditionsConfig(_Section):

@@ -10,6 +10,8 @@ portal grids nest the model grid with an odd ratio, so every portal cell lies in
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +19,14 @@ import eccodes
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 
 from core.config import Config
 from core.grid import get_grid
 from core.testing import analysis_dataset
 from ingest.initial_conditions import InitialConditionsError, initial_conditions_source, update_initial_conditions
 from ingest.opendata import G0, OpenDataSource
+from ingest.regions import write_region
 from ingest.sources import SyntheticSource
 from ingest.store import StoreLayout, create_store, open_store, read_flags, write_slab
 from tests.ingest.conftest import TINY, tiny_config
@@ -215,6 +219,37 @@ def test_a_persistent_5xx_is_a_clear_error_after_the_retries(tmp_path: Path, por
     assert not config.paths.initial_conditions_store.exists()
 
 
+_KILLED_UPDATE = """
+import sys
+import pandas as pd
+from tests.ingest.faults import _patch_write_region
+from core.config import load_config
+from ingest.initial_conditions import update_initial_conditions
+from ingest.opendata import OpenDataSource
+_patch_write_region("before-done", 1)  # SIGKILL once the first cycle's fields are on disk, before its flag
+config = load_config(sys.argv[1], env={})
+source = OpenDataSource(config.grid.grid(), config.initial_conditions.opendata, spacing=float(sys.argv[3]))
+update_initial_conditions(config, now=pd.Timestamp(sys.argv[2]), source=source)
+"""
+
+
+def test_a_kill_before_the_done_flag_leaves_the_cycle_not_done_and_the_rerun_completes(
+        tmp_path: Path, portal: OpenDataPortal) -> None:
+    config = make_config(tmp_path / "run", portal, keep=1)
+    portal.publish(cyc(0), PARAMS, PORTAL_LEVELS)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_UPDATE, str(tmp_path / "run" / "config.yaml"),
+                           str(cyc(0)), str(COARSE)], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, timeout=300, check=False)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    path = config.paths.initial_conditions_store
+    assert done_times(path) == [] and open_store(path)["expver"].values.tolist() == [1]  # data there, not done
+    report = update_initial_conditions(config, now=cyc(0), source=coarse_source(config))
+    assert report.stored == [cyc(0)] and done_times(path) == [cyc(0)]
+    values, lat, lon = read_grib(portal.grib_path(cyc(0)))[("gh", 500)]
+    np.testing.assert_allclose(open_store(path)["geopotential"].sel(time=cyc(0), level=500).values,
+                               cell_mean(values * G0, lat, lon), rtol=2e-6)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_a_file_on_another_grid_is_refused_and_nothing_is_stored(tmp_path: Path, portal: OpenDataPortal) -> None:
@@ -287,9 +322,25 @@ def test_keep_cycles_clears_the_oldest(tmp_path: Path, portal: OpenDataPortal) -
     assert np.isnan(store["geopotential"].sel(time=[cyc(0), cyc(1)]).values).all()
     assert store["expver"].values.tolist() == [0, 0, 1, 1]
     assert len(list((path / "geopotential").glob("c.*"))) == shards  # two deleted, two written
-    # A half-cleared time (a kill after its done flag went to 0) is cleared by the next update.
     again = update_initial_conditions(config, now=cyc(3), source=coarse_source(config))
     assert again.pruned == [] and again.stored == []
+
+
+def test_a_half_cleared_cycle_is_cleared_by_the_next_update(tmp_path: Path, portal: OpenDataPortal) -> None:
+    config = make_config(tmp_path / "run", portal, keep=2)
+    portal.publish(cyc(0), PARAMS, PORTAL_LEVELS)
+    portal.publish(cyc(1), PARAMS, PORTAL_LEVELS)
+    update_initial_conditions(config, now=cyc(1), source=coarse_source(config))
+    path = config.paths.initial_conditions_store
+    # What a kill leaves right after the prune's first write: cyc(0) not done, its data and expver still there.
+    write_region(path, xr.Dataset({"done": ("time", np.zeros(1, np.uint8))}), slice(0, 1))
+    assert (path / "geopotential" / "c.0.0.0.0").is_file()
+    report = update_initial_conditions(config, now=cyc(2), source=coarse_source(config))  # cyc(2) not published
+    assert report.not_available == [cyc(2)] and report.pruned == [] and report.kept == [cyc(1)]
+    assert not (path / "geopotential" / "c.0.0.0.0").exists()
+    store = open_store(path)
+    assert store["expver"].values.tolist() == [0, 1]  # the axis grows only when a cycle is written
+    assert np.isnan(store["geopotential"].isel(time=0).values).all()
 
 
 def test_the_era5_store_is_byte_identical_after_an_update(tmp_path: Path, portal: OpenDataPortal) -> None:
