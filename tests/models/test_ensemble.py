@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import eccodes
 import numpy as np
 import pytest
 import torch
@@ -117,8 +118,6 @@ def test_stream_writes_members_mean_and_spread_equal_to_numpy(forecaster, tmp_pa
     nc = xr.open_dataset(tmp_path / "run" / "forecast.nc", engine="netcdf4").load()
     np.testing.assert_array_equal(nc["geopotential"].transpose(*members["geopotential"].dims).values,
                                   members["geopotential"].values)
-    import eccodes
-
     numbers = []
     with open(tmp_path / "run" / "forecast.grib2", "rb") as f:
         while (h := eccodes.codes_grib_new_from_file(f)) is not None:
