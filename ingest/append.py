@@ -252,8 +252,14 @@ def recheck_regions(path: Path, slab_size: int, since: pd.Timestamp | None = Non
 
 
 def recheck_region(path: Path, store: xr.Dataset, fetch_groups: GroupFetch, where: slice,
-                   slab_size: int | None = None) -> int:
-    """Fetch only the preliminary times in ``where`` and replace those now final; return how many."""
+                   slab_size: int | None = None, probe_oldest: bool = False) -> int:
+    """Fetch only the preliminary times in ``where`` and replace those now final; return how many.
+
+    With ``probe_oldest`` the oldest slab's preliminary times are fetched first, and the rest only
+    if every one of them came back final. CDS publishes final ERA5 in time order (a month at a time,
+    two to three months late), so while the oldest ERA5T time is still ERA5T no later one can be
+    final: on most days the re-check then costs one slab, not the whole preliminary period.
+    """
     flags = read_flags(path)
     index = np.arange(store.sizes["time"])[where]
     prelim = (flags["done"].values[where].astype(bool) & (flags["expver"].values[where] == EXPVER_PRELIMINARY))
@@ -264,8 +270,15 @@ def recheck_region(path: Path, store: xr.Dataset, fetch_groups: GroupFetch, wher
     # One group per slab: each fetched group is at most a slab in memory, and written into one shard.
     groups = [index[index // size == k] for k in np.unique(index // size)]
     times = pd.DatetimeIndex(store["time"].values)
+    total = 0
+    if probe_oldest:
+        (fresh,) = fetch_groups([list(times[groups[0]])])
+        total = replace_times(path, store, fresh, groups[0])
+        if total < groups[0].size or len(groups) == 1:
+            return total  # the oldest is still ERA5T (or nothing else is left): later times wait
+        groups = groups[1:]
     fetched = fetch_groups([list(times[g]) for g in groups])
-    return sum(replace_times(path, store, fresh, g) for g, fresh in zip(groups, fetched, strict=True))
+    return total + sum(replace_times(path, store, fresh, g) for g, fresh in zip(groups, fetched, strict=True))
 
 
 def replace_preliminary(path: Path, fetch: Callable[[Sequence[pd.Timestamp]], xr.Dataset], slab_size: int,

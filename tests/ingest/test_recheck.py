@@ -71,12 +71,12 @@ def submitted(server: CdsServer, mark: int) -> list[list[pd.Timestamp]]:
     return [request_times(r.request) for r in server.received[mark:] if r.route == "submit" and r.status < 300]
 
 
-def recheck(cfg: Config) -> int:
+def recheck(cfg: Config, probe_oldest: bool = False) -> int:
     """One re-check pass of the whole store, as the daily append runs it (one job per region)."""
     path = cfg.paths.analysis_store
     fetch = group_fetcher(source_for(cfg), VARS, [500])
     with store_lock(path):
-        return sum(recheck_region(path, open_store(path), fetch, where)
+        return sum(recheck_region(path, open_store(path), fetch, where, probe_oldest=probe_oldest)
                    for where in recheck_regions(path, cfg.ingest.slab_size))
 
 
@@ -130,6 +130,28 @@ def test_recheck_requests_only_era5t_times_and_replaces_only_those_turned_final(
     assert_values(path, list(range(14, 18)), seed=1)
     mark = len(server.received)
     assert recheck(cfg) == 0 and submitted(server, mark) == []
+
+
+def test_probing_the_oldest_slab_first_stops_while_it_is_still_era5t(server: CdsServer, tmp_path: Path) -> None:
+    cfg = era5t_store(tmp_path / "run", server)
+    path = cfg.paths.analysis_store
+    before = tree_digest(path)
+    # The usual day: the oldest slab's ERA5T times (03T12, 03T18) are still ERA5T, so nothing later is asked.
+    mark = len(server.received)
+    assert recheck(cfg, probe_oldest=True) == 0
+    assert submitted(server, mark) == [list(TIMES[10:12])]
+    assert tree_digest(path) == before
+    # Final ERA5 up to 04T06: the probe comes back final, the rest is fetched (in one plan), 4 replaced.
+    server.set_era5t(pd.Timestamp("2000-01-04T06"))
+    mark = len(server.received)
+    assert recheck(cfg, probe_oldest=True) == 4
+    asked = submitted(server, mark)
+    assert asked[0] == list(TIMES[10:12]) and sorted(t for ts in asked[1:] for t in ts) == list(TIMES[12:18])
+    assert preliminary_times(path).equals(TIMES[14:])
+    # The next day the new oldest ERA5T slab (04T12, 04T18) is probed, and that is all.
+    mark = len(server.received)
+    assert recheck(cfg, probe_oldest=True) == 0
+    assert submitted(server, mark) == [list(TIMES[14:16])]
 
 
 def test_groups_are_batched_within_the_request_cost_limit(server: CdsServer, tmp_path: Path) -> None:
