@@ -153,10 +153,15 @@ def forecast_task(config: Config, choice: InitChoice | None = None, force: bool 
         except BaseException as exc:
             record(config, CycleResult("failed", name, None, choice.init_time.isoformat(), str(exc)), acquired)
             raise
-        kept = apply_retention(forecasts, config.forecast.keep_runs, config.paths.runs)
         result = CycleResult("published", name, str(final), choice.init_time.isoformat())
-        record(config, result, acquired, swept=swept, retention_removed=kept.removed,
-               retention_protected=kept.protected)
+        try:
+            kept = apply_retention(forecasts, config.forecast.keep_runs, config.paths.runs)
+        except (OSError, ValueError) as exc:  # the run is published; a retention problem must not undo that
+            _logger().warning("retention after %s failed: %s", name, exc)
+            record(config, result, acquired, swept=swept, retention_error=str(exc))
+        else:
+            record(config, result, acquired, swept=swept, retention_removed=kept.removed,
+                   retention_protected=kept.protected)
     return result.to_dict()
 
 

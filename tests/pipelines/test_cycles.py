@@ -282,6 +282,13 @@ def test_retention_after_each_run_keeps_the_newest(tmp_path: Path, trained, harn
     flows.backfill_forecasts("2000-01-19T00", "2000-01-19T18", str(path))
     assert list_runs(tmp_path / "forecasts") == ["20000119T12", "20000119T18"]
     assert read_journal(tmp_path / "forecasts")[-1]["retention_removed"] == ["20000119T06"]
+    runs = cfg(path).paths.runs
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "current.json").write_text("not json")  # a broken promotion record does not undo a publication
+    result = flows.backfill_forecasts("2000-01-20T00", "2000-01-20T00", str(path))
+    assert [r["action"] for r in result] == ["published"]
+    assert "current.json is not a JSON object" in read_journal(tmp_path / "forecasts")[-1]["retention_error"]
+    assert list_runs(tmp_path / "forecasts") == ["20000119T12", "20000119T18", "20000120T00"]
 
 
 def test_status_reports_ok_then_late(tmp_path: Path, trained, harness: str, capsys) -> None:
