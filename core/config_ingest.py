@@ -94,6 +94,9 @@ class IngestConfig(_Section):
     """Compressor of data chunks."""
     recheck_days: int = 100
     """How far back the daily append re-fetches preliminary (ERA5T) times to replace them with final ERA5."""
+    recheck_probe_oldest: bool = True
+    """Re-fetch the oldest preliminary slab first and the rest only once it came back final: CDS publishes final
+    ERA5 in time order, so on most days the re-check costs one slab instead of the 2–3 preliminary months."""
     cds: CdsConfig = CdsConfig()
     """CDS request settings (source ``cds``)."""
     files: FilesConfig = FilesConfig()

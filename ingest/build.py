@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from core.config import Config, config_from_dict, dump_config
-from ingest.append import extend_store, replace_slab, store_lock
+from ingest.append import extend_store, group_fetcher, recheck_region, recheck_regions, store_lock
 from ingest.parallel import slab_executor
 from ingest.regions import (
     consolidate,
@@ -106,18 +106,10 @@ class IngestPlan:
             lines.append(f"append: extend the period to {self.extend_to:%Y-%m-%dT%H}")
         n_todo = sum(s.stop - s.start for s in self.todo)
         lines.append(f"to write: {len(self.todo)} slabs ({n_todo} times); "
-                     f"preliminary to re-check: {len(self.recheck)} slabs")
+                     f"preliminary to re-check: {len(self.recheck)} regions (only their preliminary times are fetched)")
         if self.requests:
             lines += ["source requests:", self.requests]
         return "\n".join(lines)
-
-
-def _recheck_slabs(path: Path, times: pd.DatetimeIndex, slab_size: int, since: pd.Timestamp) -> list[slice]:
-    prelim = preliminary_times(path)
-    prelim = prelim[prelim >= since]
-    index = times.get_indexer(prelim)
-    starts = sorted({int(i) // slab_size * slab_size for i in index if i >= 0})
-    return [slice(s, min(s + slab_size, len(times))) for s in starts]
 
 
 def plan_ingest(config: Config, append: bool = False, source: Source | None = None) -> IngestPlan:
@@ -143,14 +135,17 @@ def plan_ingest(config: Config, append: bool = False, source: Source | None = No
         done[: store.sizes["time"]] = done_flags(path)
         if added:
             plan.extend_to = layout.times[-1]
+        plan.todo = slabs_to_do(done, plan.slab_size)
         since = layout.times[-1] - pd.Timedelta(days=config.ingest.recheck_days)
-        plan.recheck = _recheck_slabs(path, layout.times, plan.slab_size, since)
+        plan.recheck = recheck_regions(path, plan.slab_size, since, busy=plan.todo)
     else:
-        done = np.zeros(len(layout.times), dtype=bool)
-    plan.todo = slabs_to_do(done, plan.slab_size)
+        plan.todo = slabs_to_do(np.zeros(len(layout.times), dtype=bool), plan.slab_size)
     describe = getattr(source, "describe_requests", None)
     if describe is not None and plan.todo:
-        slabs = [list(layout.times[s]) for s in plan.todo + plan.recheck]
+        prelim = preliminary_times(path) if plan.recheck else pd.DatetimeIndex([])
+        slabs = [list(layout.times[s]) for s in plan.todo]
+        slabs += [list(prelim[(prelim >= layout.times[s.start]) & (prelim <= layout.times[s.stop - 1])])
+                  for s in plan.recheck]
         plan.requests = describe(slabs, list(config.task.variables), list(config.task.levels))
     return plan
 
@@ -193,25 +188,24 @@ def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: boo
     path = config.paths.analysis_store
     source = _cached_source(config)
     store = _cached_store(path)
+    variables, levels = list(config.task.variables), list(config.task.levels)
     began = time.perf_counter()
-    if replace:
-        parts = [slice(start, stop)]
-    else:  # only the times not yet done: a missing date costs one small request, not its whole slab
-        done = done_in(path, slice(start, stop))
-        parts = [slice(start + r.start, start + r.stop) for r in contiguous_runs(~done)]
     replaced = 0
-    for part in parts:
-        times = list(pd.DatetimeIndex(store["time"].values[part]))
-        slab = source.fetch(times, list(config.task.variables), list(config.task.levels))
-        try:
-            if replace:
-                replaced += replace_slab(path, store, slab, part.start)
-            else:
-                write_slab(path, store, slab, part.start)
-        except OSError as exc:  # disk full, quota, read-only mount: say where, and that a rerun resumes
-            raise OSError(exc.errno, f"writing {times[0]:%Y-%m-%dT%H}..{times[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
-                                     f"into store {path} failed: {exc.strerror or exc}; slabs already done are "
-                                     "intact, free space and rerun the ingest to resume") from exc
+    try:
+        if replace:  # only the region's preliminary times, never whole slabs
+            fetch = group_fetcher(source, variables, levels)
+            replaced = recheck_region(path, store, fetch, slice(start, stop), store_slab_size(path),
+                                      probe_oldest=config.ingest.recheck_probe_oldest)
+        else:  # only the times not yet done: a missing date costs one small request, not its whole slab
+            done = done_in(path, slice(start, stop))
+            for r in contiguous_runs(~done):
+                times = list(pd.DatetimeIndex(store["time"].values[start + r.start:start + r.stop]))
+                write_slab(path, store, source.fetch(times, variables, levels), start + r.start)
+    except OSError as exc:  # disk full, quota, read-only mount: say where, and that a rerun resumes
+        t = pd.DatetimeIndex(store["time"].values[start:stop])
+        raise OSError(exc.errno, f"writing {t[0]:%Y-%m-%dT%H}..{t[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
+                                 f"into store {path} failed: {exc.strerror or exc}; slabs already done are "
+                                 "intact, free space and rerun the ingest to resume") from exc
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "replaced": int(replaced)}
 
 
