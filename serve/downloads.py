@@ -7,6 +7,7 @@ and a client can check what it downloaded. Multiple ranges (``bytes=0-1,5-6``) a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from core.runs import RunGone, reading
 from serve.catalog import RunFile
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,11 @@ def _etag_matches(header: str, etag: str) -> bool:
     return etag in tags
 
 
-def _iter_file(path: Path, start: int, length: int, chunk_size: int) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
+def _iter_file(file: RunFile, start: int, length: int, chunk_size: int) -> Iterator[bytes]:
+    # The run's reader lock is held until the last byte, so retention never removes a run mid-download;
+    # a run removed or replaced between the catalog lookup and here is a clean 404 (RunGone).
+    run_dir = file.path.parents[len(Path(file.relpath).parts) - 1]
+    with reading(run_dir), open(file.path, "rb") as fh:
         fh.seek(start)
         remaining = length
         while remaining > 0:
@@ -120,5 +125,11 @@ def file_response(request: Request, file: RunFile, chunk_size: int = 1 << 16) ->
     kind = media_type(file.relpath)
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=kind)
-    return StreamingResponse(_iter_file(file.path, start, length, chunk_size), status_code=status,
-                             headers=headers, media_type=kind)
+    body = _iter_file(file, start, length, chunk_size)
+    try:
+        first = next(body)  # takes the reader lock and opens the file before the status line is sent
+    except StopIteration:
+        first = b""
+    except RunGone as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+    return StreamingResponse(itertools.chain([first], body), status_code=status, headers=headers, media_type=kind)

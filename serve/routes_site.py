@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
-from core.config_ops import ForecastConfig
 from core.retention import run_status
 from serve.catalog import Catalog
 from serve.settings import ServeSettings, get_settings
@@ -22,11 +21,8 @@ router = APIRouter(tags=["site"])
 @router.get("/health", summary="Liveness, number of published runs, and the newest run's age against the schedule")
 def health(settings: Annotated[ServeSettings, Depends(get_settings)]) -> dict[str, Any]:
     """``{"status": "ok", "runs": N, "schedule": {...}}``: the service is up; ``schedule.status`` is ok or late."""
-    # ServeSettings carries no schedule yet: the config's default cycle (6 h), no wait allowance, until it does.
-    cycle = getattr(settings, "cycle_hours", ForecastConfig().cycle_hours)
-    wait = getattr(settings, "wait_minutes", 0.0)
     return {"status": "ok", "runs": len(Catalog(settings.forecasts_dir).run_names()),
-            "schedule": run_status(settings.forecasts_dir, cycle, wait)}
+            "schedule": run_status(settings.forecasts_dir, settings.cycle_hours, settings.wait_minutes)}
 
 
 @router.get("/", response_class=FileResponse, include_in_schema=False)

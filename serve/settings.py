@@ -23,11 +23,16 @@ class ServeSettings(BaseModel):
     """Directory holding published forecast runs (``<forecasts>/<YYYYMMDDTHH>/manifest.json``)."""
     chunk_size: int = Field(default=1 << 16, ge=4096)
     """Bytes read per step when streaming a file."""
+    cycle_hours: int = Field(default=6, ge=1)
+    """Hours between scheduled forecast cycles; ``/health`` judges the newest run's age against it."""
+    wait_minutes: float = Field(default=0.0, ge=0)
+    """How long a cycle may wait for its initial conditions, allowed on top of ``cycle_hours``."""
 
 
 def settings_from_config(config: Config) -> ServeSettings:
     """Derive the service settings from the project config."""
-    return ServeSettings(forecasts_dir=config.paths.forecasts)
+    return ServeSettings(forecasts_dir=config.paths.forecasts, cycle_hours=config.forecast.cycle_hours,
+                         wait_minutes=config.forecast.wait_minutes)
 
 
 def get_settings(request: Request) -> ServeSettings:

@@ -17,7 +17,8 @@ CHANNELS = ["geopotential_500", "u_component_of_wind_500", "v_component_of_wind_
 def test_health_counts_published_runs(client: TestClient) -> None:
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "runs": 2}
+    body = response.json()
+    assert (body["status"], body["runs"], body["schedule"]["newest_run"]) == ("ok", 2, "20000101T06")
 
 
 def test_runs_lists_published_runs_only(client: TestClient, forecasts_dir: Path) -> None:
@@ -47,7 +48,8 @@ def test_latest_without_runs_is_404(tmp_path: Path) -> None:
     assert response.status_code == 404
     assert "no published runs" in response.json()["detail"]
     assert empty.get("/runs").json() == []
-    assert empty.get("/health").json() == {"status": "ok", "runs": 0}
+    health = empty.get("/health").json()
+    assert (health["status"], health["runs"], health["schedule"]["status"]) == ("ok", 0, "late")
 
 
 def test_manifest_is_the_one_on_disk(client: TestClient, run_dir: Path) -> None:
