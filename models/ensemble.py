@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +44,7 @@ from core.grid import grid_for_shape, parse_grid_attr
 from core.schema import validate_ensemble_summary, validate_forecast
 from models.clock import clock_fields
 from models.data import WindowDataset
-from models.forecast import COORD_ATTRS, _to_dataset, initial_stack, stream_forecast
+from models.forecast import COORD_ATTRS, _to_dataset, initial_stack, stream_forecast, timed
 from models.forecast_files import write_formats
 from models.noise import ResidualNoise
 from models.normalization import Normalized, Rollout
@@ -205,14 +206,16 @@ def ensemble_states(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
 def stream_ensemble(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
                     init_time: datetime | str | pd.Timestamp, lead_hours: int, run_dir: Path,
                     ensemble: EnsembleConfig, formats: Sequence[str] = ("netcdf", "grib2"),
-                    residual_bank: ResidualNoise | None = None) -> xr.Dataset:
+                    residual_bank: ResidualNoise | None = None,
+                    timings: dict[str, float] | None = None) -> xr.Dataset:
     """Write an ensemble run into ``run_dir`` lead by lead (members, mean and spread); return the member store.
 
     With ``members == 1`` this is the deterministic path (:func:`models.forecast.stream_forecast`) and
-    the same files. Publication (manifest, rename) stays the caller's job.
+    the same files. Publication (manifest, rename) stays the caller's job. ``timings`` as in ``stream_forecast``.
     """
     if ensemble.members == 1:
-        return stream_forecast(model, meta, analysis, init_time, lead_hours, run_dir, formats=formats)
+        return stream_forecast(model, meta, analysis, init_time, lead_hours, run_dir, formats=formats, timings=timings)
+    clock = timings if timings is not None else {}
     init = pd.Timestamp(init_time)
     step_h = int(meta["task"]["time_step_hours"])
     if lead_hours < 0 or lead_hours % step_h:
@@ -230,7 +233,9 @@ def stream_ensemble(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
         template.to_zarr(paths[name], mode="w", zarr_format=3, consolidated=False, encoding=_encoding(template),
                          compute=False)
     dims = ("init_time", "lead_time", "member", "channel", "latitude", "longitude")
-    for k, states in enumerate(ensemble_states(model, meta, analysis, init, lead_hours, ensemble, residual_bank)):
+    for k, states in enumerate(timed(ensemble_states(model, meta, analysis, init, lead_hours, ensemble, residual_bank),
+                                     clock)):
+        started = time.perf_counter()
         region = {"lead_time": slice(k, k + 1)}
         part = from_channels(xr.DataArray(states[None, None], dims=dims, coords={"channel": channels}), channels)
         part.drop_vars(list(part.coords)).to_zarr(paths["members"], region=region, consolidated=False)
@@ -241,10 +246,13 @@ def stream_ensemble(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
                                channels)
             stats.update({f"{v}{label}": ds[v] for v in ds.data_vars})
         xr.Dataset(stats).drop_vars(list(part.coords)).to_zarr(paths["summary"], region=region, consolidated=False)
+        clock["write"] = clock.get("write", 0.0) + time.perf_counter() - started
+    started = time.perf_counter()
     forecast = validate_forecast(xr.open_zarr(paths["members"], consolidated=False), what=f"forecast store {paths['members']}")
     validate_ensemble_summary(xr.open_zarr(paths["summary"], consolidated=False),
                               what=f"ensemble summary {paths['summary']}")
     write_formats(forecast, run_dir, formats)
+    clock["write"] = clock.get("write", 0.0) + time.perf_counter() - started
     return forecast
 
 

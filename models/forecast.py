@@ -16,6 +16,7 @@ are then copied from the store lead by lead.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -130,12 +131,15 @@ def rollout(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
 def stream_forecast(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset,
                     init_time: datetime | str | pd.Timestamp, lead_hours: int, run_dir: Path,
                     on_lead: Callable[[int], None] | None = None,
-                    formats: Sequence[str] = ("netcdf", "grib2")) -> xr.Dataset:
+                    formats: Sequence[str] = ("netcdf", "grib2"),
+                    timings: dict[str, float] | None = None) -> xr.Dataset:
     """Roll out into ``run_dir``'s ``forecast.zarr`` lead by lead, then write the files in ``formats`` from it.
 
     Returns the store opened lazily. ``on_lead(k)`` is called once lead ``k`` is in the store (and
     before lead ``k + 1`` is computed). ``formats`` are those of :func:`models.forecast_files.write_formats`.
+    ``timings`` (if given) gains the seconds spent computing (``rollout``) and writing (``write``).
     """
+    clock = timings if timings is not None else {}
     step_h, leads = _lead_count(meta, lead_hours)
     channels = list(meta["channels"])
     run_dir = Path(run_dir)
@@ -147,17 +151,34 @@ def stream_forecast(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
     template = _to_dataset(empty, meta, analysis, pd.Timestamp(init_time), step_h)
     template.to_zarr(zarr_path, mode="w", zarr_format=3, consolidated=False, encoding=_zarr_encoding(template),
                      compute=False)
-    for k, state in enumerate(forecast_states(model, meta, analysis, init_time, lead_hours)):
+    for k, state in enumerate(timed(forecast_states(model, meta, analysis, init_time, lead_hours), clock)):
+        started = time.perf_counter()
         arr = xr.DataArray(state[None, None], dims=("init_time", "lead_time", "channel", "latitude", "longitude"),
                            coords={"channel": channels})
         part = from_channels(arr, channels)
         part.drop_vars(list(part.coords)).to_zarr(zarr_path, region={"lead_time": slice(k, k + 1)},
                                                   consolidated=False)
+        clock["write"] = clock.get("write", 0.0) + time.perf_counter() - started
         if on_lead is not None:
             on_lead(k)
+    started = time.perf_counter()
     forecast = validate_forecast(xr.open_zarr(zarr_path, consolidated=False), what=f"forecast store {zarr_path}")
     write_formats(forecast, run_dir, formats)
+    clock["write"] = clock.get("write", 0.0) + time.perf_counter() - started
     return forecast
+
+
+def timed(states: Iterator[Any], clock: dict[str, float]) -> Iterator[Any]:
+    """``states`` unchanged, with the seconds spent producing them added to ``clock["rollout"]``."""
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(states)
+        except StopIteration:
+            return
+        finally:
+            clock["rollout"] = clock.get("rollout", 0.0) + time.perf_counter() - started
+        yield item
 
 
 def _to_dataset(data: np.ndarray | dask.array.Array, meta: Mapping[str, Any], analysis: xr.Dataset,

@@ -8,10 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import xarray as xr
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -20,7 +23,9 @@ from prefect.exceptions import MissingContextError
 import models
 from core.config import Config, dump_config
 from core.fields import to_channels
+from core.grid import get_grid
 from core.ic_select import InitChoice, check_compatible, choose_init, latest_cycle
+from core.lineage import record_training_inputs
 from core.redact import redact
 from core.retention import apply_retention, sweep_leftovers
 from core.runs import MANIFEST, publish, run_name, sha256_file, staging_dir, write_manifest
@@ -29,7 +34,9 @@ from ingest.build import finish_ingest, ingest, ingest_slab
 from models.checkpoint import code_version, register_checkpoint
 from models.data import open_analysis
 from models.distributed import check_gpu_ranks
-from models.forecast import load_forecaster, stream_forecast
+from models.ensemble import residual_bank, stream_ensemble
+from models.forecast import load_forecaster
+from models.regrid_spectral import spectral_regrid
 from pipelines.cycles import CycleResult, check_request, exclusive_cycle, pick_latest, record, wait_for_init
 from serve.maps import render_run_maps
 
@@ -86,6 +93,7 @@ def train_task(config: Config) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+    record_training_inputs(config)  # lineage: the dataset version and stats this run starts from
     cmd = torchrun_command(config, config_file)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
@@ -148,8 +156,9 @@ def forecast_task(config: Config, choice: InitChoice | None = None, force: bool 
             record(config, result, acquired, swept=swept)
             _logger().info("run %s is already published: nothing to do", name)
             return result.to_dict()
+        timings: dict[str, float] = {}
         try:
-            produce_run(config, choice, name)
+            produce_run(config, choice, name, timings)
         except BaseException as exc:
             record(config, CycleResult("failed", name, None, choice.init_time.isoformat(), str(exc)), acquired)
             raise
@@ -158,41 +167,78 @@ def forecast_task(config: Config, choice: InitChoice | None = None, force: bool 
             kept = apply_retention(forecasts, config.forecast.keep_runs, config.paths.runs)
         except (OSError, ValueError) as exc:  # the run is published; a retention problem must not undo that
             _logger().warning("retention after %s failed: %s", name, exc)
-            record(config, result, acquired, swept=swept, retention_error=str(exc))
+            record(config, result, acquired, swept=swept, retention_error=str(exc), timings=timings)
         else:
             record(config, result, acquired, swept=swept, retention_removed=kept.removed,
-                   retention_protected=kept.protected)
+                   retention_protected=kept.protected, timings=timings)
     return result.to_dict()
 
 
-def produce_run(config: Config, choice: InitChoice, name: str) -> Path:
-    """Roll out lead by lead into Zarr, then NetCDF and maps from the store, checksum, publish by one rename."""
+def produce_run(config: Config, choice: InitChoice, name: str, timings: dict[str, float] | None = None) -> Path:
+    """Roll out lead by lead into Zarr (members, mean and spread for an ensemble), write the files, maps, publish.
+
+    ``timings`` (if given) gains the seconds of each phase: load, rollout, write, render, publish.
+    """
     logger = _logger()
+    clock = timings if timings is not None else {}
+    began = time.perf_counter()
     checkpoint = config.checkpoint_path()
     if not checkpoint.is_file():
         raise ValueError(f"checkpoint {checkpoint} does not exist; run `spherecast train` first")
     model, meta = load_forecaster(checkpoint)
-    analysis = open_analysis(choice.store)
-    check_compatible(meta, analysis, choice.store, config.forecast.grid)
+    initial = initial_state_for(config, choice, meta)
+    ens = config.forecast.ensemble
+    bank = None
+    if ens.members > 1 and ens.residual_scale > 0:
+        # Residuals are measured on the training store (ERA5 truth), never on live initial conditions.
+        bank = residual_bank(model, meta, open_analysis(config.paths.analysis_store), cache_dir=checkpoint.parent)
+    clock["load"] = time.perf_counter() - began
     staging = staging_dir(config.paths.forecasts, name)
     try:
         # Each lead goes to the store as it is computed; maps then read the store one channel at a time.
-        forecast = stream_forecast(model, meta, analysis, choice.init_time, config.forecast.lead_hours, staging)
+        forecast = stream_ensemble(model, meta, initial, choice.init_time, config.forecast.lead_hours, staging, ens,
+                                   formats=config.forecast.formats, residual_bank=bank, timings=clock)
+        began = time.perf_counter()
         maps = render_run_maps(forecast, staging, dpi=config.render.dpi,
                                natural_earth_dir=config.render.natural_earth_dir)
+        clock["render"] = time.perf_counter() - began
+        began = time.perf_counter()
         provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
                       "weights_sha256": meta["weights_sha256"], "dataset_version": meta["dataset_version"],
                       "code_version": code_version(), "lead_hours": config.forecast.lead_hours,
-                      "channels": list(meta["channels"]), "ensemble_members": config.forecast.ensemble.members,
+                      "channels": list(meta["channels"]), "ensemble_members": ens.members,
+                      "grid": str(forecast.attrs.get("grid", "")), "model_grid": str(meta["grid"]),
                       **choice.provenance(), "config": redact(dump_config(config))}
         write_manifest(staging, choice.init_time, provenance)
         final = publish(staging, config.paths.forecasts / name)
+        clock["publish"] = time.perf_counter() - began
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("published %s from the %s store (%s, %s) with %d maps", final, choice.kind, choice.source,
                 choice.dataset_version, len(maps))
     return final
+
+
+def initial_state_for(config: Config, choice: InitChoice, meta: dict[str, Any]) -> xr.Dataset:
+    """The chosen store, checked against the checkpoint; moved to ``forecast.grid`` when that differs (zero-shot)."""
+    analysis = open_analysis(choice.store)
+    check_compatible(meta, analysis, choice.store, config.forecast.grid)
+    if config.forecast.grid is None:
+        return analysis
+    target = get_grid(config.forecast.grid)
+    if (analysis.sizes["latitude"], analysis.sizes["longitude"]) == target.shape:
+        return analysis
+    ens = config.forecast.ensemble
+    if ens.members > 1 and ens.residual_scale > 0:
+        raise ValueError(f"forecast.grid {target.name} differs from the store's grid, and the ensemble's residuals are "
+                         "measured on the training grid; set forecast.ensemble.residual_scale: 0 for a transfer")
+    task = meta["task"]
+    step, history = int(task["time_step_hours"]), int(task.get("history", 1))
+    wanted = [choice.init_time - pd.Timedelta(hours=k * step) for k in range(history - 1, -1, -1)]
+    present = [t for t in wanted if t in pd.DatetimeIndex(analysis["time"].values)]
+    # Only the states the model starts from are moved; a missing one is reported by the rollout as usual.
+    return spectral_regrid(analysis.sel(time=present).load(), target)
 
 
 @task(name="score-run", cache_policy=NO_CACHE)
