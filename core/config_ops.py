@@ -65,6 +65,9 @@ class ForecastConfig(_Section):
     """Late-run policy: a scheduled cycle whose init time is older than this is skipped (only the newest missed runs)."""
     cycle_hours: int = 6
     """Hours between scheduled cycles (00/06/12/18 UTC); the newest run's age is judged against it."""
+    ic_lag_hours: float = 0.0
+    """Hours after its nominal time a cycle's live initial conditions usually appear (ECMWF open data: about 7);
+    a scheduled run waits for the cycle of ``now − ic_lag_hours``."""
     keep_runs: int = 28
     """Retention: published runs kept (newest first); the served run and the promoted model's are never removed."""
     ensemble: EnsembleConfig = EnsembleConfig()
@@ -74,8 +77,8 @@ class ForecastConfig(_Section):
     def _limits(self) -> ForecastConfig:
         if self.lead_hours < 0:
             raise ValueError(f"forecast.lead_hours must be ≥ 0, got {self.lead_hours}")
-        if self.wait_minutes < 0 or self.poll_seconds <= 0 or self.max_age_hours <= 0:
-            raise ValueError("forecast.wait_minutes must be ≥ 0, poll_seconds and max_age_hours > 0")
+        if self.wait_minutes < 0 or self.poll_seconds <= 0 or self.max_age_hours <= 0 or self.ic_lag_hours < 0:
+            raise ValueError("forecast.wait_minutes and ic_lag_hours must be ≥ 0, poll_seconds and max_age_hours > 0")
         if self.cycle_hours < 1 or self.keep_runs < 1:
             raise ValueError("forecast.cycle_hours and forecast.keep_runs must be ≥ 1")
         if self.grid is not None:

@@ -37,7 +37,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler_address": ("ingest", "scheduler_address"),
         "budget_minutes": ("train", "budget_minutes"), "nproc_per_node": ("train", "nproc_per_node"),
         "device": ("train", "device"),
-        "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"),
+        "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"), "grid": ("forecast", "grid"),
         "host": ("serve", "host"), "port": ("serve", "port"),
     }.items():
         value = getattr(args, attr, None)
@@ -109,74 +109,6 @@ def _status(config: Any) -> int:
     return 0 if st["status"] == "ok" else 1
 
 
-def _start(cmd: list[str], env: dict[str, str], cwd: Path) -> Any:
-    import subprocess
-
-    print("starting:", " ".join(cmd), flush=True)
-    # Own process group: Ctrl-C reaches this process alone, and each child is stopped in order.
-    return subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
-
-
-def _stop(procs: list[Any], grace_s: float = 20.0) -> None:
-    import signal
-    import subprocess
-
-    for proc in reversed(procs):  # the worker first, the server last
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def schedule(host: str, port: int) -> int:
-    """Run a Prefect server, the ``spherecast-local`` worker and flows.yaml's deployments until Ctrl-C."""
-    import subprocess
-    import time
-    import urllib.request
-
-    user_ui = os.environ.get("PREFECT_UI_ENABLED")
-    prefect_environment()
-    root = Path(__file__).resolve().parents[1]
-    prefect = [sys.executable, "-m", "prefect"]
-    api = f"http://{host}:{port}/api"
-    env = {**os.environ, "PREFECT_API_URL": api, "SPHERECAST_HOME": os.environ.get("SPHERECAST_HOME", str(root))}
-    env["PREFECT_UI_ENABLED"] = user_ui or "true"  # the operator watches the runs in the UI
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    procs = [_start(prefect + ["server", "start", "--host", host, "--port", str(port)], env, root)]
-    try:
-        deadline = time.monotonic() + float(env.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2):
-                    break
-            except OSError:
-                if procs[0].poll() is not None or time.monotonic() > deadline:
-                    raise ValueError(f"the Prefect server did not answer on {api} (is the port taken?)") from None
-                time.sleep(1)
-        pool = subprocess.run(prefect + ["work-pool", "create", "spherecast-local", "--type", "process"], env=env,
-                              cwd=root, capture_output=True, text=True)
-        if pool.returncode and "already exists" not in pool.stdout + pool.stderr:
-            raise ValueError(f"could not create work pool spherecast-local: {pool.stdout}{pool.stderr}")
-        deploy = subprocess.run(prefect + ["--no-prompt", "deploy", "--prefect-file", "flows.yaml", "--all"], env=env,
-                                cwd=root, capture_output=True, text=True)
-        if deploy.returncode:
-            raise ValueError(f"prefect deploy failed:\n{deploy.stdout[-3000:]}{deploy.stderr[-3000:]}")
-        procs.append(_start(prefect + ["worker", "start", "--pool", "spherecast-local"], env, root))
-        print(f"spherecast schedule: server and UI on http://{host}:{port}, worker on pool spherecast-local, "
-              "deployments from flows.yaml. Ctrl-C stops them.", flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-        raise ValueError("a child stopped on its own: " + ", ".join(f"pid {p.pid} exit {p.returncode}" for p in procs))
-    except KeyboardInterrupt:
-        print("stopping the worker and the server…", flush=True)
-        return 0
-    finally:
-        _stop(procs)
-
-
 def run(args: argparse.Namespace) -> int:
     """Dispatch one parsed command."""
     from core.config import load_config
@@ -184,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     config_path = str(args.config) if args.config else None
     overrides = _overrides(args)
     config = load_config(config_path, overrides=overrides)  # fail fast, before Prefect starts
-    if args.command in ("train", "demo"):
+    if args.command in ("train", "demo", "retrain"):
         from models.distributed import check_gpu_ranks
 
         # train.device cpu skips the GPU count; cuda without CUDA is refused here, before Prefect starts.
@@ -196,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
         return _data(config, args)
     if args.command == "status":
         return _status(config)
+    if args.command == "lineage":
+        return _lineage(config, args)
     if args.command == "schedule":
+        from pipelines.schedule import schedule
+
         return schedule(args.prefect_host, args.prefect_port)
     if args.command == "forecast":
         from pipelines.cycles import check_request, cycle_times
@@ -218,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
         result = flows.demo(config_path, overrides)
         _print_scores(result["scores"])
         print(f"\ncheckpoint: {result['checkpoint']}\nforecast run: {result['run_dir']}")
-        if not args.no_serve:
+        if args.live:
+            _live(config, config_path, overrides, args)
+        elif not args.no_serve:
             _serve(config)
     elif args.command == "ingest":
         print(flows.ingest_era5(config_path, overrides, append=args.append))
@@ -231,7 +169,39 @@ def run(args: argparse.Namespace) -> int:
         print(_describe_cycle(flows.run_forecast(config_path, overrides, force=args.force)))
     elif args.command == "render":
         print(flows.rerender(config_path, overrides, args.run))
+    elif args.command == "verify":
+        r = flows.verify_forecasts(config_path, overrides)
+        print(f"scored {r['scored']}, up to date {len(r['skipped'])}, awaiting truth {r['pending']}\n"
+              f"database {r['database_url']}")
+    elif args.command == "retrain":
+        r = flows.retrain_weekly(config_path, overrides)
+        print(f"{r['decision']}: {r['run_name']} ({r['comparison']['reason']}); current model {r['current']}")
+    elif args.command == "initial-conditions":
+        print(flows.update_initial_conditions_flow(config_path, overrides, now=args.now))
     return 0
+
+
+def _lineage(config: Any, args: argparse.Namespace) -> int:
+    """Print a published run's lineage, as text or JSON."""
+    import json
+
+    from core.lineage import format_lineage, lineage
+
+    record = lineage(config, args.run)
+    print(json.dumps(record, indent=2) if args.json else format_lineage(record))
+    return 0
+
+
+def _live(config: Any, config_path: str | None, overrides: dict[str, Any], args: argparse.Namespace) -> None:
+    """After the demo: the planet as a live source, with the viewer served from a background thread."""
+    import threading
+
+    from pipelines.live import live_demo
+
+    if not args.no_serve:
+        threading.Thread(target=_serve, args=(config,), name="viewer", daemon=True).start()
+    summary = live_demo(config_path, overrides, cycles=args.cycles, interval_seconds=args.interval)
+    print(f"live demo: {summary}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "Simulate the planet, train, forecast 5 days, render maps, print skill, then serve.")
     p.add_argument("--no-serve", action="store_true", help="stop after printing the results")
     p.add_argument("--budget-minutes", type=float, help="training budget")
+    p.add_argument("--live", action="store_true",
+                   help="then feed the planet as a live source: 6 h arrive per interval, a cycle runs, runs are scored")
+    p.add_argument("--cycles", type=int, help="--live: cycles to run (default: until Ctrl-C)")
+    p.add_argument("--interval", type=float, default=180.0, help="--live: seconds between cycles (default 180)")
     p = add("ingest", "Build, resume or append to the analysis store and refresh its statistics.")
     p.add_argument("--start", help="first analysis time, e.g. 2000-01-01T00")
     p.add_argument("--end", help="last analysis time (later than the store's: the store is extended)")
@@ -269,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-time", help="initial time, or 'latest'")
     p.add_argument("--lead-hours", type=int, help="forecast length in hours")
     p.add_argument("--members", type=int, help="ensemble members (forecast.ensemble.members; 1 = deterministic)")
+    p.add_argument("--grid", help="grid preset to run on (forecast.grid): the same weights, the initial state moved there")
     p.add_argument("--force", action="store_true", help="replace a run already published for this initial time")
     p.add_argument("--backfill", nargs=2, metavar=("START", "END"),
                    help="run every cycle from START to END (forecast.cycle_hours apart), skipping published ones")
@@ -276,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("schedule", "Start a Prefect server, a worker and the deployments of flows.yaml; Ctrl-C stops them.")
     p.add_argument("--prefect-host", default="127.0.0.1", help="interface the Prefect server binds to")
     p.add_argument("--prefect-port", type=int, default=4200, help="port of the Prefect server and its UI")
+    p = add("verify", "Score every published run whose truth has arrived; write scores, the table and scorecards.")
+    p = add("lineage", "Show a published run's lineage: dataset version → stats → checkpoint → forecast → scores.")
+    p.add_argument("run", help="run name, e.g. 20000320T00")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p = add("retrain", "Train a dated run on the rolling window; promote it only if it beats the current model.")
+    p.add_argument("--budget-minutes", type=float, help="training budget of the new run")
+    p.add_argument("--nproc-per-node", type=int, help="ranks on this machine")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where each rank trains (train.device)")
+    p = add("initial-conditions", "Fetch the newest live initial conditions (initial_conditions.source) into their store.")
+    p.add_argument("--now", help="the clock to judge which cycles exist (default: now, UTC)")
     p = add("render", "Re-render the maps of a published run (republished by rename).")
     p.add_argument("--run", required=True, help="run name, e.g. 20000320T00")
     p = add("serve", "Serve published runs, maps and the viewer over HTTP.")

@@ -121,14 +121,14 @@ def pick_latest(config: Config, now: pd.Timestamp | str | None = None,
                 monotonic: Callable[[], float] = time.monotonic) -> tuple[InitChoice | None, str]:
     """The newest complete cycle under the late policy: ``(choice, "")`` or ``(None, why it is skipped)``.
 
-    With live initial conditions, first wait (bounded) for the cycle the schedule is due (``now``
-    floored to ``cycle_hours``); whatever the wait ends with, only the newest complete cycle is a
+    With live initial conditions, first wait (bounded) for the cycle the schedule is due (``now`` less
+    ``forecast.ic_lag_hours``, floored to ``cycle_hours``); whatever the wait ends with, only the newest complete cycle is a
     candidate, and it is skipped when older than ``max_age_hours``.
     """
     fc = config.forecast
     now = utc_now() if now is None else _naive_utc(now)
     if _live_initial_conditions(config) and fc.wait_minutes > 0:
-        due = now.floor(f"{fc.cycle_hours}h")
+        due = (now - pd.Timedelta(hours=fc.ic_lag_hours)).floor(f"{fc.cycle_hours}h")
         try:
             wait_for_init(config, due, sleep, monotonic)
         except ValueError as exc:

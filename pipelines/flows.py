@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -9,7 +10,9 @@ from tqdm import tqdm
 
 from core.config import Config, dump_config, load_config
 from pipelines.cycles import CycleResult, check_request, cycle_times, exclusive_cycle, record
+from pipelines.retrain import retrain_weekly  # noqa: F401  (a flow of this module's deployments)
 from pipelines.tasks import forecast_task, ingest_task, score_task, slab_task, stats_task, train_task, wait_task
+from pipelines.verify import verify_forecasts  # noqa: F401  (spherecast verify, deployments)
 
 
 def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config:
@@ -105,7 +108,9 @@ def demo(config_path: str | None = None, overrides: dict[str, Any] | None = None
     config = _config(config_path, overrides)
     ingest_task(config)
     checkpoint = train_task(config)
-    run_dir = forecast_task(config, force=True)["run_dir"]  # a retrained model replaces the demo's run
+    # The model just trained, even where an earlier promotion names another "current" one.
+    pinned = config.model_copy(update={"forecast": config.forecast.model_copy(update={"checkpoint": Path(checkpoint)})})
+    run_dir = forecast_task(pinned, force=True)["run_dir"]  # a retrained model replaces the demo's run
     scores = score_task(config, run_dir)
     get_run_logger().info("demo finished: run %s from %s", run_dir, checkpoint)
     return {"run_dir": run_dir, "checkpoint": checkpoint, "scores": scores}
@@ -117,3 +122,17 @@ def rerender(config_path: str | None = None, overrides: dict[str, Any] | None = 
     from pipelines.tasks import rerender_task
 
     return rerender_task(_config(config_path, overrides), run)
+
+
+@flow(name="update_initial_conditions", log_prints=True)
+def update_initial_conditions_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None,
+                                   now: str | None = None) -> str:
+    """Fetch the newest live initial conditions into their store (a no-op for cycles already there)."""
+    from ingest.initial_conditions import update_initial_conditions
+
+    config = _config(config_path, overrides)
+    # The store append and the forecast cycles take the same lock: a cycle never reads a half-appended store.
+    with exclusive_cycle(config):
+        report = update_initial_conditions(config, now=now)
+    get_run_logger().info("%s", report.describe())
+    return report.describe()

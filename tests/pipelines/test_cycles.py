@@ -224,9 +224,11 @@ def write_ic_store(path: Path, start: str, periods: int, not_done: tuple[int, ..
     ds.to_zarr(path, zarr_format=3, consolidated=False)
 
 
-def test_a_cycle_waits_for_live_initial_conditions_then_runs_from_them(tmp_path: Path, trained,
-                                                                      harness: str) -> None:
-    path = make_config(tmp_path, trained, init_time="latest", wait_minutes=2, poll_seconds=0.5)
+@pytest.mark.parametrize(("lag", "now"), [(0.0, "2000-01-21T06:15"), (7.0, "2000-01-21T13:30")])
+def test_a_cycle_waits_for_live_initial_conditions_then_runs_from_them(tmp_path: Path, trained, harness: str,
+                                                                      lag: float, now: str) -> None:
+    # The 06 cycle is due: at 06:15 when analyses appear at once, at 13:30 when they appear 7 h late.
+    path = make_config(tmp_path, trained, init_time="latest", wait_minutes=2, poll_seconds=0.5, ic_lag_hours=lag)
     doc = yaml.safe_load(path.read_text())
     doc["initial_conditions"] = {"source": "synthetic"}
     doc["paths"]["data_dir"] = str(copy_data(trained[1], tmp_path / "data"))
@@ -240,7 +242,7 @@ def test_a_cycle_waits_for_live_initial_conditions_then_runs_from_them(tmp_path:
 
     writer = threading.Thread(target=arrive)
     writer.start()
-    result = flows.run_forecast(str(path), now="2000-01-21T06:15")  # the 06 cycle is due
+    result = flows.run_forecast(str(path), now=now)
     writer.join()
     assert result["action"] == "published" and result["run"] == "20000121T06"
     prov = read_manifest(tmp_path / "forecasts" / "20000121T06")["provenance"]

@@ -54,7 +54,8 @@ def test_the_file_is_for_the_installed_prefect_and_names_its_deployments_once() 
     assert DOC["prefect-version"] == prefect.__version__
     names = [d["name"] for d in DOC["deployments"]]
     assert len(names) == len(set(names))
-    assert {"ingest-daily", "forecast-per-cycle", "train-weekly", "demo"} <= set(names)
+    assert {"ingest-daily", "forecast-per-cycle", "initial-conditions", "verify-after-ingest", "train-weekly",
+            "demo"} <= set(names)
 
 
 @pytest.mark.parametrize("name", list(DEPLOYMENTS))
@@ -82,8 +83,13 @@ def test_schedules_fire_when_operators_expect() -> None:
     daily = fire_times(DEPLOYMENTS["ingest-daily"]["schedules"][0], 3)
     assert [(t.day, t.hour, t.minute) for t in daily] == [(1, 5, 30), (2, 5, 30), (3, 5, 30)]
     cycles = fire_times(DEPLOYMENTS["forecast-per-cycle"]["schedules"][0], 5)
-    assert [(t.day, t.hour, t.minute) for t in cycles] == [(1, 0, 15), (1, 6, 15), (1, 12, 15), (1, 18, 15),
-                                                            (2, 0, 15)]
+    assert [(t.day, t.hour, t.minute) for t in cycles] == [(1, 1, 30), (1, 7, 30), (1, 13, 30), (1, 19, 30),
+                                                            (2, 1, 30)]
+    fetches = fire_times(DEPLOYMENTS["initial-conditions"]["schedules"][0], 3)
+    assert [(t.hour, t.minute) for t in fetches] == [(0, 0), (0, 30), (1, 0)]
+    verify = fire_times(DEPLOYMENTS["verify-after-ingest"]["schedules"][0], 2)
+    assert [(t.day, t.hour, t.minute) for t in verify] == [(1, 7, 30), (2, 7, 30)]
+    assert verify[0].time() > daily[0].time()  # scores only after the day's ERA5 append
     weekly = fire_times(DEPLOYMENTS["train-weekly"]["schedules"][0], 2)
     assert [(t.strftime("%A"), t.hour) for t in weekly] == [("Sunday", 2), ("Sunday", 2)]
     assert weekly[1] - weekly[0] == dt.timedelta(days=7)
