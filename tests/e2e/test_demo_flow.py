@@ -47,7 +47,7 @@ def test_demo_flow_end_to_end(tmp_path: Path, harness) -> None:
     assert not [p for p in cfg.paths.forecasts.iterdir() if p.name.startswith(".tmp")]
     fc = validate_forecast(xr.open_zarr(run_dir / "forecast.zarr", consolidated=False).load())
     assert fc.sizes["lead_time"] == 5 and fc.sizes["latitude"] == 17
-    nc = xr.open_dataset(run_dir / "forecast.nc").load()
+    nc = xr.open_dataset(run_dir / "forecast.nc", decode_timedelta=True).load()  # CF lead_time: plain hours
     xr.testing.assert_allclose(nc["geopotential"], fc["geopotential"])
     scores = result["scores"]
     assert set(scores) == {0, 6, 12, 18, 24}
