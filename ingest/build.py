@@ -36,7 +36,7 @@ from ingest.regions import (
     store_slab_size,
     write_slab,
 )
-from ingest.sources import Source, SyntheticSource
+from ingest.sources import Source, shared_planet
 from ingest.stats import compute_stats, write_stats
 from ingest.store import BuildReport, StoreLayout, check_layout, create_store, slabs_to_do
 
@@ -48,7 +48,7 @@ def source_for(config: Config) -> Source:
     ing, grid = config.ingest, config.grid.grid()
     match ing.source:
         case "synthetic":
-            return SyntheticSource(grid, ing.synthetic)
+            return shared_planet(grid, ing.synthetic)
         case "cds":
             from ingest.cds import CdsSource
 
@@ -156,7 +156,10 @@ _SOURCES: dict[str, Source] = {}
 
 
 def _cached_source(config: Config) -> Source:
-    key = json.dumps(dump_config(config), sort_keys=True)
+    data = dump_config(config)
+    # The period asked for does not change what a source delivers: an append that moves ingest.end keeps it.
+    ingest = {k: v for k, v in data["ingest"].items() if k not in ("start", "end")}
+    key = json.dumps({"ingest": ingest, "grid": data["grid"], "paths": data["paths"]}, sort_keys=True)
     if key not in _SOURCES:
         _SOURCES[key] = source_for(config)
     return _SOURCES[key]

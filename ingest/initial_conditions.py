@@ -30,7 +30,7 @@ from core.config import Config
 from core.variables import get_variable
 from ingest.opendata import CycleNotAvailable, OpenDataError, OpenDataSource
 from ingest.regions import contiguous_runs, read_flags, write_region
-from ingest.sources import Source, SyntheticSource
+from ingest.sources import Source, SyntheticSource, shared_planet
 from ingest.store import (
     StoreLayout,
     check_layout,
@@ -89,9 +89,6 @@ class InitialConditionsError(ValueError):
                          f"(stored {len(report.stored)}, nothing partial marked done): {why}")
 
 
-_PLANETS: dict[tuple, SyntheticSource] = {}
-
-
 def initial_conditions_source(config: Config) -> Source | None:
     """The live source ``initial_conditions.source`` names, or None for ``none``."""
     ic, grid = config.initial_conditions, config.grid.grid()
@@ -103,11 +100,7 @@ def initial_conditions_source(config: Config) -> Source | None:
         case "synthetic":
             # One planet per settings and grid, kept: the next update continues its simulation
             # instead of spinning it up again from the epoch.
-            key = (grid, config.ingest.synthetic.model_dump_json())
-            if key not in _PLANETS:
-                _PLANETS.clear()
-                _PLANETS[key] = SyntheticSource(grid, config.ingest.synthetic)
-            return _PLANETS[key]
+            return shared_planet(grid, config.ingest.synthetic)
     raise ValueError(f"unknown initial_conditions.source {ic.source!r}")  # unreachable: the config validates it
 
 

@@ -133,3 +133,17 @@ class SyntheticSource:
         )
         ds["expver"] = ("time", np.full(len(stamps), EXPVER_FINAL, dtype=np.int8))
         return ds
+
+
+_PLANETS: dict[tuple[str, str], SyntheticSource] = {}
+
+
+def shared_planet(grid: Grid, settings: SyntheticConfig) -> SyntheticSource:
+    """The one planet per grid and settings in this process: every user continues the same simulation."""
+    # A planet advanced to the newest time is minutes of simulation; an append that moves ingest.end, and
+    # the live initial conditions sampling the same planet, continue it instead of spinning up again.
+    key = (grid.describe(), settings.model_dump_json())
+    if key not in _PLANETS:
+        _PLANETS.clear()  # one planet's state is tens of MB; keep only the one in use
+        _PLANETS[key] = SyntheticSource(grid, settings)
+    return _PLANETS[key]
