@@ -9,10 +9,11 @@ from prefect import flow, get_run_logger
 from tqdm import tqdm
 
 from core.config import Config, dump_config, load_config
+from core.runs import list_runs
 from pipelines.cycles import CycleResult, check_request, cycle_times, exclusive_cycle, record
 from pipelines.retrain import retrain_weekly  # noqa: F401  (a flow of this module's deployments)
 from pipelines.tasks import forecast_task, ingest_task, score_task, slab_task, stats_task, train_task, wait_task
-from pipelines.verify import verify_forecasts  # noqa: F401  (spherecast verify, deployments)
+from pipelines.verify import verify_forecasts
 
 
 def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config:
@@ -55,6 +56,13 @@ def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None
             for state in states:
                 state.result()  # raises the first failure
     stats_task(config)
+    if (plan.todo or plan.recheck) and list_runs(config.paths.forecasts):
+        # New truth (and final ERA5 replacing ERA5T) is what published runs wait for: score them now.
+        # A scoring failure is verification's to report; the append itself has succeeded.
+        try:
+            verify_forecasts(config_path, overrides)
+        except Exception as exc:  # noqa: BLE001  (any failure of the subflow, logged, never undoes the append)
+            logger.error("verification after the append failed: %s", exc)
     return str(plan.path)
 
 

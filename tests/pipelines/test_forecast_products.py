@@ -24,6 +24,7 @@ from pipelines.cli import main
 from pipelines.cycles import read_journal
 from tests.pipelines import test_cycles
 from tests.pipelines.test_cycles import make_config
+from tests.serve.conftest import make_forecast, publish_run
 
 # The tiny checkpoint and the Prefect test server, as module fixtures of this module too.
 harness, trained = test_cycles.harness, test_cycles.trained
@@ -87,13 +88,33 @@ def test_verify_and_lineage_read_a_published_run_back(tmp_path: Path, trained, h
     assert "spherecast: error:" in capsys.readouterr().err
 
 
-def test_initial_conditions_command_fetches_the_planets_next_cycle(tmp_path: Path, harness, capsys) -> None:
+def planet_config(tmp_path: Path, end: str = "2000-01-01T18", **extra: object) -> Path:
+    """A tiny, quickly spun-up planet ingested from 2000-01-01T00 to ``end``."""
     doc = {"paths": {"root": str(tmp_path)}, "grid": {"preset": "tiny"},
-           "ingest": {"start": "2000-01-01T00", "end": "2000-01-01T18",
+           "ingest": {"start": "2000-01-01T00", "end": end,
                       "synthetic": {"spinup_days": 1.0, "solver_nlat": 33, "solver_nlon": 64, "dt_seconds": 360.0}},
-           "initial_conditions": {"source": "synthetic"}}
+           **extra}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_an_append_scores_the_runs_its_new_truth_verifies(tmp_path: Path, harness) -> None:
+    path = planet_config(tmp_path)
+    flows.ingest_era5(str(path))
+    run = publish_run(tmp_path / "forecasts", make_forecast(init="2000-01-01T18", leads=3))  # to 2000-01-02T06
+    verification = tmp_path / "verification" / run.name / "scores.json"
+    flows.ingest_era5(str(path), overrides={"ingest": {"end": "2000-01-02T00"}})
+    first = json.loads(verification.read_text())
+    flows.ingest_era5(str(path), overrides={"ingest": {"end": "2000-01-02T06"}})
+    second = json.loads(verification.read_text())
+    # Each append scored exactly the leads whose truth had arrived: 18 and 00 UTC, then 06 UTC as well.
+    assert [s["lead_hours"] for s in first["leads"]] == [0, 6] and first["pending_leads"] == [12]
+    assert [s["lead_hours"] for s in second["leads"]] == [0, 6, 12] and second["pending_leads"] == []
+
+
+def test_initial_conditions_command_fetches_the_planets_next_cycle(tmp_path: Path, harness, capsys) -> None:
+    path = planet_config(tmp_path, initial_conditions={"source": "synthetic"})
     # The planet has no wall clock: the first call fills the cycles up to ingest.end, each later one
     # brings the next 6 h, as a live feed would.
     for newest in ("2000-01-01T18", "2000-01-02T00"):
