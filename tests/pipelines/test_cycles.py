@@ -153,10 +153,11 @@ def test_the_file_lock_holds_without_a_server(tmp_path: Path) -> None:
 
 KILLED = """
 import sys, time
+import models.ensemble as ensemble
 import pipelines.tasks as tasks
 from core.config import load_config
 
-real = tasks.stream_forecast
+real = ensemble.stream_forecast  # one member: the cycle's stream_ensemble writes through it
 
 def paused(*args, **kwargs):
     def on_lead(k):
@@ -165,7 +166,7 @@ def paused(*args, **kwargs):
             time.sleep(600)  # mid-write: lead 1 is in the staging store, the NetCDF and maps are not
     return real(*args, on_lead=on_lead, **kwargs)
 
-tasks.stream_forecast = paused
+ensemble.stream_forecast = paused
 tasks.forecast_task.fn(load_config(sys.argv[1], env={}))
 """
 
