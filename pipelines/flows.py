@@ -22,8 +22,11 @@ def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config
 
 @flow(name="ingest_era5", log_prints=True)
 def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None = None,
-                append: bool = False) -> str:
-    """Fill, resume or append to the analysis store (one task per slab), re-check ERA5T, refresh the stats."""
+                append: bool = False, verify: bool = True) -> str:
+    """Fill, resume or append to the analysis store (one task per slab), re-check ERA5T, refresh the stats.
+
+    With ``verify`` (the default) published runs are scored afterwards when the ingest wrote or replaced times.
+    """
     from ingest.build import ingest_session
     from ingest.parallel import slab_executor
     from pipelines import ingest_context
@@ -56,7 +59,7 @@ def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None
             for state in states:
                 state.result()  # raises the first failure
     stats_task(config)
-    if (plan.todo or plan.recheck) and list_runs(config.paths.forecasts):
+    if verify and (plan.todo or plan.recheck) and list_runs(config.paths.forecasts):
         # New truth (and final ERA5 replacing ERA5T) is what published runs wait for: score them now.
         # A scoring failure is verification's to report; the append itself has succeeded.
         try:
