@@ -111,7 +111,7 @@ def main() -> None:
         ratio = rss[last] / rss[1]
         print(f"streamed: RSS before {before:.1f} MiB, lead 1 {rss[1]:.1f} MiB, lead {last} {rss[last]:.1f} MiB, "
               f"ratio {ratio:.3f} (goal ≤ {GOAL:.2f}: {'met' if ratio <= GOAL else 'NOT met'}); "
-              f"after the NetCDF copy {after_nc:.1f} MiB; {time.perf_counter() - t:.0f} s")
+              f"after the NetCDF and GRIB2 copies {after_nc:.1f} MiB; {time.perf_counter() - t:.0f} s")
         if args.reference:
             t = time.perf_counter()
             start = rss_mib()
