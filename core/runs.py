@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,7 +29,10 @@ import pandas as pd
 
 from core.schema import SCHEMA_VERSION, validate_manifest
 
-RUN_NAME_RE = re.compile(r"^\d{8}T\d{2}$")
+# \Z, not $: "$" also matches before a trailing newline, so "20000101T00\n" would pass as a run name.
+log = logging.getLogger(__name__)
+
+RUN_NAME_RE = re.compile(r"^\d{8}T\d{2}\Z")
 MANIFEST = "manifest.json"
 
 
@@ -41,7 +45,19 @@ def parse_run_name(name: str) -> pd.Timestamp:
     """Initial time of a run directory name; ``ValueError`` if it is not one."""
     if not RUN_NAME_RE.match(name):
         raise ValueError(f"{name!r} is not a run name (expected YYYYMMDDTHH)")
-    return pd.Timestamp(datetime.strptime(name, "%Y%m%dT%H"))
+    try:
+        return pd.Timestamp(datetime.strptime(name, "%Y%m%dT%H"))
+    except ValueError:
+        raise ValueError(f"{name!r} is not a run name: no such date and hour (expected YYYYMMDDTHH)") from None
+
+
+def is_run_name(name: str) -> bool:
+    """Whether ``name`` is a run name of a real date and hour (``20000101T00``; not ``20001340T00``)."""
+    try:
+        parse_run_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -111,11 +127,18 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 def list_runs(forecasts_dir: Path) -> list[str]:
-    """Names of published runs (directories with a manifest), oldest first."""
+    """Names of published runs (directories with a manifest), oldest first; other folders are skipped and logged."""
     if not forecasts_dir.is_dir():
         return []
-    return sorted(p.name for p in forecasts_dir.iterdir()
-                  if p.is_dir() and RUN_NAME_RE.match(p.name) and (p / MANIFEST).is_file())
+    names = []
+    for p in forecasts_dir.iterdir():
+        if not (p.is_dir() and RUN_NAME_RE.match(p.name) and (p / MANIFEST).is_file()):
+            continue
+        if not is_run_name(p.name):  # a run's shape but no such date: not a run, and never a reason to fail
+            log.warning("skipping %s: %r is not a real date and hour", p, p.name)
+            continue
+        names.append(p.name)
+    return sorted(names)
 
 
 class RunGone(ValueError):

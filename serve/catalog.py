@@ -78,7 +78,10 @@ class Catalog:
         """Directory of a published run, after checking the name's form and that it is listed."""
         if not RUN_NAME_RE.match(run):
             raise BadParameter(f"run {run!r} is not a run name (expected YYYYMMDDTHH, e.g. 20000101T00)")
-        parse_run_name(run)
+        try:
+            parse_run_name(run)
+        except ValueError as exc:  # the right shape, but no such date or hour (20001340T00)
+            raise BadParameter(str(exc)) from None
         if run not in self.run_names():
             raise NotFound(f"run {run!r} is not a published run")
         return self.forecasts_dir / run

@@ -1,0 +1,67 @@
+"""Run names of the right shape but no such date, or with a trailing newline, and a run-named folder of an
+impossible date in the forecasts directory: each is a clean 4xx or is skipped, over real HTTP on a kept-alive
+connection, and the catalog stays up for everyone else."""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from serve.app import create_app
+from serve.settings import ServeSettings
+from tests.serve.conftest import make_forecast, publish_run
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """``spherecast serve``'s app under uvicorn on 127.0.0.1, over one published run and one impossible folder."""
+    forecasts = tmp_path / "forecasts"
+    run = publish_run(forecasts, make_forecast())
+    shutil.copytree(run, forecasts / "20001340T00")  # a run's shape and a manifest, but month 13, hour 40
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(forecasts_dir=forecasts)), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield sock.getsockname()[1], forecasts
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_impossible_run_names_are_422_and_the_connection_stays_open(served: tuple[int, Path]) -> None:
+    port, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path in ("/runs/20001340T00", "/runs/20000230T00/files/forecast.nc", "/runs/20000101T00%0a",
+                 "/runs/20000101T24/maps/geopotential_500/000.png"):
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 422, (path, body)
+        assert b"not a run name" in body
+    conn.request("GET", "/runs/20000101T00")  # the same connection still answers
+    response = conn.getresponse()
+    assert response.status == 200 and response.read()
+    conn.close()
+
+
+def test_a_folder_of_an_impossible_date_is_skipped_not_a_500(served: tuple[int, Path]) -> None:
+    port, forecasts = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path, want in (("/runs", b'"name":"20000101T00"'), ("/runs/latest", b'"name":"20000101T00"'),
+                       ("/health", b'"runs":1')):
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200 and want in body, (path, body)
+        assert b"20001340T00" not in body
+    conn.close()
+    assert (forecasts / "20001340T00").is_dir()  # skipped, never touched
