@@ -25,18 +25,21 @@ CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 RunParam = Annotated[str, PathParam(description="Run name, the init time as YYYYMMDDTHH", examples=["20000101T00"])]
 
 
+@router.head("", include_in_schema=False)
 @router.get("", summary="List published runs")
 def list_runs(catalog: CatalogDep) -> list[dict[str, Any]]:
     """Every published run with its init time, files, map channels and lead hours (oldest first)."""
     return catalog.entries()
 
 
+@router.head("/latest", include_in_schema=False)
 @router.get("/latest", summary="The newest published run")
 def latest_run(catalog: CatalogDep) -> dict[str, Any]:
     """The listing entry of the newest published run."""
     return catalog.entry(catalog.latest())
 
 
+@router.head("/{run}", include_in_schema=False)
 @router.get("/{run}", summary="Manifest of a run")
 def run_manifest(run: RunParam, catalog: CatalogDep) -> dict[str, Any]:
     """The run's manifest: files with sizes and sha256, and provenance."""

@@ -18,6 +18,7 @@ VIEWER_HTML = STATIC_DIR / "viewer.html"
 router = APIRouter(tags=["site"])
 
 
+@router.head("/health", include_in_schema=False)
 @router.get("/health", summary="Liveness, number of published runs, and the newest run's age against the schedule")
 def health(settings: Annotated[ServeSettings, Depends(get_settings)]) -> dict[str, Any]:
     """``{"status": "ok", "runs": N, "schedule": {...}}``: the service is up; ``schedule.status`` is ok or late."""
@@ -25,6 +26,8 @@ def health(settings: Annotated[ServeSettings, Depends(get_settings)]) -> dict[st
             "schedule": run_status(settings.forecasts_dir, settings.cycle_hours, settings.wait_minutes)}
 
 
+@router.head("/", response_class=FileResponse, include_in_schema=False)
+@router.head("/viewer", response_class=FileResponse, include_in_schema=False)
 @router.get("/", response_class=FileResponse, include_in_schema=False)
 @router.get("/viewer", response_class=FileResponse, summary="Web map viewer")
 def viewer() -> FileResponse:

@@ -1,6 +1,6 @@
 """Run names of the right shape but no such date, or with a trailing newline, and a run-named folder of an
 impossible date in the forecasts directory: each is a clean 4xx or is skipped, over real HTTP on a kept-alive
-connection, and the catalog stays up for everyone else."""
+connection, and the catalog stays up for everyone else. HEAD answers wherever GET does."""
 
 from __future__ import annotations
 
@@ -65,3 +65,19 @@ def test_a_folder_of_an_impossible_date_is_skipped_not_a_500(served: tuple[int, 
         assert b"20001340T00" not in body
     conn.close()
     assert (forecasts / "20001340T00").is_dir()  # skipped, never touched
+
+
+def test_head_answers_on_every_get_route_without_a_body(served: tuple[int, Path]) -> None:
+    port, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path in ("/runs", "/runs/latest", "/runs/20000101T00", "/health", "/viewer", "/",
+                 "/runs/20000101T00/files/forecast.nc"):
+        conn.request("GET", path)
+        got = conn.getresponse()
+        body = got.read()
+        conn.request("HEAD", path)
+        head = conn.getresponse()
+        assert (head.status, got.status) == (200, 200), path
+        assert head.read() == b"" and head.getheader("content-type") == got.getheader("content-type"), path
+        assert int(head.getheader("content-length")) == len(body), path
+    conn.close()
