@@ -43,8 +43,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": _describe_validation(exc)}, status_code=422)
 
     async def broken_run(request: Request, exc: Exception) -> JSONResponse:
+        # The log names the file and what is wrong; the response never shows a server path.
         log.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=500)
+        return JSONResponse({"detail": "this run's data is temporarily unavailable; the operator has been told"},
+                            status_code=503, headers={"Retry-After": "300"})
 
     app.add_exception_handler(NotFound, not_found)
     app.add_exception_handler(BadParameter, bad_parameter)

@@ -57,6 +57,12 @@ def _manifest_sha256(path: str, inode: int, mtime_ns: int, size: int) -> str:
     return sha256_file(Path(path))
 
 
+@lru_cache(maxsize=4096)
+def file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    """The sha256 of a file, computed once per (inode, size, mtime): a change in place is a new key."""
+    return sha256_file(Path(path))
+
+
 class Catalog:
     """Read-only view of the published runs under one forecasts directory."""
 
@@ -145,11 +151,14 @@ class Catalog:
             # A symlink published inside a run must not become a way to read other files.
             raise NotFound(f"file {relpath!r} of run {run!r} links out of the run and is not served")
         if not resolved.is_file():
-            raise CatalogError(f"file {relpath!r} of run {run!r} is in its manifest but missing on disk")
-        size = resolved.stat().st_size
-        if size != entry["size"]:
-            raise CatalogError(f"file {relpath!r} of run {run!r} is {size} bytes, manifest says {entry['size']}")
-        return RunFile(run, relpath, resolved, size, str(entry["sha256"]))
+            raise CatalogError(f"file {resolved} of run {run!r} is in its manifest but missing on disk")
+        st = resolved.stat()
+        if st.st_size != entry["size"]:
+            raise CatalogError(f"file {resolved} of run {run!r} is {st.st_size} bytes, manifest says {entry['size']}")
+        # Same size is not the same bytes: a file damaged in place must not be served under its old ETag.
+        if file_sha256(str(resolved), st.st_ino, st.st_size, st.st_mtime_ns) != entry["sha256"]:
+            raise CatalogError(f"file {resolved} of run {run!r} no longer has the sha256 its manifest records")
+        return RunFile(run, relpath, resolved, st.st_size, str(entry["sha256"]))
 
     def map_file(self, run: str, channel: str, lead: int) -> RunFile:
         """The PNG map of a run's channel at a lead time (hours)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -118,13 +119,22 @@ def test_symlink_out_of_a_run_is_not_served(tmp_path: Path) -> None:
     assert b"private" not in response.content
 
 
-def test_file_changed_after_publication_is_refused(tmp_path: Path) -> None:
+def test_file_changed_after_publication_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     forecasts = tmp_path / "forecasts"
     tmp = staging_dir(forecasts, RUN)
     (tmp / "forecast.nc").write_bytes(b"original")
     write_manifest(tmp, __import__("pandas").Timestamp("2000-01-01"), provenance=PROVENANCE)
     run = publish(tmp, forecasts / RUN)
-    (run / "forecast.nc").write_bytes(b"tampered with")
-    response = TestClient(create_app(ServeSettings(forecasts_dir=forecasts))).get(f"/runs/{RUN}/files/forecast.nc")
-    assert response.status_code == 500
-    assert "manifest says 8" in response.json()["detail"]
+    client = TestClient(create_app(ServeSettings(forecasts_dir=forecasts)))
+    assert client.get(f"/runs/{RUN}/files/forecast.nc").content == b"original"
+    for damage in (b"tampered with", b"origiNAL"):  # another size, then the same size: damaged in place
+        (run / "forecast.nc").write_bytes(damage)
+        with caplog.at_level(logging.ERROR, logger="serve.app"):
+            response = client.get(f"/runs/{RUN}/files/forecast.nc")
+        assert response.status_code == 503 and response.headers["retry-after"] == "300"
+        assert str(tmp_path) not in response.text and "temporarily unavailable" in response.json()["detail"]
+        assert str(run / "forecast.nc") in caplog.text  # the operator's log names the file
+        caplog.clear()
+    (run / "forecast.nc").unlink()
+    response = client.get(f"/runs/{RUN}/files/forecast.nc")
+    assert response.status_code == 503 and str(tmp_path) not in response.text
