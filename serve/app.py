@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.config import Config
 from serve import routes_runs, routes_site
@@ -54,6 +56,22 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CatalogError, broken_run)
 
 
+class CatalogGzip:
+    """Gzip for the catalog's JSON and pages, never for run files and maps (already compact, and served by range)."""
+
+    def __init__(self, app: ASGIApp, minimum_size: int = 500) -> None:
+        self.app = app
+        self.gzip = GZipMiddleware(app, minimum_size=minimum_size)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route one request through gzip unless it asks for a run file or a map."""
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path and "/files/" not in path and "/maps/" not in path:
+            await self.gzip(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     """Build the app serving the published runs under ``settings.forecasts_dir``."""
     app = FastAPI(
@@ -66,6 +84,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(routes_runs.router)
     app.mount("/static", StaticFiles(directory=routes_site.STATIC_DIR), name="static")
     _install_error_handlers(app)
+    app.add_middleware(CatalogGzip)
     log.info("serving published runs from %s", settings.forecasts_dir)
     return app
 

@@ -81,3 +81,22 @@ def test_head_answers_on_every_get_route_without_a_body(served: tuple[int, Path]
         assert head.read() == b"" and head.getheader("content-type") == got.getheader("content-type"), path
         assert int(head.getheader("content-length")) == len(body), path
     conn.close()
+
+
+def test_json_is_gzipped_for_clients_that_ask_and_files_never_are(served: tuple[int, Path]) -> None:
+    import gzip
+    import json
+
+    port, forecasts = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path in ("/runs", "/openapi.json", "/runs/20000101T00"):
+        conn.request("GET", path, headers={"Accept-Encoding": "gzip"})
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200 and response.getheader("content-encoding") == "gzip", path
+        json.loads(gzip.decompress(body))
+    conn.request("GET", "/runs/20000101T00/files/forecast.nc", headers={"Accept-Encoding": "gzip", "Range": "bytes=0-9"})
+    response = conn.getresponse()
+    assert response.status == 206 and response.getheader("content-encoding") is None
+    assert response.read() == (forecasts / "20000101T00" / "forecast.nc").read_bytes()[:10]
+    conn.close()
