@@ -214,6 +214,13 @@ class CdsServer:
         return self.base + API
 
     # -- test-facing helpers ---------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the defaults a module-scoped server starts each test with (its request log is kept)."""
+        self.faults.clear()
+        self.set_era5t(None)
+        self.seed = 0
+        self.__dict__.pop("_submit", None)  # a per-test override of submissions (e.g. a failure injected)
+
     def set_era5t(self, after: pd.Timestamp | None) -> None:
         """Deliver times after ``after`` as ERA5T (expver 5); None = everything final (expver 1)."""
         self.era5t_after = None if after is None else pd.Timestamp(after)

@@ -59,9 +59,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
 @pytest.fixture(autouse=True)
 def _clean_server(server: CdsServer) -> Iterator[None]:
     yield
-    server.faults.clear()
-    server.set_era5t(None)
-    server.seed = 0
+    server.reset()
 
 
 @pytest.fixture(scope="module")

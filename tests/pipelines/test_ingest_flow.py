@@ -55,9 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
 @pytest.fixture(autouse=True)
 def _clean_server(server: CdsServer) -> Iterator[None]:
     yield
-    server.faults.clear()
-    server.set_era5t(None)
-    server.__dict__.pop("_submit", None)  # drop a per-test failure injected by fail_times()
+    server.reset()  # also drops a per-test failure injected by fail_times()
 
 
 def cds_config(root: Path, **ingest: object) -> tuple[Config, Path]:
