@@ -40,12 +40,12 @@ from torch import nn
 
 from core.config_ops import EnsembleConfig
 from core.fields import from_channels
+from core.forecast_files import write_formats
 from core.grid import grid_for_shape, parse_grid_attr
 from core.schema import validate_ensemble_summary, validate_forecast
 from models.clock import clock_fields
 from models.data import WindowDataset
 from models.forecast import COORD_ATTRS, _to_dataset, initial_stack, stream_forecast, timed
-from models.forecast_files import write_formats
 from models.noise import ResidualNoise
 from models.normalization import Normalized, Rollout
 

@@ -8,7 +8,7 @@ Publication (manifest, rename) is the caller's job with :mod:`core.runs`.
 :func:`stream_forecast` is how a run is written: the Zarr store is laid out first (a template written
 with ``compute=False``: metadata and coordinates only), then each lead is written into its region as
 soon as it is computed, so host memory holds one lead at a time however long the forecast (a 10-day
-0.25° run of 73 channels is 12 GB). The download files (CF NetCDF, GRIB2: :mod:`models.forecast_files`)
+0.25° run of 73 channels is 12 GB). The download files (CF NetCDF, GRIB2: :mod:`core.forecast_files`)
 are then copied from the store lead by lead.
 :func:`rollout` returns the whole forecast in memory instead, for small runs and tests.
 """
@@ -29,11 +29,11 @@ import torch
 import xarray as xr
 
 from core.fields import from_channels, to_channels
+from core.forecast_files import write_formats
 from core.grid import grid_for_shape, parse_grid_attr
 from core.schema import SCHEMA_VERSION, validate_forecast
 from models.checkpoint import code_version, load_for_inference
 from models.clock import clock_fields
-from models.forecast_files import write_formats
 from models.normalization import Normalized, Rollout
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def stream_forecast(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
     """Roll out into ``run_dir``'s ``forecast.zarr`` lead by lead, then write the files in ``formats`` from it.
 
     Returns the store opened lazily. ``on_lead(k)`` is called once lead ``k`` is in the store (and
-    before lead ``k + 1`` is computed). ``formats`` are those of :func:`models.forecast_files.write_formats`.
+    before lead ``k + 1`` is computed). ``formats`` are those of :func:`core.forecast_files.write_formats`.
     ``timings`` (if given) gains the seconds spent computing (``rollout``) and writing (``write``).
     """
     clock = timings if timings is not None else {}

@@ -14,10 +14,10 @@ import pytest
 import xarray as xr
 from compliance_checker.runner import CheckSuite, ComplianceChecker
 
+from core.forecast_files import GRIB_BITS_PER_VALUE, write_formats, write_grib2, write_netcdf
 from core.schema import validate_forecast
 from core.variables import VARIABLES
 from models.forecast import COORD_ATTRS, write_forecast
-from models.forecast_files import GRIB_BITS_PER_VALUE, write_formats, write_grib2, write_netcdf
 
 INIT = pd.Timestamp("2000-01-17T06")
 LEVELS = (500, 850)
@@ -242,7 +242,7 @@ def test_a_failed_write_keeps_the_file_already_there(tmp_path: Path) -> None:
 # VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) peak into ru_maxrss across fork and exec.
 _PEAK = """
 import sys, xarray as xr
-from models.forecast_files import write_formats
+from core.forecast_files import write_formats
 with xr.open_zarr(sys.argv[1], consolidated=False) as lazy:
     write_formats(lazy, sys.argv[2], ["netcdf", "grib2"])
 print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
