@@ -17,7 +17,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.config import Config
-from serve import routes_runs, routes_site
+from serve import routes_edr, routes_ops, routes_runs, routes_site, routes_stac, routes_subset
 from serve.catalog import BadParameter, CatalogError, NotFound
 from serve.settings import ServeSettings, settings_from_config
 
@@ -82,6 +82,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.settings = settings
     app.include_router(routes_site.router)
     app.include_router(routes_runs.router)
+    app.include_router(routes_subset.router)
+    app.include_router(routes_edr.router)
+    app.include_router(routes_stac.router)
+    app.include_router(routes_ops.router)
     app.mount("/static", StaticFiles(directory=routes_site.STATIC_DIR), name="static")
     _install_error_handlers(app)
     app.add_middleware(CatalogGzip)
