@@ -27,12 +27,21 @@ class ServeSettings(BaseModel):
     """Hours between scheduled forecast cycles; ``/health`` judges the newest run's age against it."""
     wait_minutes: float = Field(default=0.0, ge=0)
     """How long a cycle may wait for its initial conditions, allowed on top of ``cycle_hours``."""
+    verification_dir: Path | None = None
+    """Deferred verification's output (``<verification>/<run>/scores.json``); ``None``: no scores are shown."""
+    runs_dir: Path | None = None
+    """Training runs and the checkpoint registry, for a run's lineage; ``None``: no lineage is shown."""
+    subset_max_bytes: int = Field(default=1 << 30, ge=1)
+    """Largest estimated (uncompressed) subset a request may ask for; larger answers 413 with the estimate."""
+    area_max_points: int = Field(default=1_000_000, ge=1)
+    """Most values (points × parameters × times) one EDR area query may return; more answers 413."""
 
 
 def settings_from_config(config: Config) -> ServeSettings:
     """Derive the service settings from the project config."""
     return ServeSettings(forecasts_dir=config.paths.forecasts, cycle_hours=config.forecast.cycle_hours,
-                         wait_minutes=config.forecast.wait_minutes)
+                         wait_minutes=config.forecast.wait_minutes, verification_dir=config.paths.verification,
+                         runs_dir=config.paths.runs)
 
 
 def get_settings(request: Request) -> ServeSettings:
