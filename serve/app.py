@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from core.config import Config
 from serve import routes_edr, routes_ops, routes_runs, routes_site, routes_stac, routes_subset
 from serve.catalog import BadParameter, CatalogError, NotFound
+from serve.errors import install_openapi
 from serve.settings import ServeSettings, settings_from_config
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(routes_ops.router)
     app.mount("/static", StaticFiles(directory=routes_site.STATIC_DIR), name="static")
     _install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(CatalogGzip)
     log.info("serving published runs from %s", settings.forecasts_dir)
     return app

@@ -39,3 +39,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
             entry["model"] = ErrorBody
         out[code] = entry
     return out
+
+
+def install_openapi(app: Any) -> None:
+    """Make the app's OpenAPI document every error status with :class:`ErrorBody` (filled in with the routes)."""
