@@ -19,6 +19,14 @@ span the ``accumulation_hours`` before the valid time (product template 8, 11 fo
 ensemble messages (product template 1, ``perturbationNumber``, ``numberOfForecastsInEnsemble``);
 a regular_ll grid 90 → −90, 0 → 360−Δ; CCSDS packing at 16 bits, so a value read back is within
 ``(max − min) / (2**16 − 1)`` of its field's range of the value written.
+
+Regional files (``region=True``, what download-time subsetting writes): the same conventions on a
+lat/lon box cut from the contract grid. Latitudes still run north → south and longitudes west → east
+at the grid's steps; longitudes may pass 360 (a box across 0° continues 350 … 370). The GRIB2 grid
+is then the box's first/last latitude and longitude; a box across 180° (170 … 190) is written as
+such. A box across 0° is refused for GRIB2: the format holds longitudes 0 … 360 only, so it would
+be stored wrapped (first 350, last 10), which ecCodes ≥ 2.27 and cfgrib read back with the columns
+sorted into the wrong places (ecmwf/ecmwflibs#10).
 """
 
 from __future__ import annotations
@@ -58,9 +66,9 @@ def write_formats(ds: xr.Dataset, run_dir: Path, formats: Sequence[str]) -> list
     return out
 
 
-def write_netcdf(ds: xr.Dataset, path: Path) -> Path:
+def write_netcdf(ds: xr.Dataset, path: Path, *, region: bool = False) -> Path:
     """Write ``ds`` as CF-1.8 NetCDF-4 at ``path`` (zlib, one chunk per lead), copied lead by lead if lazy."""
-    validate_forecast(ds)
+    _validate(ds, region)
     _check_whole_hours(ds)
     ds = ds.copy()
     for var in ds.variables.values():
@@ -101,11 +109,12 @@ def write_netcdf(ds: xr.Dataset, path: Path) -> Path:
     return path
 
 
-def write_grib2(ds: xr.Dataset, path: Path) -> Path:
+def write_grib2(ds: xr.Dataset, path: Path, *, region: bool = False) -> Path:
     """Write ``ds`` as GRIB2 at ``path`` with ecCodes, one message per lead, member, variable and level."""
     import eccodes
 
-    validate_forecast(ds)
+    _validate(ds, region)
+    check_grib_grid(ds)
     _check_whole_hours(ds)
     names = [n for n in VARIABLES if n in ds.data_vars]  # vocabulary order: the same file however ds was opened
     missing = [n for n in names if not VARIABLES[n].param_id]
@@ -151,21 +160,40 @@ def _levels(da: xr.DataArray, values: np.ndarray) -> Iterator[tuple[int | None, 
         yield int(level), values[i]
 
 
-def _set_grid(handle: Any, ds: xr.Dataset) -> None:
-    import eccodes
-
+def check_grib_grid(ds: xr.Dataset) -> None:
+    """Raise ``ValueError`` naming the problem if GRIB2 cannot hold the lat/lon grid of ``ds`` exactly."""
     lat, lon = ds["latitude"].values, ds["longitude"].values
-    dlat, dlon = 180.0 / (lat.size - 1), 360.0 / lon.size
+    dlat, dlon = _step(ds, "latitude"), _step(ds, "longitude")
     for what, step in (("latitude", dlat), ("longitude", dlon)):
         # GRIB2 stores angles in micro-degrees: a step it cannot hold would misplace every point.
         if abs(step * 1e6 - round(step * 1e6)) > 1e-6:
             raise ValueError(f"GRIB2 cannot hold a {what} step of {step!r}° (it stores micro-degrees); "
                              f"grid {lat.size}x{lon.size} needs NetCDF")
+    if lon[0] < 0 or lon[-1] >= 360:
+        raise ValueError(f"GRIB2 cannot hold longitudes {lon[0]:g} … {lon[-1]:g} readably: its longitudes run "
+                         "0 … 360, and a grid crossing 0° is read back misordered by ecCodes and cfgrib")
+
+
+def _step(ds: xr.Dataset, dim: str) -> float:
+    # From the coordinate (both ends over the count, so rounding does not accumulate); a single row or
+    # column keeps the step of the grid it was cut from, which subsetting records as an ACDD attribute.
+    values = np.asarray(ds[dim].values, dtype=float)
+    if values.size >= 2:
+        return abs(float(values[-1] - values[0])) / (values.size - 1)
+    return float(ds.attrs.get(f"geospatial_{dim[:3]}_resolution", 1.0))
+
+
+def _set_grid(handle: Any, ds: xr.Dataset) -> None:
+    import eccodes
+
+    lat, lon = ds["latitude"].values, ds["longitude"].values
     for key, value in (("Ni", lon.size), ("Nj", lat.size),
-                       ("latitudeOfFirstGridPointInDegrees", 90.0), ("longitudeOfFirstGridPointInDegrees", 0.0),
-                       ("latitudeOfLastGridPointInDegrees", -90.0),
-                       ("longitudeOfLastGridPointInDegrees", 360.0 - dlon),
-                       ("iDirectionIncrementInDegrees", dlon), ("jDirectionIncrementInDegrees", dlat),
+                       ("latitudeOfFirstGridPointInDegrees", float(lat[0])),
+                       ("longitudeOfFirstGridPointInDegrees", float(lon[0])),
+                       ("latitudeOfLastGridPointInDegrees", float(lat[-1])),
+                       ("longitudeOfLastGridPointInDegrees", float(lon[-1])),
+                       ("iDirectionIncrementInDegrees", _step(ds, "longitude")),
+                       ("jDirectionIncrementInDegrees", _step(ds, "latitude")),
                        ("iScansNegatively", 0), ("jScansPositively", 0)):
         eccodes.codes_set(handle, key, value)
 
@@ -200,6 +228,38 @@ def _write_message(out: Any, base: Any, param_id: int, level: int | None, lead: 
         eccodes.codes_write(handle, out)
     finally:
         eccodes.codes_release(handle)
+
+
+def _validate(ds: xr.Dataset, region: bool) -> None:
+    if not region:
+        validate_forecast(ds)
+        return
+    validate_region(ds)
+
+
+def validate_region(ds: xr.Dataset, what: str = "forecast subset") -> xr.Dataset:
+    """Check a forecast cut to a lat/lon box: the contract, except the grid is any regular box of it."""
+    lat = np.asarray(ds["latitude"].values, dtype=float) if "latitude" in ds.coords else np.empty(0)
+    lon = np.asarray(ds["longitude"].values, dtype=float) if "longitude" in ds.coords else np.empty(0)
+    if lat.size == 0 or lon.size == 0:
+        raise ValueError(f"{what}: needs at least one latitude and one longitude")
+    if np.any(np.abs(lat) > 90) or not _regular(lat, decreasing=True):
+        raise ValueError(f"{what}: latitude must run north to south in equal steps within ±90")
+    if not _regular(lon, decreasing=False):
+        raise ValueError(f"{what}: longitude must run west to east in equal steps")
+    # The rest of the contract (dims, times, names, units) is the global one's: check it on a global stand-in.
+    stand_in = ds.isel(latitude=[0] * 3, longitude=[0] * 4).assign_coords(
+        latitude=[90.0, 0.0, -90.0], longitude=[0.0, 90.0, 180.0, 270.0])
+    stand_in.attrs = {k: v for k, v in ds.attrs.items() if k != "grid"}
+    validate_forecast(stand_in, what)
+    return ds
+
+
+def _regular(values: np.ndarray, decreasing: bool) -> bool:
+    steps = np.diff(values)
+    if steps.size == 0:
+        return True
+    return bool(np.all(steps < 0) if decreasing else np.all(steps > 0)) and bool(np.allclose(steps, steps[0]))
 
 
 def _check_whole_hours(ds: xr.Dataset) -> None:
