@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,20 @@ def training_run(checkpoint: Path, entry: dict[str, Any] | None = None) -> dict[
 
 def lineage(config: Config, run: str) -> dict[str, Any]:
     """The lineage record of published forecast run ``run``; ``ValueError`` for a run that is not published."""
+    p = config.paths
+    return lineage_at(run, p.forecasts, p.runs, p.verification, stats_file=p.stats_file,
+                      analysis_store=p.analysis_store)
+
+
+def lineage_at(run: str, forecasts: Path, runs_dir: Path, verification: Path | None,
+               stats_file: Path | None = None, analysis_store: Path | None = None,
+               sha256: Callable[[Path], str] = sha256_file) -> dict[str, Any]:
+    """The lineage record of run ``run`` from the directories it is read from (a missing stats file or store: unknown).
+
+    ``sha256`` hashes the checkpoint, manifest and scores files (a server passes a cached one).
+    """
     parse_run_name(run)
-    forecasts = config.paths.forecasts
+    forecasts, runs_dir = Path(forecasts), Path(runs_dir)
     if run not in list_runs(forecasts):
         known = list_runs(forecasts)
         hint = f"published: {', '.join(known[-5:])}" if known else "no run is published there"
@@ -143,7 +156,6 @@ def lineage(config: Config, run: str) -> dict[str, Any]:
     if "checkpoint" not in prov or "checkpoint_sha256" not in prov:
         raise ValueError(f"manifest of run {run} records no checkpoint and checkpoint_sha256 in its provenance")
     checkpoint, digest = Path(prov["checkpoint"]), str(prov["checkpoint_sha256"])
-    runs_dir = config.paths.runs
     entries = [e for e in read_jsonl(runs_dir / REGISTRY) if e.get("sha256") == digest]
     entry = entries[-1] if entries else None
     training = training_run(checkpoint, entry)
@@ -151,7 +163,7 @@ def lineage(config: Config, run: str) -> dict[str, Any]:
     promotions = [p for p in read_jsonl(runs_dir / PROMOTIONS) if p.get("candidate_sha256") == digest]
     # A relative path in the manifest is relative to where the forecast ran; the registry holds it resolved.
     on_disk = checkpoint if checkpoint.is_file() or entry is None else Path(entry["checkpoint"])
-    now_sha = sha256_file(on_disk) if on_disk.is_file() else None
+    now_sha = sha256(on_disk) if on_disk.is_file() else None
     record_ckpt = {"path": str(checkpoint), "sha256": digest, "file_now": "missing" if now_sha is None else
                    ("same" if now_sha == digest else f"changed (sha256 {now_sha})"),
                    "registered_at": entry.get("registered_at") if entry else None,
@@ -162,17 +174,18 @@ def lineage(config: Config, run: str) -> dict[str, Any]:
     inputs = training.pop("inputs")
     if inputs is not None:
         stats = {**inputs["stats"], "recorded_at_training": True}
-    elif config.paths.stats_file.is_file():
-        stats = {**stats_identity(config.paths.stats_file), "recorded_at_training": False}
+    elif stats_file is not None and Path(stats_file).is_file():
+        stats = {**stats_identity(Path(stats_file)), "recorded_at_training": False}
     else:
         stats = None
     dataset = {"dataset_version": prov.get("dataset_version"),
-               "store": str(config.paths.analysis_store),
-               "store_version_now": _store_version(config.paths.analysis_store)}
-    scores_file = config.paths.verification / run / "scores.json"
-    scores = {"path": str(scores_file), "sha256": sha256_file(scores_file)} if scores_file.is_file() else None
+               "store": str(analysis_store) if analysis_store is not None else None,
+               "store_version_now": _store_version(Path(analysis_store)) if analysis_store is not None else None}
+    scores_file = Path(verification) / run / "scores.json" if verification is not None else None
+    scores = ({"path": str(scores_file), "sha256": sha256(scores_file)}
+              if scores_file is not None and scores_file.is_file() else None)
     forecast = {"name": run, "init_time": manifest["init_time"], "created": manifest.get("created"),
-                "dir": str(run_dir), "manifest_sha256": sha256_file(run_dir / MANIFEST),
+                "dir": str(run_dir), "manifest_sha256": sha256(run_dir / MANIFEST),
                 "code_version": prov.get("code_version"), "lead_hours": prov.get("lead_hours"),
                 "init_source": prov.get("init_source"), "init_store_kind": prov.get("init_store_kind")}
     return {"run": run, "dataset": dataset, "stats": stats, "checkpoint": record_ckpt, "forecast": forecast,
