@@ -9,8 +9,11 @@ directory (a symlink cannot point a download elsewhere). Raw request strings nev
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,11 @@ from serve.layout import MAPS_DIR, map_index, map_relpath
 
 log = logging.getLogger(__name__)
 
+# The run-name format as OpenAPI documents it: real months, days ≤ 31 and hours ≤ 23. A name it admits that
+# is no calendar date (20000230T00) is a 404, not a 422: the request is well formed, the run cannot exist.
+RUN_PATTERN = r"^[0-9]{4}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3])$"
+_RUN_PATTERN_RE = re.compile(RUN_PATTERN.removesuffix("$") + r"\Z")
+
 class BadParameter(ValueError):
     """A request parameter is malformed (HTTP 422)."""
 
@@ -31,7 +39,7 @@ class NotFound(LookupError):
 
 
 class CatalogError(RuntimeError):
-    """A published run is inconsistent with its manifest (HTTP 500)."""
+    """A published run is inconsistent with its manifest (HTTP 503, neutral body)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,15 @@ class Catalog:
         """Published runs, oldest first (staging ``.tmp-*`` directories are never listed)."""
         return list_runs(self.forecasts_dir)
 
+    def select(self, since: datetime | None = None, until: datetime | None = None) -> list[str]:
+        """Published runs with ``since <= init time < until``, newest first (bounds naive UTC, either may be None)."""
+        out = []
+        for name in reversed(self.run_names()):
+            init = parse_run_name(name).to_pydatetime()
+            if (since is None or init >= since) and (until is None or init < until):
+                out.append(name)
+        return out
+
     def latest(self) -> str:
         """Name of the newest published run."""
         names = self.run_names()
@@ -82,12 +99,13 @@ class Catalog:
 
     def run_dir(self, run: str) -> Path:
         """Directory of a published run, after checking the name's form and that it is listed."""
-        if not RUN_NAME_RE.match(run):
-            raise BadParameter(f"run {run!r} is not a run name (expected YYYYMMDDTHH, e.g. 20000101T00)")
+        if not (RUN_NAME_RE.match(run) and _RUN_PATTERN_RE.match(run)):
+            raise BadParameter(f"run {run!r} is not a run name (expected YYYYMMDDTHH with a real month, "
+                               "day and hour, e.g. 20000101T00)")
         try:
             parse_run_name(run)
-        except ValueError as exc:  # the right shape, but no such date or hour (20001340T00)
-            raise BadParameter(str(exc)) from None
+        except ValueError:  # well formed, but no such day (20000230T00): no run can have that name
+            raise NotFound(f"no run {run!r} ({run} is not a calendar date)") from None
         if run not in self.run_names():
             raise NotFound(f"run {run!r} is not a published run")
         return self.forecasts_dir / run
@@ -119,10 +137,10 @@ class Catalog:
             "valid_times": [(init + pd.Timedelta(hours=h)).isoformat() for h in leads],
         }
 
-    def entries(self) -> list[dict[str, Any]]:
-        """Entries of every published run with a readable manifest, oldest first."""
+    def entries(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Entries of the given runs (default: every published run, oldest first) whose manifest is readable."""
         out = []
-        for run in self.run_names():
+        for run in self.run_names() if names is None else names:
             try:
                 out.append(self.entry(run))
             except (NotFound, CatalogError) as exc:
@@ -170,3 +188,102 @@ class Catalog:
             leads = ", ".join(str(h) for h in maps[channel])
             raise NotFound(f"run {run!r} has no map of {channel!r} at lead {lead} h (leads: {leads})")
         return self.file(run, map_relpath(channel, lead))
+
+
+def parse_time_bound(name: str, value: str | None, upper: bool) -> datetime | None:
+    """A ``since``/``until`` value (ISO date or datetime) as a naive UTC bound; an ``until`` date covers its whole day.
+
+    The bound returned for ``until`` is exclusive, so ``until=2000-01-01`` admits 2000-01-01T18.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            if not upper:
+                return datetime.combine(day, datetime.min.time())
+            return None if day == date.max else datetime.combine(day + timedelta(days=1), datetime.min.time())
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadParameter(f"query parameter {name!r} ({value!r}) is not an ISO 8601 date or datetime "
+                           "(e.g. 2000-01-01 or 2000-01-01T06:00Z)") from None
+    offset = moment.utcoffset()
+    naive = moment.replace(tzinfo=None)
+    if offset:
+        try:
+            naive -= offset
+        except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before the first representable instant
+            naive = datetime.min if offset > timedelta(0) else datetime.max
+    if not upper:
+        return naive
+    return None if naive == datetime.max else naive + timedelta(microseconds=1)
+
+
+# An absolute POSIX path inside any string (not the path part of a URL: that follows a host name).
+_ABS_PATH = re.compile(r"(?:file://(?=/)|(?<![\w.~:/\\-]))/(?:[^\s/'\"]+/)*(?P<name>[^\s/'\"]*)")
+
+
+def public(value: Any) -> Any:
+    """A JSON value with every absolute server path (in keys and strings) cut to its last component."""
+    if isinstance(value, dict):
+        return {public(k): public(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [public(v) for v in value]
+    if isinstance(value, str) and "/" in value:
+        return _ABS_PATH.sub(lambda m: m["name"], value)
+    return value
+
+
+def cached_sha256(path: Path) -> str:
+    """The sha256 of a file by its identity on disk (a checkpoint is hashed once, not per request)."""
+    st = path.stat()
+    return file_sha256(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def zarr_variables(catalog: Catalog, run: str) -> list[dict[str, Any]]:
+    """Variables of a run's forecast.zarr from its arrays' ``zarr.json`` (metadata only) and the map channels."""
+    from core.variables import VARIABLES, parse_channel
+
+    files = catalog.manifest(run)["files"]
+    levels: dict[str, list[int]] = {}
+    for channel in map_index(files):
+        name, level = parse_channel(channel)
+        if level is not None:
+            levels.setdefault(name, []).append(level)
+    out = []
+    for rel in sorted(files):
+        parts = rel.split("/")
+        if len(parts) != 3 or parts[0] != "forecast.zarr" or parts[2] != "zarr.json":
+            continue
+        try:
+            meta = json.loads(catalog.file(run, rel).path.read_bytes())
+        except ValueError as exc:
+            raise CatalogError(f"run {run!r}: {rel} is not JSON ({exc})") from None
+        dims = list(meta.get("dimension_names") or [])
+        if meta.get("node_type") != "array" or "lead_time" not in dims or "latitude" not in dims:
+            continue  # a coordinate, not a forecast variable
+        attrs, name = meta.get("attributes") or {}, parts[1]
+        known = VARIABLES.get(name)
+        out.append({"name": name, "long_name": attrs.get("long_name") or (known.long_name if known else None),
+                    "units": attrs.get("units") or (known.units if known else None),
+                    "standard_name": attrs.get("standard_name") or (known.standard_name if known else None) or None,
+                    "dims": dims, "levels": sorted(levels.get(name, [])) if "level" in dims else None})
+    return out
+
+
+def scores_summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """Per channel the model's RMSE and ACC (and persistence RMSE) at each scored lead, from a run's scores.json."""
+    channels = list(payload.get("channels") or [])
+    per: dict[str, dict[str, list[Any]]] = {
+        ch: {"lead_hours": [], "rmse": [], "acc": [], "persistence_rmse": []} for ch in channels}
+    for lead in payload.get("leads") or []:
+        scores = lead.get("scores") or {}
+        model, persistence = scores.get("model") or {}, scores.get("persistence") or {}
+        for ch in channels:
+            per[ch]["lead_hours"].append(int(lead["lead_hours"]))
+            per[ch]["rmse"].append((model.get("rmse") or {}).get(ch))
+            per[ch]["acc"].append((model.get("acc") or {}).get(ch))
+            per[ch]["persistence_rmse"].append((persistence.get("rmse") or {}).get(ch))
+    return {"scored_at": payload.get("scored_at"), "dataset_version": payload.get("dataset_version"),
+            "pending_leads": payload.get("pending_leads"), "channels": per}

@@ -108,7 +108,7 @@ async function init() {
     return;
   }
   const wanted = readHash();
-  const names = state.runs.map((r) => r.name).reverse(); // newest first
+  const names = state.runs.map((r) => r.name); // the listing is newest first
   fillSelect($("run"), names, (n) => formatTime(state.runs.find((r) => r.name === n).init_time), wanted.run);
   setStatus(`${state.runs.length} run(s)`, false);
   selectRun($("run").value, wanted);

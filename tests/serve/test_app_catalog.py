@@ -24,8 +24,8 @@ def test_health_counts_published_runs(client: TestClient) -> None:
 def test_runs_lists_published_runs_only(client: TestClient, forecasts_dir: Path) -> None:
     assert any(p.name.startswith(".tmp-") for p in forecasts_dir.iterdir())
     runs = client.get("/runs").json()
-    assert [r["name"] for r in runs] == ["20000101T00", "20000101T06"]
-    first = runs[0]
+    assert [r["name"] for r in runs] == ["20000101T06", "20000101T00"]  # newest first
+    first = runs[1]
     assert first["init_time"] == "2000-01-01T00:00:00"
     assert first["channels"] == CHANNELS
     assert first["lead_hours"] == [0, 6, 12, 18, 24]
@@ -33,7 +33,7 @@ def test_runs_lists_published_runs_only(client: TestClient, forecasts_dir: Path)
     assert "forecast.nc" in first["files"] and "manifest.json" in first["files"]
     assert "forecast.zarr/zarr.json" in first["files"]
     assert not any(f.startswith("maps/") for f in first["files"])
-    assert runs[1]["lead_hours"] == [0, 6, 12]
+    assert runs[0]["lead_hours"] == [0, 6, 12]
 
 
 def test_latest_is_the_newest_run(client: TestClient) -> None:
@@ -52,13 +52,16 @@ def test_latest_without_runs_is_404(tmp_path: Path) -> None:
     assert (health["status"], health["runs"], health["schedule"]["status"]) == ("ok", 0, "late")
 
 
-def test_manifest_is_the_one_on_disk(client: TestClient, run_dir: Path) -> None:
+def test_run_detail_carries_the_manifest_on_disk(client: TestClient, run_dir: Path) -> None:
     response = client.get("/runs/20000101T00")
     assert response.status_code == 200
-    manifest = response.json()
-    assert manifest == read_manifest(run_dir)
-    assert manifest["provenance"]["dataset_version"] == "testing-0"
-    assert "maps/geopotential_500/024.png" in manifest["files"]
+    detail = response.json()
+    on_disk = read_manifest(run_dir)
+    assert {k: detail[k] for k in on_disk if k != "files"} == {k: v for k, v in on_disk.items() if k != "files"}
+    assert {rel: {"size": f["size"], "sha256": f["sha256"]} for rel, f in detail["files"].items()
+            if rel != "manifest.json"} == on_disk["files"]
+    assert detail["provenance"]["dataset_version"] == "testing-0"
+    assert "maps/geopotential_500/024.png" in detail["files"]
 
 
 def test_settings_dependency_can_be_overridden(client: TestClient, tmp_path: Path) -> None:
@@ -77,7 +80,9 @@ def test_a_republished_run_is_seen_at_once(tmp_path: Path) -> None:
     publish_run(forecasts, make_forecast(leads=3))
     assert app_client.get("/runs/latest").json()["lead_hours"] == [0, 6, 12]
     on_disk = json.loads((forecasts / "20000101T00" / "manifest.json").read_text())
-    assert app_client.get("/runs/20000101T00").json()["files"] == on_disk["files"]
+    served = app_client.get("/runs/20000101T00").json()["files"]
+    assert {rel: {k: f[k] for k in ("size", "sha256")} for rel, f in served.items() if rel != "manifest.json"} \
+        == on_disk["files"]
 
 
 def test_openapi_documents_the_routes(client: TestClient) -> None:

@@ -37,16 +37,20 @@ def served(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     thread.join(10)
 
 
-def test_impossible_run_names_are_422_and_the_connection_stays_open(served: tuple[int, Path]) -> None:
+def test_impossible_run_names_are_4xx_and_the_connection_stays_open(served: tuple[int, Path]) -> None:
     port, _ = served
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    for path in ("/runs/20001340T00", "/runs/20000230T00/files/forecast.nc", "/runs/20000101T00%0a",
-                 "/runs/20000101T24/maps/geopotential_500/000.png"):
+    for path in ("/runs/20001340T00", "/runs/20000101T00%0a", "/runs/20000101T24/maps/geopotential_500/000.png"):
         conn.request("GET", path)
         response = conn.getresponse()
         body = response.read()
         assert response.status == 422, (path, body)
         assert b"not a run name" in body
+    # The documented run-name pattern admits 30 February: well formed, so no such run (404), not a 422.
+    conn.request("GET", "/runs/20000230T00/files/forecast.nc")
+    response = conn.getresponse()
+    body = response.read()
+    assert response.status == 404 and b"20000230T00 is not a calendar date" in body, body
     conn.request("GET", "/runs/20000101T00")  # the same connection still answers
     response = conn.getresponse()
     assert response.status == 200 and response.read()
