@@ -8,12 +8,13 @@ Secrets never live here: cdsapi reads ``~/.cdsapirc`` or ``CDSAPI_URL``/``CDSAPI
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from core.config_base import Moment, _Section
 from core.config_ingest import CdsConfig, FilesConfig, IngestConfig, MirrorConfig, SyntheticConfig
@@ -155,11 +156,64 @@ class RenderConfig(_Section):
     """Directory in cartopy's Natural Earth layout; default the copy shipped inside serve/."""
 
 
+_ORIGIN_RE = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?\Z")
+_ROOT_PATH_RE = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*\Z")
+
+
+def check_root_path(value: str) -> str:
+    """A URL prefix the app is mounted under behind a proxy: empty, or ``/a/b`` (no trailing slash, no query)."""
+    if not _ROOT_PATH_RE.match(value):
+        raise ValueError(f"{value!r} is not a URL path prefix: use '' or e.g. '/spherecast' "
+                         "(starts with '/', no trailing '/', no query, no spaces)")
+    return value
+
+
+def check_cors_origins(values: list[str]) -> list[str]:
+    """Browser origins allowed cross-origin: ``*`` alone, or ``scheme://host[:port]`` each (no path)."""
+    if "*" in values and len(values) > 1:
+        raise ValueError("'*' allows every origin and cannot be combined with other origins")
+    for value in values:
+        if value != "*" and not _ORIGIN_RE.match(value):
+            raise ValueError(f"{value!r} is not an origin: use scheme://host[:port], e.g. https://maps.example.org "
+                             "(no path, no trailing '/'), or '*'")
+    return values
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     """Interface the HTTP server binds to."""
-    port: int = 8000
-    """Port of the HTTP server."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port of the HTTP server (0: any free port)."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Server processes (uvicorn workers); more than one shares the port and aggregates /metrics across them."""
+    root_path: str = ""
+    """URL prefix the app is served under behind a reverse proxy that strips it (e.g. ``/spherecast``)."""
+    cors_origins: list[str] = []
+    """Browser origins allowed to call the API cross-origin; empty: no CORS headers at all."""
+    catalog_max_age_s: int = Field(default=60, ge=0, le=86_400)
+    """``Cache-Control: max-age`` of catalog JSON answers (run files keep ``no-cache`` with their ETag); 0: no-cache."""
+    request_timeout_s: float | None = Field(default=120.0, gt=0, le=3600)
+    """A request whose answer has not started within this many seconds gets 503 (a started stream is never cut); None: no limit."""
+    timeout_keep_alive_s: int = Field(default=5, ge=1, le=300)
+    """Seconds an idle keep-alive connection stays open."""
+    limit_concurrency: int | None = Field(default=256, ge=1, le=100_000)
+    """Connections and tasks one worker serves at once before answering 503; None: unlimited."""
+    shutdown_timeout_s: float = Field(default=10.0, ge=0, le=600)
+    """On SIGINT/SIGTERM, seconds open requests (long downloads) may finish before they are closed."""
+    subset_max_bytes: int = Field(default=1 << 30, ge=1)
+    """Largest estimated (uncompressed) download subset; larger answers 413 with the estimate."""
+    area_max_points: int = Field(default=1_000_000, ge=1)
+    """Most values (points × parameters × times) one EDR area query may return; more answers 413."""
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        return check_root_path(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors_origins(cls, value: list[str]) -> list[str]:
+        return check_cors_origins(value)
 
 
 class Config(_Section):

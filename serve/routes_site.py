@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import FileResponse
 
 from core.retention import run_status
@@ -20,8 +20,12 @@ router = APIRouter(tags=["site"])
 
 @router.head("/health", include_in_schema=False)
 @router.get("/health", summary="Liveness, number of published runs, and the newest run's age against the schedule")
-def health(settings: Annotated[ServeSettings, Depends(get_settings)]) -> dict[str, Any]:
-    """``{"status": "ok", "runs": N, "schedule": {...}}``: the service is up; ``schedule.status`` is ok or late."""
+def health(settings: Annotated[ServeSettings, Depends(get_settings)], response: Response) -> dict[str, Any]:
+    """Liveness, always 200 while the process answers: ``{"status": "ok", "runs": N, "schedule": {...}}``.
+
+    ``schedule.status`` is ok or late; ``/ready`` turns that judgement into 503 for load balancers.
+    """
+    response.headers["Cache-Control"] = "no-store"  # a probe must see this moment, never a cached answer
     return {"status": "ok", "runs": len(Catalog(settings.forecasts_dir).run_names()),
             "schedule": run_status(settings.forecasts_dir, settings.cycle_hours, settings.wait_minutes)}
 

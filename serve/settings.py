@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.config import Config
+from core.config import Config, check_cors_origins, check_root_path
 
 
 class ServeSettings(BaseModel):
@@ -35,13 +35,35 @@ class ServeSettings(BaseModel):
     """Largest estimated (uncompressed) subset a request may ask for; larger answers 413 with the estimate."""
     area_max_points: int = Field(default=1_000_000, ge=1)
     """Most values (points × parameters × times) one EDR area query may return; more answers 413."""
+    root_path: str = ""
+    """URL prefix the app is served under behind a reverse proxy that strips it (``/spherecast``); '' for none."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed cross-origin (``*`` for any); empty: no CORS headers."""
+    catalog_max_age_s: int = Field(default=60, ge=0, le=86_400)
+    """``Cache-Control: max-age`` of catalog JSON answers that set no policy of their own; 0: ``no-cache``."""
+    request_timeout_s: float | None = Field(default=120.0, gt=0, le=3600)
+    """Seconds a request may take to start its answer before it gets 503; ``None``: no limit."""
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        return check_root_path(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_cors_origins(list(value)))
 
 
 def settings_from_config(config: Config) -> ServeSettings:
     """Derive the service settings from the project config."""
+    serve = config.serve
     return ServeSettings(forecasts_dir=config.paths.forecasts, cycle_hours=config.forecast.cycle_hours,
                          wait_minutes=config.forecast.wait_minutes, verification_dir=config.paths.verification,
-                         runs_dir=config.paths.runs)
+                         runs_dir=config.paths.runs, subset_max_bytes=serve.subset_max_bytes,
+                         area_max_points=serve.area_max_points, root_path=serve.root_path,
+                         cors_origins=tuple(serve.cors_origins), catalog_max_age_s=serve.catalog_max_age_s,
+                         request_timeout_s=serve.request_timeout_s)
 
 
 def get_settings(request: Request) -> ServeSettings:
