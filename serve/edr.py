@@ -175,15 +175,20 @@ def parse_z(text: str | None, data: RunData, pressure: bool) -> np.ndarray | Non
         return np.arange(levels.size)
     known = ", ".join(str(v) for v in levels)
     try:
-        if "/" in text:
-            lo, hi = sorted(float(v) for v in text.split("/"))
-            idx = np.flatnonzero((levels >= lo) & (levels <= hi))
-            if idx.size == 0:
-                raise BadParameter(f"z interval {text!r} holds no level of run {data.run}; levels: {known}")
-            return idx
-        wanted = [float(v) for v in text.split(",")]
+        bounds = [float(v) for v in text.split("/")] if "/" in text else None
+        wanted = [] if bounds else [float(v) for v in text.split(",")]
     except ValueError:
         raise BadParameter(f"z {text[:40]!r} is not a level, a list 'a,b' or an interval 'a/b' (hPa)") from None
+    if not np.all(np.isfinite(bounds or wanted)):
+        raise BadParameter(f"z {text[:40]!r} must be finite pressure levels (hPa)")
+    if bounds is not None:
+        if len(bounds) != 2:
+            raise BadParameter(f"z {text[:40]!r} is not an interval 'a/b' (hPa)")
+        lo, hi = min(bounds), max(bounds)
+        idx = np.flatnonzero((levels >= lo) & (levels <= hi))
+        if idx.size == 0:
+            raise BadParameter(f"z interval {text[:40]!r} holds no level of run {data.run}; levels: {known}")
+        return idx
     idx = []
     for v in wanted:
         hit = np.flatnonzero(levels == v)
@@ -289,8 +294,8 @@ def inside(ring: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def area_domain(data: RunData, ring: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows, columns (grid indices) of the polygon's bounding grid box and the inside mask (rows × cols).
 
-    Columns are listed in the polygon's own longitude frame: a polygon over 170 … 190 gets the
-    columns at 170 … 180 then 0 … 10 (reported as 180 … 190).
+    Columns are listed in the polygon's own longitude frame: a polygon over −10 … 10 gets the
+    columns stored at 350 … 360−Δ (reported as −10 … −Δ) then 0 … 10.
     """
     west, east = ring[:, 0].min(), ring[:, 0].max()
     south, north = ring[:, 1].min(), ring[:, 1].max()

@@ -251,6 +251,8 @@ def test_collections_are_edr_metadata_newest_first(client: TestClient) -> None:
     (POS, {"coords": "POINT(0 1)", "parameter-name": "geopotential,t2m"}, "parameter-name"),
     (POS, {"coords": "POINT(0 1)", "z": "850"}, "z"),
     (POS, {"coords": "POINT(0 1)", "z": "x"}, "z"),
+    (POS, {"coords": "POINT(0 1)", "z": "500/nan"}, "z"),
+    (POS, {"coords": "POINT(1e999 1)"}, "longitude"),
     (POS, {"coords": "POINT(0 1)", "f": "GeoJSON"}, "f"),
     (POS, {"coords": "POINT(0 1)", "bbox": "0,0,1,1"}, "bbox"),
     (POS, {"coords": "POINT(0 1)", "crs": "EPSG:3857"}, "crs"),
