@@ -38,7 +38,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "budget_minutes": ("train", "budget_minutes"), "nproc_per_node": ("train", "nproc_per_node"),
         "device": ("train", "device"),
         "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"), "grid": ("forecast", "grid"),
-        "host": ("serve", "host"), "port": ("serve", "port"),
+        "host": ("serve", "host"), "port": ("serve", "port"), "serve_workers": ("serve", "workers"),
     }.items():
         value = getattr(args, attr, None)
         if value is not None:
@@ -63,13 +63,50 @@ def _print_scores(scores: dict[int, Any]) -> None:
         print(f"→ the SFNO {verdict} persistence at 24 h ({rel['model']:.3f} vs {rel['persistence']:.3f})")
 
 
+H11_MAX_INCOMPLETE_EVENT = 64 * 1024  # bytes of request line + headers uvicorn (h11) buffers before refusing the request
+
+
 def _serve(config: Any) -> None:
+    """Run the HTTP server: in this process, or as ``serve.workers`` uvicorn worker processes sharing the port."""
+    import json
+    import tempfile
+    import threading
+
     import uvicorn
 
-    from serve.app import app_from_config
+    from core.config import dump_config
+    from serve.app import CONFIG_ENV, app_from_config
+    from serve.metrics import MULTIPROC_ENV
 
-    print(f"serving {config.paths.forecasts} on http://{config.serve.host}:{config.serve.port}/ (Ctrl-C stops)")
-    uvicorn.run(app_from_config(config), host=config.serve.host, port=config.serve.port, log_level="info")
+    serve = config.serve
+    options: dict[str, Any] = {
+        "host": serve.host, "port": serve.port, "log_level": "info", "timeout_keep_alive": serve.timeout_keep_alive_s,
+        "limit_concurrency": serve.limit_concurrency, "h11_max_incomplete_event_size": H11_MAX_INCOMPLETE_EVENT,
+        "timeout_graceful_shutdown": serve.shutdown_timeout_s}
+    # Worker processes need the main thread's signal handling; the demo serves from a background thread.
+    workers = serve.workers if threading.current_thread() is threading.main_thread() else 1
+    print(f"serving {config.paths.forecasts} on http://{serve.host}:{serve.port}{serve.root_path}/ "
+          f"with {workers} worker{'s' if workers > 1 else ''} (Ctrl-C stops)")
+    if workers == 1:
+        uvicorn.run(app_from_config(config), **options)
+        return
+    with tempfile.TemporaryDirectory(prefix="spherecast-serve-") as tmp:
+        # Workers import the app by name, so they get the resolved config through a file, and their metrics
+        # through a fresh multiprocess directory (stale counts of an earlier server must not be summed in).
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(json.dumps(dump_config(config)))
+        metrics_dir = Path(tmp) / "metrics"
+        metrics_dir.mkdir()
+        saved = {key: os.environ.get(key) for key in (CONFIG_ENV, MULTIPROC_ENV)}
+        os.environ[CONFIG_ENV], os.environ[MULTIPROC_ENV] = str(config_file), str(metrics_dir)
+        try:
+            uvicorn.run("serve.app:app_from_env", factory=True, workers=workers, **options)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _data(config: Any, args: argparse.Namespace) -> int:
@@ -266,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", "Serve published runs, maps and the viewer over HTTP.")
     p.add_argument("--host", help="interface to bind")
     p.add_argument("--port", type=int, help="port")
+    p.add_argument("--workers", type=int, dest="serve_workers",
+                   help="server processes sharing the port (serve.workers); /metrics covers them all")
     return parser
 
 
