@@ -232,17 +232,14 @@ def parse_datetime(text: str | None, data: RunData) -> np.ndarray:
     return idx
 
 
-def parse_member(text: str | None, data: RunData) -> int | None:
-    """``member`` of an ensemble run (default 0, the control); refused on a deterministic run."""
+def parse_member(member: int | None, data: RunData) -> int | None:
+    """Index of the ``member`` asked for (default 0, the control); a deterministic run has member 0 only."""
+    count = max(data.members, 1)
+    if member is not None and not 0 <= member < count:
+        raise NotFound(f"member {member} is not a member of run {data.run} (members: 0 … {count - 1})")
     if data.members == 0:
-        if text is not None:
-            raise BadParameter(f"member is given but run {data.run} is not an ensemble")
-        return None
-    if text is None:
-        return 0
-    if not text.strip().isdigit() or int(text) >= data.members:
-        raise BadParameter(f"member {text[:20]!r} is not a member of run {data.run} (0 … {data.members - 1})")
-    return int(text)
+        return None  # no member dimension to select on
+    return member or 0
 
 
 # Reading ------------------------------------------------------------------------------------------

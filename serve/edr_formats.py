@@ -20,7 +20,6 @@ from serve.edr import Answer, RunData
 
 COVJSON = "application/prs.coverage+json"
 CSV = "text/csv"
-FORMATS = {"coveragejson": "CoverageJSON", "covjson": "CoverageJSON", "csv": "CSV"}
 OUTPUT_FORMATS = ["CoverageJSON", "CSV"]
 CRS84 = "http://www.opengis.net/def/crs/OGC/1.3/CRS84"
 CRS84_WKT = ('GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'

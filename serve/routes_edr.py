@@ -5,7 +5,7 @@ Each published run is one collection (id = run name). See docs/edr.md for the co
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from serve import edr
 from serve.catalog import BadParameter, Catalog, CatalogError, NotFound
-from serve.edr_formats import COVJSON, CSV, FORMATS, collection, coverage, to_csv
+from serve.edr_formats import COVJSON, CSV, collection, coverage, to_csv
 from serve.errors import error_responses
 from serve.settings import ServeSettings, get_settings
 
@@ -22,23 +22,36 @@ router = APIRouter(prefix="/collections", tags=["edr"])
 SettingsDep = Annotated[ServeSettings, Depends(get_settings)]
 RunParam = Annotated[str, PathParam(description="Run name (the collection id), the init time as YYYYMMDDTHH",
                                     examples=["20000101T00"])]
-ParamNames = Annotated[str | None, Query(alias="parameter-name", description=(
+_NUM = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_PAIR = rf"\s*{_NUM}\s+{_NUM}\s*"
+_INSTANT = r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:T[0-9]{2}(?::[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?)?(?:Z|[+-][0-9]{2}:[0-9]{2})?"
+# The patterns are enforced by FastAPI before the handler runs (422 naming the parameter), so the OpenAPI
+# states exactly which strings are well-formed; whether a well-formed value exists in the run is checked after.
+POINT_PATTERN = rf"^\s*POINT\s*\({_PAIR}\)\s*$"
+POLYGON_PATTERN = rf"^\s*POLYGON\s*\(\s*\({_PAIR}(?:,{_PAIR})*\)\s*\)\s*$"
+DATETIME_PATTERN = rf"^(?:{_INSTANT}|{_INSTANT}/{_INSTANT}|\.\./{_INSTANT}|{_INSTANT}/\.\.|\.\./\.\.)$"
+Z_PATTERN = rf"^(?:\s*{_NUM}\s*(?:,\s*{_NUM}\s*)*|\s*{_NUM}\s*/\s*{_NUM}\s*)$"
+PARAMS_PATTERN = r"^[A-Za-z0-9_]+(?:,[A-Za-z0-9_]+)*$"
+
+ParamNames = Annotated[str | None, Query(alias="parameter-name", pattern=PARAMS_PATTERN, description=(
     "Comma-separated parameters (variables of the run, e.g. `geopotential,temperature`); all of one kind, "
     "pressure-level or single-level. Absent: every parameter of the run."))]
-Datetime = Annotated[str | None, Query(description=(
-    "Valid time(s): an instant, `start/end`, `../end`, `start/..`; absent: every valid time of the run."))]
-Z = Annotated[str | None, Query(description="Pressure level(s) in hPa: `500`, `500,850` or `250/700`; "
-                                            "absent: every level. Only for pressure-level parameters.")]
-Fmt = Annotated[str | None, Query(alias="f", description="Output format: `CoverageJSON` (default) or `CSV`.")]
-Crs = Annotated[str | None, Query(description="Only `CRS84` (longitude, latitude in degrees).")]
-Member = Annotated[str | None, Query(description="Ensemble runs only: the member (default 0, the control).")]
+Datetime = Annotated[str | None, Query(pattern=DATETIME_PATTERN, description=(
+    "Valid time(s), ISO 8601 (UTC if no zone): an instant, `start/end`, `../end`, `start/..`; "
+    "absent: every valid time of the run."))]
+Z = Annotated[str | None, Query(pattern=Z_PATTERN, description=(
+    "Pressure level(s) in hPa: `500`, `500,850` or `250/700`; absent: every level. "
+    "Only for pressure-level parameters."))]
+Fmt = Annotated[Literal["CoverageJSON", "CSV"] | None, Query(alias="f", description="Output format (default CoverageJSON).")]
+Crs = Annotated[Literal["CRS84"] | None, Query(description="Only `CRS84` (longitude, latitude in degrees).")]
+Member = Annotated[int | None, Query(ge=0, description="Ensemble runs: the member (default 0, the control); "
+                                                        "a deterministic run has member 0 only.")]
 QUERY_KEYS = {"coords", "parameter-name", "datetime", "z", "f", "crs", "member"}
 DATA_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "CoverageJSON Coverage, or CSV with `f=CSV`",
           "content": {COVJSON: {"schema": {"type": "object"}}, CSV: {"schema": {"type": "string"}}}},
     **error_responses(404, 413, 422, 503),
 }
-_CRS_NAMES = {"crs84", "ogc:crs84", "http://www.opengis.net/def/crs/ogc/1.3/crs84"}
 
 
 def get_catalog(settings: SettingsDep) -> Catalog:
@@ -53,19 +66,12 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def _check_query(request: Request, fmt: str | None, crs: str | None) -> str:
-    """Refuse unknown query parameters, a bad ``f`` or ``crs``; return the output format."""
+def _check_query(request: Request) -> None:
+    """Refuse query parameters this endpoint does not define (rather than silently ignoring them)."""
     unknown = sorted(set(request.query_params) - QUERY_KEYS)
     if unknown:
         raise BadParameter(f"query parameter {unknown[0]!r} is not understood here; "
                            f"known: {', '.join(sorted(QUERY_KEYS))}")
-    if crs is not None and crs.strip().lower() not in _CRS_NAMES:
-        raise BadParameter(f"crs {crs[:60]!r} is not supported; only CRS84")
-    if fmt is None:
-        return "CoverageJSON"
-    if fmt.strip().lower() not in FORMATS:
-        raise BadParameter(f"f {fmt[:40]!r} is not an output format; known: CoverageJSON, CSV")
-    return FORMATS[fmt.strip().lower()]
 
 
 def _respond(answer: edr.Answer, fmt: str, run: str, kind: str) -> Response:
@@ -104,12 +110,13 @@ def get_collection(run: RunParam, request: Request, catalog: CatalogDep) -> dict
 @router.head("/{run}/position", include_in_schema=False)
 @router.get("/{run}/position", summary="Values at a point", response_class=Response, responses=DATA_RESPONSES)
 def position(run: RunParam, request: Request, catalog: CatalogDep,
-             coords: Annotated[str, Query(description="WKT `POINT(lon lat)`, lon −180 … 360, lat −90 … 90",
+             coords: Annotated[str, Query(pattern=POINT_PATTERN,
+                                          description="WKT `POINT(lon lat)`, lon −180 … 360, lat −90 … 90",
                                           examples=["POINT(2.35 48.85)"])],
              parameter_name: ParamNames = None, datetime: Datetime = None, z: Z = None, f: Fmt = None,
              crs: Crs = None, member: Member = None) -> Response:
     """Bilinear values at a point for the chosen parameters, valid times and levels."""
-    fmt = _check_query(request, f, crs)
+    _check_query(request)
     lon, lat = edr.parse_point(coords)
     data = edr.open_run(catalog, run)
     names = edr.parse_parameters(parameter_name, data)
@@ -117,19 +124,20 @@ def position(run: RunParam, request: Request, catalog: CatalogDep,
     t = edr.parse_datetime(datetime, data)
     levels = edr.parse_z(z, data, pressure)
     answer = edr.position(data, lon, lat, names, t, levels, edr.parse_member(member, data))
-    return _respond(answer, fmt, run, "position")
+    return _respond(answer, f or "CoverageJSON", run, "position")
 
 
 @router.head("/{run}/area", include_in_schema=False)
 @router.get("/{run}/area", summary="Grid values inside a polygon", response_class=Response,
             responses=DATA_RESPONSES)
 def area(run: RunParam, request: Request, catalog: CatalogDep, settings: Annotated[ServeSettings, Depends(get_settings)],
-         coords: Annotated[str, Query(description="WKT `POLYGON((lon lat, …))`, one closed ring, lon −180 … 360",
+         coords: Annotated[str, Query(pattern=POLYGON_PATTERN,
+                                      description="WKT `POLYGON((lon lat, …))`, one closed ring, lon −180 … 360",
                                       examples=["POLYGON((-10 35, 30 35, 30 60, -10 60, -10 35))"])],
          parameter_name: ParamNames = None, datetime: Datetime = None, z: Z = None, f: Fmt = None,
          crs: Crs = None, member: Member = None) -> Response:
     """Grid values on the polygon's bounding grid box, null outside the polygon (domain type Grid)."""
-    fmt = _check_query(request, f, crs)
+    _check_query(request)
     ring = edr.parse_polygon(coords)
     data = edr.open_run(catalog, run)
     names = edr.parse_parameters(parameter_name, data)
@@ -146,4 +154,4 @@ def area(run: RunParam, request: Request, catalog: CatalogDep, settings: Annotat
                              f"{settings.area_max_points:,}; narrow the polygon, parameters, datetime or z"},
                             status_code=413)
     answer = edr.area(data, ring, rows, cols, mask, names, t, levels, chosen)
-    return _respond(answer, fmt, run, "area")
+    return _respond(answer, f or "CoverageJSON", run, "area")

@@ -214,7 +214,7 @@ def test_area_equals_xarray_at_the_inside_points(client: TestClient, zarr_ds: xr
                 else:
                     assert np.isnan(values[iy, ix])
     assert got_points == set(zip(*np.nonzero(mask), strict=True))
-    rows = _csv_rows(client.get(AREA, params={**params, "f": "csv"}).text)
+    rows = _csv_rows(client.get(AREA, params={**params, "f": "CSV"}).text)
     assert len(rows) == mask.sum()
     flat = {(float(r["latitude"]), float(r["longitude"])): float(r["geopotential"]) for r in rows}
     values = np.array(cov["ranges"]["geopotential"]["values"], dtype=float).reshape(ys.size, xs.size)
@@ -237,6 +237,8 @@ def test_collections_are_edr_metadata_newest_first(client: TestClient) -> None:
     assert col["output_formats"] == ["CoverageJSON", "CSV"]
     assert client.head(f"/collections/{RUN}").status_code == 200
     assert client.head(POS, params={"coords": "POINT(1 1)"}).status_code == 200
+    assert client.get(POS, params={"coords": "POINT(1 1)", "member": "0"}).status_code == 200
+    assert client.get(POS, params={"coords": "POINT(1 1)", "member": "1"}).status_code == 404  # not an ensemble
     assert client.get("/collections/20000109T00").status_code == 404
     assert client.get("/collections/2000010T00").status_code == 422
     assert LATER_INIT and INIT  # the two fixture runs listed above
@@ -256,7 +258,9 @@ def test_collections_are_edr_metadata_newest_first(client: TestClient) -> None:
     (POS, {"coords": "POINT(0 1)", "f": "GeoJSON"}, "f"),
     (POS, {"coords": "POINT(0 1)", "bbox": "0,0,1,1"}, "bbox"),
     (POS, {"coords": "POINT(0 1)", "crs": "EPSG:3857"}, "crs"),
-    (POS, {"coords": "POINT(0 1)", "member": "0"}, "member"),
+    (POS, {"coords": "POINT(0 1)", "member": "-1"}, "member"),
+    (POS, {"coords": "POINT(0 1)", "f": "csv"}, "'f'"),
+    (POS, {"coords": "POINT(0 1)", "datetime": ""}, "datetime"),
     (POS, {"coords": "POINT(0 1)", "datetime": "2000-01-01T03"}, "datetime"),
     (POS, {"coords": "POINT(0 1)", "datetime": "2001-01-01/.."}, "datetime"),
     (POS, {"coords": "POINT(0 1)", "datetime": "yesterday"}, "datetime"),
@@ -329,10 +333,12 @@ def test_levels_members_and_single_level_parameters(ensemble: tuple[TestClient, 
     assert single["ranges"]["2m_temperature"]["values"] == [float(v) for v in want]
     for params, name in (({"parameter-name": "temperature,2m_temperature"}, "parameter-name"),
                          ({"parameter-name": "2m_temperature", "z": "500"}, "z"),
-                         ({"parameter-name": "temperature", "member": "2"}, "member"), ({}, "parameter-name"),
+                         ({}, "parameter-name"),
                          ({"parameter-name": "temperature", "z": "100/200"}, "z")):
         resp = client.get(pos, params={"coords": "POINT(1 1)", **params})
         assert resp.status_code == 422 and name in resp.json()["detail"], resp.text
+    resp = client.get(pos, params={"coords": "POINT(1 1)", "parameter-name": "temperature", "member": "2"})
+    assert resp.status_code == 404 and "member 2" in resp.json()["detail"]
     col = client.get("/collections/20010203T00").json()
     assert col["extent"]["vertical"]["values"] == ["500", "850"]
     assert "extent" in col["parameter_names"]["temperature"] and "extent" not in col["parameter_names"]["2m_temperature"]
