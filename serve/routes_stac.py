@@ -40,7 +40,7 @@ def stac_catalog(request: Request) -> JSONResponse:
 @router.head("/collections/forecasts.json", include_in_schema=False)
 @router.get("/collections/forecasts.json", summary="STAC Collection of the forecast runs",
             response_class=JSONResponse,
-            responses={200: {"description": "A STAC Collection", "content": _JSON}, **error_responses(503)})
+            responses={200: {"description": "A STAC Collection", "content": _JSON}})
 def stac_collection(request: Request, settings: SettingsDep) -> JSONResponse:
     """The Collection ``spherecast-forecasts``: the extent of every published run and a link to each run's Item."""
     body: dict[str, Any] = as_json(forecasts_collection(Catalog(settings.forecasts_dir), _links(request)))
