@@ -36,7 +36,8 @@ STORE = "forecast.zarr"
 _DOC_200 = {
     "description": "The subset as a file attachment (``spherecast_<run>_subset.<ext>``), streamed; "
                    "``X-Estimated-Size`` gives its estimated uncompressed size in bytes",
-    "content": {media: {"schema": {"type": "string", "format": "binary"}} for media, _ in FORMATS.values()},
+    "content": {media.partition(";")[0]: {"schema": {"type": "string", "format": "binary"}}
+                for media, _ in FORMATS.values()},
     "headers": {"X-Estimated-Size": {"description": "Estimated uncompressed size in bytes",
                                      "schema": {"type": "integer"}}},
 }
@@ -92,7 +93,7 @@ def run_subset(
     leads: Annotated[str | None, Query(description="Comma-separated lead times in hours; default all",
                                        examples=["0,6,24"])] = None,
     members: Annotated[str | None, Query(description="Comma-separated ensemble members; default all")] = None,
-    format: Annotated[str, Query(description=f"One of {', '.join(FORMATS)}")] = "nc",
+    format: Annotated[str, Query(description="Output format", json_schema_extra={"enum": list(FORMATS)})] = "nc",
 ) -> Response:
     """A published run cut to a box, variables, levels, leads (and members), as NetCDF, GRIB2, CSV or zipped Zarr."""
     query: SubsetQuery = parse_query({k: request.query_params.getlist(k) for k in request.query_params})

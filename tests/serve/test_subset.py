@@ -224,6 +224,17 @@ def test_bad_input_is_a_422_naming_the_parameter_and_changes_nothing(client: Tes
     assert run_hashes(run_dir) == before
 
 
+def test_openapi_documents_the_formats_and_error_codes(client: TestClient) -> None:
+    op = client.get("/openapi.json").json()["paths"]["/runs/{run}/subset"]["get"]
+    assert sorted(op["responses"]["200"]["content"]) == ["application/x-grib2", "application/x-netcdf",
+                                                         "application/zip", "text/csv"]
+    assert {"404", "413", "422", "503"} <= set(op["responses"])
+    assert op["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    params = {p["name"]: p for p in op["parameters"]}
+    assert set(params) == {"run", "bbox", "variables", "levels", "leads", "members", "format"}
+    assert params["format"]["schema"]["enum"] == ["nc", "grib2", "csv", "zarr.zip"]
+
+
 def test_a_run_without_forecast_zarr_or_not_published_is_a_404(client: TestClient, tmp_path: Path) -> None:
     assert client.get("/runs/19990101T00/subset").status_code == 404
     assert client.get("/runs/1999010100/subset").status_code == 422
