@@ -54,11 +54,11 @@ def _error_entry(code: int) -> dict[str, Any]:
 
 
 def harden(schema: dict[str, Any], run_pattern: str | None = None) -> dict[str, Any]:
-    """Post-process a generated OpenAPI document: :class:`ErrorBody` for every 4xx/5xx, and 422 wherever input is.
+    """Post-process a generated OpenAPI document: :class:`ErrorBody` for 4xx/5xx without a body, 422 wherever input is.
 
     FastAPI documents its own 422 body (``HTTPValidationError``, a list) on every operation with
-    parameters; the app's handlers answer ``{"detail": "..."}`` instead, so that schema is replaced,
-    and every other declared error code keeps its description with the one body. ``run`` path
+    parameters; the app's handlers answer ``{"detail": "..."}`` instead, so that schema is replaced;
+    every other declared error code keeps its description, and its own body schema if it has one. ``run`` path
     parameters get ``run_pattern``.
     """
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -70,7 +70,10 @@ def harden(schema: dict[str, Any], run_pattern: str | None = None) -> dict[str, 
             responses = op.setdefault("responses", {})
             for code, entry in list(responses.items()):
                 if str(code).isdigit() and int(code) >= 400 and int(code) != 422:
-                    entry.setdefault("content", {})["application/json"] = {"schema": {"$ref": ERROR_REF}}
+                    # A route's own error schema (say, a 413 with more fields) is kept; a bare code gets ErrorBody.
+                    body = entry.setdefault("content", {}).setdefault("application/json", {})
+                    if "schema" not in body or body["schema"].get("$ref") == _DEFAULT_422:
+                        body["schema"] = {"$ref": ERROR_REF}
             if op.get("parameters") or op.get("requestBody") or "422" in responses:
                 responses["422"] = _error_entry(422)
             for param in op.get("parameters", []):
