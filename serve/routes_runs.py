@@ -87,7 +87,9 @@ _LIST_HEADERS = {
 }
 # Documented as what it accepts (parsed by serve.catalog.parse_time_bound, which names the parameter if not).
 _ISO_TIME: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
-_FILE_BODY = {"content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in FILE_TYPES}}
+# JSON files of a run (manifest.json, zarr.json) are objects; everything else is bytes.
+_FILE_BODY = {"content": {kind: {"schema": {"type": "object"} if kind == "application/json" else
+                                 {"type": "string", "format": "binary"}} for kind in FILE_TYPES}}
 _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The file (ETag = its sha256)", **_FILE_BODY},
     206: {"description": "The requested byte range", **_FILE_BODY},
@@ -183,7 +185,9 @@ def run_detail(run: RunParam, request: Request, catalog: CatalogDep, settings: S
 @router.head("/{run}/files/{path:path}", include_in_schema=False)
 @router.get("/{run}/files/{path:path}", summary="Download a run file", response_class=Response,
             responses=_FILE_RESPONSES)
-def run_file(run: RunParam, path: str, request: Request, catalog: CatalogDep, settings: SettingsDep) -> Response:
+def run_file(run: RunParam, path: Annotated[str, PathParam(description="The file's path in the run's manifest",
+                                                         examples=["forecast.nc", "manifest.json"])],
+             request: Request, catalog: CatalogDep, settings: SettingsDep) -> Response:
     """One file of a run by its manifest path, with ETag (its sha256), 304 and byte ranges."""
     return file_response(request, catalog.file(run, path), settings.chunk_size)
 
@@ -193,7 +197,10 @@ def run_file(run: RunParam, path: str, request: Request, catalog: CatalogDep, se
             responses={200: {"description": "The map", "content": {"image/png": {}}},
                        206: {"description": "The requested byte range", "content": {"image/png": {}}},
                        **error_responses(304, 404, 416, 422, 503)})
-def run_map(run: RunParam, channel: str, lead: Annotated[int, PathParam(description="Lead time in hours")],
+def run_map(run: RunParam,
+            channel: Annotated[str, PathParam(description="Channel, <variable>_<level> or <variable>",
+                                              examples=["geopotential_500"])],
+            lead: Annotated[int, PathParam(description="Lead time in hours", examples=[0, 6])],
             request: Request, catalog: CatalogDep, settings: SettingsDep) -> Response:
     """The PNG map of a channel (``geopotential_500``) at a lead time in hours."""
     return file_response(request, catalog.map_file(run, channel, lead), settings.chunk_size)
