@@ -141,7 +141,6 @@ class RunFileResponse(Response):
         self.body = b""
         self.init_headers(headers)
         self._fd, self._segments, self._block = fd, segments, block
-        self._held = held
         # A response that is never sent (a middleware dropped it) must still let go of the run.
         self._release = weakref.finalize(self, held.close)
 
