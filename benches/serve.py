@@ -13,6 +13,10 @@ Part 2 (load): ``--clients`` concurrent httpx clients in a separate process hit 
 requests, errors, req/s, p50/p99 latency and the server's cores used (CPU s / wall s).
 Part 3 (points): ``benches.serve_edr.point_latency`` when that module exists.
 
+``--workers N`` runs N uvicorn worker processes through the factory :func:`bench_app` (the same
+``create_app`` with the bench's settings). ``serve.app.app_from_env`` is not used: it needs a whole
+project config file, and the config does not carry ``chunk_size``.
+
 Usage: python benches/serve.py [--quick] [--json PATH] [--workers N] [--load-seconds 30]
 """
 
