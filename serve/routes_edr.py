@@ -24,7 +24,8 @@ RunParam = Annotated[str, PathParam(description="Run name (the collection id), t
                                     examples=["20000101T00"])]
 _NUM = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 _PAIR = rf"\s*{_NUM}\s+{_NUM}\s*"
-_INSTANT = r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:T[0-9]{2}(?::[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?)?(?:Z|[+-][0-9]{2}:[0-9]{2})?"
+_INSTANT = (r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+            r"(?:T(?:[01][0-9]|2[0-3])(?::[0-5][0-9](?::[0-5][0-9](?:\.[0-9]+)?)?)?)?(?:Z|[+-][0-9]{2}:[0-9]{2})?")
 # The patterns are enforced by FastAPI before the handler runs (422 naming the parameter), so the OpenAPI
 # states exactly which strings are well-formed; whether a well-formed value exists in the run is checked after.
 POINT_PATTERN = rf"^\s*POINT\s*\({_PAIR}\)\s*$"

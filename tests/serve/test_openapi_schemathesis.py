@@ -63,6 +63,11 @@ def _crosses(case: schemathesis.Case) -> bool:
     return low is not None and high is not None and low >= high
 
 
+# Queries whose well-formed values may still be absent from a run (a level, lead, variable or valid time it
+# lacks): OpenAPI cannot say which values a run has, and the contract is a 422 naming the value.
+DATA_QUERIES = {"/runs/{run}/subset", "/collections/{run}/position", "/collections/{run}/area"}
+
+
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_every_operation_conforms_to_the_openapi(case: schemathesis.Case) -> None:
@@ -70,5 +75,11 @@ def test_every_operation_conforms_to_the_openapi(case: schemathesis.Case) -> Non
         # Each bound alone is valid, so schemathesis calls the pair positive; the answer must still be a 422.
         response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
         assert response.status_code == 422, response.text
+        return
+    if case.path in DATA_QUERIES:
+        # Every other check still runs (documented status, media type and body schema, no 5xx).
+        response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        if response.status_code == 422:
+            assert "detail" in response.json(), response.text
         return
     case.call_and_validate()
