@@ -63,8 +63,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CatalogError, broken_run)
 
 
+def _compressed_subset(scope: Scope) -> bool:
+    # Subsets in NetCDF-4, GRIB2 (CCSDS) and zip are compressed already; only CSV gains from gzip.
+    if not scope.get("path", "").endswith("/subset"):
+        return False
+    return b"format=csv" not in scope.get("query_string", b"")
+
+
 class CatalogGzip:
-    """Gzip for the catalog's JSON and pages, never for run files and maps (already compact, and served by range)."""
+    """Gzip for the catalog's JSON, pages and CSV, never for run files, maps and compressed subsets (compact already)."""
 
     def __init__(self, app: ASGIApp, minimum_size: int = 500) -> None:
         self.app = app
@@ -73,7 +80,7 @@ class CatalogGzip:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route one request through gzip unless it asks for a run file or a map."""
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path and "/files/" not in path and "/maps/" not in path:
+        if path and "/files/" not in path and "/maps/" not in path and not _compressed_subset(scope):
             await self.gzip(scope, receive, send)
         else:
             await self.app(scope, receive, send)

@@ -21,8 +21,8 @@ class ServeSettings(BaseModel):
 
     forecasts_dir: Path
     """Directory holding published forecast runs (``<forecasts>/<YYYYMMDDTHH>/manifest.json``)."""
-    chunk_size: int = Field(default=1 << 16, ge=4096)
-    """Bytes read per step when streaming a file."""
+    chunk_size: int = Field(default=4 << 20, ge=4096)
+    """Bytes read per step when sending a file (a few MiB: one thread hop and one send each)."""
     cycle_hours: int = Field(default=6, ge=1)
     """Hours between scheduled forecast cycles; ``/health`` judges the newest run's age against it."""
     wait_minutes: float = Field(default=0.0, ge=0)

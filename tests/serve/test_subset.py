@@ -331,3 +331,13 @@ def test_a_1_5_degree_run_at_era5_size(tmp_path: Path) -> None:
     with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
         assert "geopotential/zarr.json" in zf.namelist()
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+
+
+@pytest.mark.parametrize(("fmt", "gzipped"), [("csv", True), ("nc", False), ("grib2", False), ("zarr.zip", False)])
+def test_only_csv_subsets_are_gzipped(client: TestClient, fmt: str, gzipped: bool) -> None:
+    # NetCDF-4, GRIB2 (CCSDS) and zip are compressed already: gzip would only spend the server's CPU.
+    r = client.get(f"/runs/{RUN}/subset", params={"format": fmt, "bbox": "0,-30,90,30"},
+                   headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    assert (r.headers.get("content-encoding") == "gzip") is gzipped
+    assert len(r.content) > 0
