@@ -41,15 +41,23 @@ def _describe_validation(exc: Exception) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+MAX_DETAIL = 600
+
+
+def bounded_detail(text: str) -> str:
+    """An error message cut to :data:`MAX_DETAIL` characters: an overlong request is not echoed back whole."""
+    return text if len(text) <= MAX_DETAIL else f"{text[:MAX_DETAIL - 30]}… ({len(text):,} characters in all)"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return JSONResponse({"detail": bounded_detail(str(exc))}, status_code=404)
 
     async def bad_parameter(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": bounded_detail(str(exc))}, status_code=422)
 
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": _describe_validation(exc)}, status_code=422)
+        return JSONResponse({"detail": bounded_detail(_describe_validation(exc))}, status_code=422)
 
     async def broken_run(request: Request, exc: Exception) -> JSONResponse:
         # The log names the file and what is wrong; the response never shows a server path.
