@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import uvicorn
 import xarray as xr
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from core.runs import publish, run_name, staging_dir, write_manifest
@@ -99,3 +106,19 @@ def pixels(path_or_bytes: Path | bytes) -> np.ndarray:
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
     with Image.open(source) as img:
         return np.asarray(img.convert("RGB"), dtype=float)
+
+
+@contextmanager
+def uvicorn_thread(app: FastAPI) -> Iterator[int]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields the port, stops on exit."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -6,21 +6,19 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from core.runs import exclusive, publish, staging_dir, write_manifest
 from serve.app import create_app
 from serve.downloads import MAX_RANGES
 from serve.settings import ServeSettings
-from tests.serve.conftest import PROVENANCE
+from tests.serve.conftest import PROVENANCE, uvicorn_thread
 
 RUN = "20000101T00"
 URL = f"/runs/{RUN}/files/forecast.nc"
@@ -145,16 +143,8 @@ def big_run(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     (staging / "big.bin").write_bytes(os.urandom(24 << 20))
     write_manifest(staging, pd.Timestamp("2000-01-01"), provenance=PROVENANCE)
     run = publish(staging, forecasts / RUN)
-    sock = socket.create_server(("127.0.0.1", 0))
-    app = create_app(ServeSettings(forecasts_dir=forecasts, chunk_size=1 << 20))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield sock.getsockname()[1], run
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_thread(create_app(ServeSettings(forecasts_dir=forecasts, chunk_size=1 << 20))) as port:
+        yield port, run
 
 
 def bytes_read() -> int:

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import http.client
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from serve.app import create_app
 from serve.settings import ServeSettings
-from tests.serve.conftest import make_forecast, publish_run
+from tests.serve.conftest import make_forecast, publish_run, uvicorn_thread
 
 
 @pytest.fixture
@@ -26,15 +22,8 @@ def served(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     forecasts = tmp_path / "forecasts"
     run = publish_run(forecasts, make_forecast())
     shutil.copytree(run, forecasts / "20001340T00")  # a run's shape and a manifest, but month 13, hour 40
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(forecasts_dir=forecasts)), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield sock.getsockname()[1], forecasts
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_thread(create_app(ServeSettings(forecasts_dir=forecasts))) as port:
+        yield port, forecasts
 
 
 def test_impossible_run_names_are_4xx_and_the_connection_stays_open(served: tuple[int, Path]) -> None:
