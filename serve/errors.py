@@ -28,7 +28,8 @@ DESCRIPTIONS = {
     413: "The answer would exceed the size cap; the body gives the estimated size",
     416: "Range not satisfiable",
     422: "Invalid parameter (the body names it)",
-    503: "The run's data is temporarily unavailable (Retry-After given)",
+    503: "Temporarily unavailable: the run's data, or the server is overloaded or the request timed out "
+         "(Retry-After given)",
 }
 
 
@@ -76,6 +77,8 @@ def harden(schema: dict[str, Any], run_pattern: str | None = None) -> dict[str, 
                         body["schema"] = {"$ref": ERROR_REF}
             if op.get("parameters") or op.get("requestBody") or "422" in responses:
                 responses["422"] = _error_entry(422)
+            # The request timeout and uvicorn's concurrency limit can answer 503 on any route.
+            responses.setdefault("503", _error_entry(503))
             for param in op.get("parameters", []):
                 if param.get("in") == "path" and param.get("name") == "run" and run_pattern:
                     param.setdefault("schema", {})["pattern"] = run_pattern
