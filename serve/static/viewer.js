@@ -1,49 +1,249 @@
-// spherecast viewer: pick a run, a channel and a lead time; the map is the run's pre-rendered PNG.
-// Selections live in the URL hash (#run=…&channel=…&lead=…) so a view can be shared.
+// spherecast viewer: pick a run, a product, a region and a lead time; the map is the run's pre-rendered PNG.
+// The state lives in the URL hash (#run=…&product=…&region=…&lead=…): links can be shared, and editing
+// the hash or going back/forward moves the view. Maps are `maps/<product>/<region>/<lead>.png` when the
+// catalog entry has `maps: {product: {region: [leads]}}`, else the older `maps/<channel>/<lead>.png`.
+// Values under the pointer and meteograms come from the EDR position query (docs/edr.md).
 "use strict";
 
+// Where the map sits in a global PNG, as fractions of the image (left, top, right, bottom), and the
+// lon/lat it spans (west, east, south, north). serve/maps.py draws an 8 × 4.6 in figure with the axes at
+// (0.02, 0.2, 0.96, 0.73) in PlateCarree at equal aspect: the 360 × 180° map is height-bound and centred.
+// tests/serve/test_viewer.py checks these numbers against a rendered map. A catalog entry's
+// `map_geometry[region]` ({box, extent}, same meaning) overrides them.
+const GLOBAL_MAP = { box: [0.08025, 0.07, 0.91975, 0.8], extent: [-180, 180, -90, 90] };
+const GLOBAL_REGION = "global";
+const HOVER_DELAY_MS = 150;
+const SVG_NS = "http://www.w3.org/2000/svg";
+
 const $ = (id) => document.getElementById(id);
-const state = { runs: [], entry: null, timer: null };
+const state = { runs: [], entry: null, details: new Map(), product: "", region: "", leads: [], index: 0,
+                timer: null, hoverTimer: null, hoverSeq: 0, meteoSeq: 0 };
 
 function setStatus(text, isError) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
 }
 
-function channelLabel(channel) {
-  const m = /^(.*)_(\d+)$/.exec(channel);
-  return m ? `${m[1].replace(/_/g, " ")} ${m[2]} hPa` : channel.replace(/_/g, " ");
+function productLabel(product) {
+  const m = /^(.*)_(\d+)$/.exec(product);
+  return m ? `${m[1].replace(/_/g, " ")} ${m[2]} hPa` : product.replace(/_/g, " ");
 }
 
-function formatTime(iso) {
-  return iso ? iso.replace("T", " ").slice(0, 16) + " UTC" : "–";
+const SUPERSCRIPT = { "-": "⁻", 0: "⁰", 1: "¹", 2: "²", 3: "³", 4: "⁴", 5: "⁵", 6: "⁶", 7: "⁷", 8: "⁸", 9: "⁹" };
+function prettyUnits(units) {
+  return (units || "").replace(/\*\*(-?\d+)/g, (_, p) => [...p].map((c) => SUPERSCRIPT[c]).join(""));
 }
 
-function readHash() {
-  return Object.fromEntries(new URLSearchParams(location.hash.slice(1)));
+function formatValue(v) {
+  if (v === null || v === undefined || !Number.isFinite(v)) return "no value";
+  const a = Math.abs(v);
+  return a >= 1000 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 0.01 || a === 0 ? v.toFixed(3) : v.toExponential(2);
 }
 
-function writeHash() {
+function parseUtc(iso) {
+  return new Date(/[zZ]|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`); // the catalog's times are UTC
+}
+
+function isoZ(date) {
+  return date.toISOString().slice(0, 19) + "Z";
+}
+
+function formatTime(date) {
+  return date ? isoZ(date).replace("T", " ").slice(0, 16) + " UTC" : "–";
+}
+
+// --- The map layout of a catalog entry: products and regions, or the older channels.
+const products = (e) => (e.maps ? Object.keys(e.maps) : e.channels || []);
+const regions = (e, p) => (e.maps ? Object.keys(e.maps[p] || {}) : []);
+const leadsOf = (e, p, r) => (e.maps ? ((e.maps[p] || {})[r] || []) : e.lead_hours || []);
+function mapUrl(e, p, r, lead) {
+  const parts = e.maps ? [p, r, lead] : [p, lead];
+  return `runs/${e.name}/maps/${parts.map((x) => encodeURIComponent(x)).join("/")}.png`;
+}
+
+function geometry() {
+  const e = state.entry;
+  const own = (state.details.get(e.name) || e).map_geometry || e.map_geometry;
+  if (own && own[state.region]) return own[state.region];
+  return !state.region || state.region === GLOBAL_REGION ? GLOBAL_MAP : null;
+}
+
+// --- URL <-> state.
+function readUrl() {
+  const fromHash = Object.fromEntries(new URLSearchParams(location.hash.slice(1)));
+  const wanted = Object.keys(fromHash).length ? fromHash : Object.fromEntries(new URLSearchParams(location.search));
+  if (!wanted.product && wanted.channel) wanted.product = wanted.channel; // links written before products
+  return wanted;
+}
+
+function writeUrl(mode) {
+  const e = state.entry;
+  if (!e || mode === "none") return;
+  const q = new URLSearchParams({ run: e.name, product: state.product });
+  if (state.region) q.set("region", state.region);
+  if (state.leads.length) q.set("lead", state.leads[state.index]);
+  const hash = `#${q.toString()}`;
+  if (hash === location.hash) return;
+  if (mode === "push") history.pushState(null, "", hash);
+  else history.replaceState(null, "", hash);
+}
+
+function pick(values, ...wishes) {
+  return wishes.find((w) => w !== undefined && w !== null && values.includes(w)) ?? values[0] ?? "";
+}
+
+// Move to what `wanted` asks for where the runs have it; keep the current choice otherwise.
+function apply(wanted, mode) {
+  const names = state.runs.map((r) => r.name);
+  const runName = pick(names, wanted.run, state.entry && state.entry.name);
+  const runChanged = !state.entry || state.entry.name !== runName;
+  const before = `${state.product}|${state.region}`;
+  const lead = wanted.lead !== undefined ? Number(wanted.lead) : state.leads[state.index];
+  state.entry = state.runs.find((r) => r.name === runName) || null;
   const e = state.entry;
   if (!e) return;
-  const lead = e.lead_hours[Number($("lead").value)];
-  history.replaceState(null, "", `#run=${e.name}&channel=${$("channel").value}&lead=${lead}`);
+  state.product = pick(products(e), wanted.product, state.product);
+  const regs = regions(e, state.product);
+  state.region = regs.length ? pick(regs, wanted.region, state.region, GLOBAL_REGION) : "";
+  state.leads = leadsOf(e, state.product, state.region);
+  const i = state.leads.indexOf(lead);
+  state.index = i >= 0 ? i : Math.min(state.index, Math.max(0, state.leads.length - 1));
+  if (runChanged || before !== `${state.product}|${state.region}`) hideMeteogram();
+  if (runChanged) {
+    showDownloads(e);
+    loadDetail(e.name);
+  }
+  render(mode);
 }
 
-function fillSelect(select, values, label, wanted) {
-  select.replaceChildren(...values.map((v) => new Option(label(v), v)));
-  if (values.includes(wanted)) select.value = wanted;
+function fillSelect(select, values, label, value) {
+  const same = select.options.length === values.length && values.every((v, i) => select.options[i].value === v);
+  if (!same) select.replaceChildren(...values.map((v) => new Option(label(v), v)));
+  select.value = value;
+}
+
+function render(mode) {
+  const e = state.entry;
+  fillSelect($("run"), state.runs.map((r) => r.name), (n) => formatTime(parseUtc(state.runs.find((r) => r.name === n).init_time)), e.name);
+  fillSelect($("product"), products(e), productLabel, state.product);
+  const regs = regions(e, state.product);
+  fillSelect($("region"), regs, (r) => r.replace(/_/g, " "), state.region);
+  $("region").hidden = $("region-label").hidden = regs.length === 0;
+  $("lead").max = Math.max(0, state.leads.length - 1);
+  $("lead").value = state.index;
+  const init = parseUtc(e.init_time);
+  $("init-time").textContent = formatTime(init);
+  if (!state.leads.length || !state.product) {
+    $("map").removeAttribute("src");
+    $("lead-label").textContent = "–";
+    setStatus("This run has no maps.", true);
+  } else {
+    const lead = state.leads[state.index];
+    $("lead-label").textContent = `+${lead} h`;
+    $("valid-time").textContent = formatTime(new Date(init.getTime() + lead * 3600e3));
+    const src = mapUrl(e, state.product, state.region, lead);
+    if ($("map").getAttribute("src") !== src) $("map").src = src;
+    $("map").alt = `${productLabel(state.product)}${state.region ? ` (${state.region})` : ""} at +${lead} h from ${formatTime(init)}`;
+  }
+  writeUrl(mode);
+}
+
+function step(delta, mode) {
+  if (!state.leads.length) return;
+  state.index = (state.index + delta + state.leads.length) % state.leads.length;
+  render(mode);
+}
+
+// --- Run detail: attribution, scorecard, variables (units, levels) for point queries.
+async function getJson(url) {
+  const response = await fetch(url);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail || `HTTP ${response.status} for ${url}`);
+  return body;
+}
+
+async function loadDetail(run) {
+  try {
+    if (!state.details.has(run)) state.details.set(run, await getJson(`runs/${run}`));
+  } catch (err) {
+    setStatus(`Could not load run ${run}: ${err.message}`, true);
+    return;
+  }
+  if (state.entry && state.entry.name === run) showDetail(state.details.get(run));
+}
+
+function showDetail(detail) {
+  const prov = detail.provenance || {};
+  const source = prov.init_source || (detail.lineage && detail.lineage.forecast && detail.lineage.forecast.init_source) || "";
+  const version = prov.init_dataset_version || prov.dataset_version || "";
+  const text = `${source} ${version}`;
+  const p = $("attribution");
+  p.replaceChildren();
+  const strong = document.createElement("strong");
+  if (/synthetic|shallow|^swe-|\sswe-/i.test(text)) {
+    strong.textContent = "Synthetic shallow-water planet";
+    p.append(strong, " — a simulated planet, not Earth's atmosphere: these maps are not a weather forecast for Earth.");
+  } else if (/opendata|open.data|ifs/i.test(text)) {
+    strong.textContent = "ECMWF IFS open data";
+    p.append("Initial state: ", strong, " (© ECMWF, CC BY 4.0).");
+  } else if (/era5|cds|copernicus/i.test(text)) {
+    strong.textContent = "ERA5 reanalysis";
+    p.append("Initial state: ", strong, " (Copernicus Climate Change Service, ECMWF).");
+  } else {
+    p.append(source ? `Initial state: ${source}.` : "Source of the initial state: not recorded for this run.");
+  }
+  const bits = [version && `dataset ${version}`, prov.checkpoint_sha256 && `model ${prov.checkpoint_sha256.slice(0, 12)}…`,
+                prov.code_version && `code ${prov.code_version}`].filter(Boolean);
+  if (bits.length) p.append(` ${bits.join(" · ")}.`);
+  showScorecard(detail.scores);
+}
+
+function showScorecard(scores) {
+  const section = $("scorecard-section");
+  const channels = scores && scores.channels ? Object.keys(scores.channels) : [];
+  section.hidden = channels.length === 0;
+  if (section.hidden) return;
+  const hours = [...new Set(channels.flatMap((c) => scores.channels[c].lead_hours))].sort((a, b) => a - b);
+  const head = document.createElement("tr");
+  head.append(cell("th", "RMSE"), ...hours.map((h) => cell("th", `+${h} h`)));
+  const rows = channels.map((c) => {
+    const s = scores.channels[c];
+    const tr = document.createElement("tr");
+    tr.append(cell("th", productLabel(c)));
+    for (const h of hours) {
+      const k = s.lead_hours.indexOf(h);
+      const rmse = k >= 0 ? s.rmse[k] : null;
+      const ref = k >= 0 ? s.persistence_rmse[k] : null;
+      const td = cell("td", rmse === null || rmse === undefined ? "–" : formatValue(rmse));
+      if (rmse !== null && ref) {
+        td.className = rmse < ref ? "better" : rmse > ref ? "worse" : "";
+        td.title = `persistence RMSE ${formatValue(ref)}${s.acc[k] !== null ? `, ACC ${s.acc[k].toFixed(3)}` : ""}`;
+      }
+      tr.append(td);
+    }
+    return tr;
+  });
+  $("scorecard").replaceChildren(head, ...rows);
+  const pending = (scores.pending_leads || []).length;
+  $("scorecard-note").textContent = `Model RMSE per lead (green: better than persistence, red: worse). ` +
+    `Scored ${scores.scored_at ? formatTime(parseUtc(scores.scored_at)) : ""}` + (pending ? `; ${pending} lead(s) not yet verifiable.` : ".");
+}
+
+function cell(tag, text) {
+  const el = document.createElement(tag);
+  el.textContent = text;
+  return el;
 }
 
 function showDownloads(entry) {
   const items = entry.files
     .filter((f) => !f.includes(".zarr/") || f.endsWith(".zarr/zarr.json"))
     .map((f) => {
-      const li = document.createElement("li");
       const a = document.createElement("a");
       a.href = `runs/${entry.name}/files/${f}`;
       a.textContent = f;
       if (!f.endsWith(".json")) a.download = `spherecast_${entry.name}_${f.split("/").pop()}`;
+      const li = document.createElement("li");
       li.append(a);
       if (f.endsWith(".zarr/zarr.json")) li.append(" (Zarr root; every member is listed in manifest.json)");
       return li;
@@ -51,54 +251,179 @@ function showDownloads(entry) {
   $("downloads").replaceChildren(...items);
 }
 
-function showMap() {
-  const e = state.entry;
-  if (!e || e.lead_hours.length === 0 || !$("channel").value) {
-    $("map").removeAttribute("src");
-    return;
+// --- Point values: the product's variable (and level) at a lon/lat, from the EDR position query.
+function variableOf(product) {
+  const detail = state.details.get(state.entry.name);
+  if (!detail) return null;
+  const declared = detail.products && detail.products[product];
+  const vars = detail.variables || [];
+  if (declared && declared.variable) {
+    const v = vars.find((x) => x.name === declared.variable) || { name: declared.variable };
+    return { ...v, level: declared.level ?? null };
   }
-  const i = Number($("lead").value);
-  const lead = e.lead_hours[i];
-  $("lead-label").textContent = `+${lead} h`;
-  $("init-time").textContent = formatTime(e.init_time);
-  $("valid-time").textContent = formatTime(e.valid_times[i]);
-  $("map").src = `runs/${e.name}/maps/${$("channel").value}/${lead}.png`;
-  $("map").alt = `${channelLabel($("channel").value)} at +${lead} h from ${formatTime(e.init_time)}`;
-  writeHash();
+  let best = null;
+  for (const v of vars) {
+    if (product === v.name && !v.levels) best = { ...v, level: null };
+    const m = product.startsWith(`${v.name}_`) && /^\d+$/.exec(product.slice(v.name.length + 1));
+    if (m && (v.levels || []).includes(Number(m[0])) && (!best || v.name.length > best.name.length)) {
+      best = { ...v, level: Number(m[0]) };
+    }
+  }
+  return best;
 }
 
-function selectRun(name, wanted) {
-  state.entry = state.runs.find((r) => r.name === name) || null;
-  const e = state.entry;
-  if (!e) return;
-  fillSelect($("channel"), e.channels, channelLabel, wanted.channel || $("channel").value);
-  $("lead").max = Math.max(0, e.lead_hours.length - 1);
-  const leadIndex = e.lead_hours.indexOf(Number(wanted.lead));
-  $("lead").value = leadIndex >= 0 ? leadIndex : 0;
-  showDownloads(e);
-  showMap();
+function lonLatAt(event) {
+  const g = geometry();
+  if (!g || !$("map").naturalWidth) return null;
+  const img = $("map"), rect = img.getBoundingClientRect(); // the image box inside its border
+  const fx = (event.clientX - rect.left - img.clientLeft) / img.clientWidth;
+  const fy = (event.clientY - rect.top - img.clientTop) / img.clientHeight;
+  const u = (fx - g.box[0]) / (g.box[2] - g.box[0]), v = (fy - g.box[1]) / (g.box[3] - g.box[1]);
+  if (u < 0 || u > 1 || v < 0 || v > 1) return null;
+  const [west, east, south, north] = g.extent;
+  return { lon: west + u * (east - west), lat: north - v * (north - south) };
 }
 
-function togglePlay() {
-  if (state.timer) {
-    clearInterval(state.timer);
-    state.timer = null;
-    $("play").textContent = "Play";
+function positionUrl(variable, point, datetime) {
+  const q = new URLSearchParams({ coords: `POINT(${point.lon.toFixed(3)} ${point.lat.toFixed(3)})`, "parameter-name": variable.name });
+  if (variable.level !== null) q.set("z", variable.level);
+  if (datetime) q.set("datetime", datetime);
+  return `collections/${state.entry.name}/position?${q}`;
+}
+
+const where = (p) => `${Math.abs(p.lat).toFixed(1)}°${p.lat >= 0 ? "N" : "S"} ${Math.abs(p.lon).toFixed(1)}°${p.lon >= 0 ? "E" : "W"}`;
+
+function onHover(event) {
+  clearTimeout(state.hoverTimer);
+  const point = lonLatAt(event);
+  if (!point) {
+    $("readout").textContent = geometry() ? "Outside the map." : "Values under the pointer: global region only.";
     return;
   }
+  const variable = variableOf(state.product);
+  if (!variable) {
+    $("readout").textContent = `${where(point)} · no data variable for ${productLabel(state.product)}`;
+    return;
+  }
+  $("readout").textContent = `${where(point)} · …`;
+  const seq = ++state.hoverSeq;
+  const valid = isoZ(new Date(parseUtc(state.entry.init_time).getTime() + state.leads[state.index] * 3600e3));
+  state.hoverTimer = setTimeout(async () => {
+    try {
+      const cov = await getJson(positionUrl(variable, point, valid));
+      if (seq !== state.hoverSeq) return; // the pointer has moved on
+      const value = cov.ranges[variable.name].values[0];
+      $("readout").textContent = `${where(point)} · ${productLabel(state.product)} = ${formatValue(value)} ${prettyUnits(variable.units)}`;
+    } catch (err) {
+      if (seq === state.hoverSeq) $("readout").textContent = `${where(point)} · ${err.message}`;
+    }
+  }, HOVER_DELAY_MS);
+}
+
+function hideMeteogram() {
+  state.meteoSeq++;
+  $("meteogram-section").hidden = true;
+  $("meteogram").replaceChildren();
+}
+
+async function onClick(event) {
+  const point = lonLatAt(event);
+  const variable = point && variableOf(state.product);
+  if (!variable) return;
+  const seq = ++state.meteoSeq;
+  try {
+    const cov = await getJson(positionUrl(variable, point, null));
+    if (seq !== state.meteoSeq) return;
+    const times = cov.domain.axes.t.values.map(parseUtc);
+    drawMeteogram(times, cov.ranges[variable.name].values, variable, point);
+  } catch (err) {
+    setStatus(`Meteogram: ${err.message}`, true);
+  }
+}
+
+function svg(tag, attrs, text) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+function drawMeteogram(times, values, variable, point) {
+  const W = 640, H = 250, L = 70, R = 16, T = 14, B = 46;
+  const init = parseUtc(state.entry.init_time).getTime();
+  const hours = times.map((t) => (t.getTime() - init) / 3600e3);
+  const ok = values.filter((v) => v !== null);
+  let lo = Math.min(...ok), hi = Math.max(...ok);
+  if (!(hi > lo)) { lo -= 1; hi += 1; }
+  const pad = (hi - lo) * 0.08;
+  lo -= pad; hi += pad;
+  const h0 = hours[0], h1 = hours.length > 1 ? hours[hours.length - 1] : hours[0] + 1;
+  const x = (h) => L + ((h - h0) / (h1 - h0)) * (W - L - R);
+  const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "meteogram",
+                             "aria-label": `${productLabel(state.product)} at ${where(point)} by lead time` });
+  chart.append(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }),
+               svg("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }));
+  for (let k = 0; k <= 4; k++) {
+    const v = lo + ((hi - lo) * k) / 4;
+    chart.append(svg("line", { x1: L - 4, y1: y(v), x2: W - R, y2: y(v), class: "grid" }),
+                 svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, formatValue(v)));
+  }
+  const every = Math.ceil(hours.length / 10);
+  hours.forEach((h, k) => {
+    if (k % every === 0) chart.append(svg("text", { x: x(h), y: H - B + 16, "text-anchor": "middle" }, `+${h}`));
+  });
+  chart.append(svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", class: "label" },
+                   `lead time (h) from ${formatTime(new Date(init))}`),
+               svg("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle", class: "label",
+                             transform: `rotate(-90 14 ${(T + H - B) / 2})` }, prettyUnits(variable.units) || "value"));
+  const line = hours.map((h, k) => (values[k] === null ? null : `${x(h)},${y(values[k])}`)).filter(Boolean);
+  chart.append(svg("polyline", { points: line.join(" "), class: "series" }));
+  hours.forEach((h, k) => {
+    if (values[k] === null) return;
+    const dot = svg("circle", { cx: x(h), cy: y(values[k]), r: 3.5, class: "point", "data-lead": h });
+    dot.append(svg("title", {}, `+${h} h (${formatTime(times[k])}): ${formatValue(values[k])} ${prettyUnits(variable.units)}`));
+    chart.append(dot);
+  });
+  $("meteogram-title").textContent = `Meteogram · ${productLabel(state.product)} at ${where(point)}`;
+  $("meteogram").replaceChildren(chart);
+  $("meteogram-section").hidden = false;
+}
+
+// --- Playback and keys.
+function stopPlay() {
+  clearTimeout(state.timer);
+  state.timer = null;
+  $("play").textContent = "Play";
+  $("play").setAttribute("aria-pressed", "false");
+}
+
+// One frame per tick, and never before the shown frame has loaded: no frame is skipped or cut short.
+function startPlay() {
+  clearTimeout(state.timer);
+  const tick = () => {
+    if ($("map").complete) step(1, "replace");
+    state.timer = setTimeout(tick, $("map").complete ? Number($("speed").value) : 50);
+  };
+  state.timer = setTimeout(tick, Number($("speed").value));
   $("play").textContent = "Pause";
-  state.timer = setInterval(() => {
-    const max = Number($("lead").max);
-    $("lead").value = Number($("lead").value) >= max ? 0 : Number($("lead").value) + 1;
-    showMap();
-  }, 700);
+  $("play").setAttribute("aria-pressed", "true");
+}
+
+const togglePlay = () => (state.timer ? stopPlay() : startPlay());
+
+function onKey(event) {
+  const tag = event.target.tagName;
+  if (event.altKey || event.ctrlKey || event.metaKey || ["INPUT", "SELECT", "TEXTAREA", "BUTTON"].includes(tag)) return;
+  if (event.key === "ArrowLeft" || event.key === "ArrowRight") step(event.key === "ArrowLeft" ? -1 : 1, "push");
+  else if (event.key === " ") togglePlay();
+  else return;
+  event.preventDefault();
 }
 
 async function init() {
   try {
-    const response = await fetch("runs");
-    if (!response.ok) throw new Error(`GET runs: HTTP ${response.status}`);
-    state.runs = await response.json();
+    state.runs = await getJson("runs"); // newest first
   } catch (err) {
     setStatus(`Could not load runs: ${err.message}`, true);
     return;
@@ -107,21 +432,25 @@ async function init() {
     setStatus("No published runs yet.", false);
     return;
   }
-  const wanted = readHash();
-  const names = state.runs.map((r) => r.name); // the listing is newest first
-  fillSelect($("run"), names, (n) => formatTime(state.runs.find((r) => r.name === n).init_time), wanted.run);
   setStatus(`${state.runs.length} run(s)`, false);
-  selectRun($("run").value, wanted);
-  $("run").addEventListener("change", () => {
-    // Keep the channel and lead when switching runs, where the new run has them.
-    const e = state.entry;
-    selectRun($("run").value, { channel: $("channel").value, lead: e && e.lead_hours[Number($("lead").value)] });
-  });
-  $("channel").addEventListener("change", showMap);
-  $("lead").addEventListener("input", showMap);
+  apply(readUrl(), "replace");
+  $("run").addEventListener("change", () => apply({ run: $("run").value }, "push"));
+  $("product").addEventListener("change", () => apply({ product: $("product").value }, "push"));
+  $("region").addEventListener("change", () => apply({ region: $("region").value }, "push"));
+  // Dragging shows each lead; the history gets one entry when the slider is let go.
+  $("lead").addEventListener("input", () => { state.index = Number($("lead").value); render("none"); });
+  $("lead").addEventListener("change", () => writeUrl("push"));
   $("play").addEventListener("click", togglePlay);
-  $("map").addEventListener("error", () => setStatus("Map image is missing for this selection.", true));
+  $("speed").addEventListener("change", () => state.timer && startPlay());
+  $("map").addEventListener("mousemove", onHover);
+  $("map").addEventListener("mouseleave", () => { clearTimeout(state.hoverTimer); state.hoverSeq++; });
+  $("map").addEventListener("click", onClick);
+  $("map").addEventListener("error", () => $("map").getAttribute("src") && setStatus("Map image is missing for this selection.", true));
   $("map").addEventListener("load", () => setStatus(`${state.runs.length} run(s)`, false));
+  document.addEventListener("keydown", onKey);
+  const follow = () => apply(readUrl(), "replace");
+  window.addEventListener("hashchange", follow);
+  window.addEventListener("popstate", follow);
 }
 
 init();
