@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test lint bench bench-skill clean constraints
+.PHONY: setup demo test lint browser bench bench-skill clean constraints
 
 setup: $(VENV)/.installed
 
@@ -32,8 +32,20 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# The browser test (tests/browser) drives Debian's chromium, never a browser playwright downloads: install it
+# where it is missing and this is a root shell with apt-get; otherwise say that test will be skipped.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "make browser: installing Debian's chromium (apt-get install -y chromium) for tests/browser"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "make browser: no chromium and no root apt-get here; tests/browser will be skipped" >&2; \
+	  fi; \
+	fi
+
 # pytest exits 5 when it collected nothing: that is a failure here, never a silent pass.
-test: setup lint
+test: setup lint browser
 	rc=0; $(BIN)/pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

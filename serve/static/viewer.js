@@ -145,7 +145,22 @@ function render(mode) {
     if ($("map").getAttribute("src") !== src) $("map").src = src;
     $("map").alt = `${productLabel(state.product)}${state.region ? ` (${state.region})` : ""} at +${lead} h from ${formatTime(init)}`;
   }
+  showAnimations();
   writeUrl(mode);
+}
+
+// The product's animations over the region, where the run publishes them (maps/<product>/<region>/animation.*).
+function showAnimations() {
+  const e = state.entry, detail = state.details.get(e.name);
+  const stem = `maps/${state.product}/${state.region}/animation.`;
+  const formats = detail && state.region ? ["gif", "mp4"].filter((f) => detail.files && detail.files[stem + f]) : [];
+  $("animation-links").replaceChildren(...formats.flatMap((f, i) => {
+    const a = document.createElement("a");
+    a.href = `runs/${e.name}/files/${stem}${f}`;
+    a.textContent = f.toUpperCase();
+    return i ? [" ", a] : [a];
+  }));
+  $("animations").hidden = formats.length === 0;
 }
 
 function step(delta, mode) {
@@ -169,7 +184,10 @@ async function loadDetail(run) {
     setStatus(`Could not load run ${run}: ${err.message}`, true);
     return;
   }
-  if (state.entry && state.entry.name === run) showDetail(state.details.get(run));
+  if (state.entry && state.entry.name === run) {
+    showDetail(state.details.get(run));
+    showAnimations();
+  }
 }
 
 function showDetail(detail) {
@@ -313,6 +331,8 @@ function onHover(event) {
       const cov = await getJson(positionUrl(variable, point, valid));
       if (seq !== state.hoverSeq) return; // the pointer has moved on
       const value = cov.ranges[variable.name].values[0];
+      // The exact point and value asked, for scripts and tests; the text is rounded for reading.
+      Object.assign($("readout").dataset, { lon: point.lon.toFixed(3), lat: point.lat.toFixed(3), value: String(value) });
       $("readout").textContent = `${where(point)} · ${productLabel(state.product)} = ${formatValue(value)} ${prettyUnits(variable.units)}`;
     } catch (err) {
       if (seq === state.hoverSeq) $("readout").textContent = `${where(point)} · ${err.message}`;

@@ -59,7 +59,7 @@ def test_favicon_is_linked_and_served(client: TestClient) -> None:
     response = client.get("/" + link[2])
     assert response.status_code == 200
     assert response.headers["content-type"].startswith(link[1])
-    assert ET.fromstring(response.content).tag == "{%s}svg" % SVG_NS
+    assert ET.fromstring(response.content).tag == f"{{{SVG_NS}}}svg"
     assert client.head("/" + link[2]).status_code == 200
 
 
