@@ -153,7 +153,9 @@ function render(mode) {
 function showAnimations() {
   const e = state.entry, detail = state.details.get(e.name);
   const stem = `maps/${state.product}/${state.region}/animation.`;
-  const formats = detail && state.region ? ["gif", "mp4"].filter((f) => detail.files && detail.files[stem + f]) : [];
+  const listed = ((e.animations || {})[state.product] || {})[state.region];
+  const formats = !state.region ? [] : listed ? listed
+    : ["gif", "mp4"].filter((f) => detail && detail.files && detail.files[stem + f]);
   $("animation-links").replaceChildren(...formats.flatMap((f, i) => {
     const a = document.createElement("a");
     a.href = `runs/${e.name}/files/${stem}${f}`;

@@ -7,6 +7,7 @@ Works with either map layout the catalog may describe: ``maps: {product: {region
 from __future__ import annotations
 
 import re
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,14 @@ def test_switch_product_region_lead_run_and_play(site: Site, desktop: Watched) -
             shows(page, src(newest, p0, other[0], maps[p0][other[0]][0]))
             page.select_option("#region", r0)
     shows(page, src(newest, p0, r0, leads[0]))
+    # The product's animations over the region, where the run publishes them; each link answers.
+    formats = (newest.get("animations") or {}).get(p0, {}).get(r0, [])
+    hrefs = page.eval_on_selector_all("#animation-links a", "as => as.map(a => a.getAttribute('href'))")
+    assert hrefs == [f"runs/{newest['name']}/files/maps/{p0}/{r0}/animation.{f}" for f in formats]
+    assert page.is_visible("#animations") == bool(formats)
+    for href in hrefs:
+        with urllib.request.urlopen(f"{site.base}/{href}", timeout=10) as response:
+            assert response.status == 200 and int(response.headers["content-length"]) > 0
 
     page.evaluate("document.activeElement.blur()")
     page.keyboard.press("ArrowRight")

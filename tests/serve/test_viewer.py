@@ -82,9 +82,13 @@ def test_global_map_geometry_matches_a_rendered_map(client: TestClient, run_dir:
     assert found is not None
     box, extent = json.loads(found[1]), json.loads(found[2])
     assert extent == [-180, 180, -90, 90]
-    entry = client.get(f"/runs/{run_dir.name}").json()
-    url = next(u for u in map_urls(entry) if "maps" not in entry or "/global/" in u)
-    ink = (pixels(client.get(url).content) < 245).any(axis=2)  # anything not white
+    entry = next(e for e in client.get("/runs").json() if e["name"] == run_dir.name)
+    # A plain shaded field (a product named as its channel), whose ink stops at the map's frame.
+    product = next(p for p in entry.get("maps", entry["channels"]) if p.startswith("geopotential"))
+    url = next(u for u in map_urls(entry) if f"/maps/{product}/" in u and ("maps" not in entry or "/global/" in u))
+    response = client.get(url)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png", url
+    ink = (pixels(response.content) < 245).any(axis=2)  # anything not white
     h, w = ink.shape
     row, col = int((box[1] + box[3]) / 2 * h), int((box[0] + box[2]) / 2 * w)
 
