@@ -149,11 +149,60 @@ class TaskConfig(_Section):
         return channel_names(self.variables, self.levels)
 
 
+DEFAULT_MAP_REGIONS = ["global", "global_robinson", "europe", "north_america", "arctic", "antarctic"]
+_MAP_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
+
+
+def check_map_box(name: str, lon_min: float, lon_max: float, lat_min: float, lat_max: float) -> None:
+    """Raise ``ValueError`` naming the box unless it is a non-empty, non-reversed lon/lat box on the globe."""
+    if not _MAP_NAME_RE.match(name):
+        raise ValueError(f"map region name {name!r} must be lower-case letters, digits and '_' (≤ 40, letter first)")
+    if not -90.0 <= lat_min < lat_max <= 90.0:
+        raise ValueError(f"map region {name!r}: latitudes {lat_min}…{lat_max} must satisfy -90 ≤ lat_min < lat_max ≤ 90 "
+                         "(a reversed or empty box)")
+    if not (-180.0 <= lon_min < lon_max <= 360.0 and lon_max - lon_min <= 360.0):
+        raise ValueError(f"map region {name!r}: longitudes {lon_min}…{lon_max} must satisfy lon_min < lon_max, "
+                         "both in -180…360 and at most 360° apart (a reversed or empty box)")
+
+
+class MapBox(_Section):
+    """A user-defined map region: a lon/lat box drawn in PlateCarree or LambertConformal."""
+
+    name: str
+    lon_min: float
+    lon_max: float
+    lat_min: float
+    lat_max: float
+    projection: Literal["PlateCarree", "LambertConformal"] = "PlateCarree"
+
+    @model_validator(mode="after")
+    def _box(self) -> MapBox:
+        check_map_box(self.name, self.lon_min, self.lon_max, self.lat_min, self.lat_max)
+        return self
+
+
 class RenderConfig(_Section):
     dpi: int = 80
     """Resolution of the map PNGs."""
     natural_earth_dir: Path | None = None
     """Directory in cartopy's Natural Earth layout; default the copy shipped inside serve/."""
+    regions: list[str] = list(DEFAULT_MAP_REGIONS)
+    """Regions to map (built-in names, see docs/maps.md, or names of ``boxes``)."""
+    boxes: list[MapBox] = []
+    """User-defined lon/lat boxes; list a box's name in ``regions`` to draw it."""
+    products: list[str] | None = None
+    """Products to draw (serve/products.py names); None: every product the run's variables allow."""
+    workers: int = Field(default=1, ge=0, le=256)
+    """Processes rendering maps in parallel (0: one per CPU core)."""
+    animations: bool = True
+    """Also write an animated GIF and an MP4 per product and region (one frame per lead)."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> RenderConfig:
+        names = [b.name for b in self.boxes]
+        if len(set(names)) != len(names) or set(names) & set(DEFAULT_MAP_REGIONS):
+            raise ValueError(f"render.boxes names {names} must be unique and differ from the built-in regions")
+        return self
 
 
 _ORIGIN_RE = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?\Z")

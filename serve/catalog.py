@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from core.runs import MANIFEST, RUN_NAME_RE, list_runs, parse_run_name, read_manifest, sha256_file
-from serve.layout import MAPS_DIR, map_index, map_relpath
+from serve.layout import MAPS_DIR, animation_index, animation_relpath, map_index, map_relpath
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,17 @@ class Catalog:
         """Summary of a run for listings: init time, downloadable files, map channels and leads."""
         manifest = self.manifest(run)
         maps = map_index(manifest["files"])
-        leads = sorted({lead for hours in maps.values() for lead in hours})
+        leads = sorted({lead for regions in maps.values() for hours in regions.values() for lead in hours})
         init = pd.Timestamp(manifest["init_time"])
         return {
             "name": run,
             "init_time": init.isoformat(),
             "created": manifest.get("created"),
             "files": sorted(k for k in manifest["files"] if not k.startswith(MAPS_DIR + "/")) + [MANIFEST],
+            # Product names; ``channels`` is the key old clients read, ``maps`` has regions and leads.
             "channels": list(maps),
+            "maps": maps,
+            "animations": animation_index(manifest["files"]),
             "lead_hours": leads,
             "valid_times": [(init + pd.Timedelta(hours=h)).isoformat() for h in leads],
         }
@@ -178,16 +181,32 @@ class Catalog:
             raise CatalogError(f"file {resolved} of run {run!r} no longer has the sha256 its manifest records")
         return RunFile(run, relpath, resolved, st.st_size, str(entry["sha256"]))
 
-    def map_file(self, run: str, channel: str, lead: int) -> RunFile:
-        """The PNG map of a run's channel at a lead time (hours)."""
+    def map_file(self, run: str, product: str, lead: int, region: str = "global") -> RunFile:
+        """The PNG map of a run's product over a region at a lead time (hours)."""
+        maps = self._map_regions(run, product, region)
+        if lead not in maps[region]:
+            leads = ", ".join(str(h) for h in maps[region])
+            raise NotFound(f"run {run!r} has no map of {product!r} over {region!r} at lead {lead} h (leads: {leads})")
+        return self.file(run, map_relpath(product, region, lead))
+
+    def animation_file(self, run: str, product: str, region: str, fmt: str) -> RunFile:
+        """The animation (``gif`` or ``mp4``) of a run's product over a region."""
+        self._map_regions(run, product, region)
+        rel = animation_relpath(product, region, fmt)
+        if rel not in self.manifest(run)["files"]:
+            raise NotFound(f"run {run!r} has no {fmt} animation of {product!r} over {region!r}")
+        return self.file(run, rel)
+
+    def _map_regions(self, run: str, product: str, region: str) -> dict[str, list[int]]:
+        # Names are only ever dictionary keys here; the path comes from the manifest, never from the request.
         maps = map_index(self.manifest(run)["files"])
-        if channel not in maps:
+        if product not in maps:
             known = ", ".join(maps) or "none"
-            raise NotFound(f"run {run!r} has no maps for channel {channel!r} (channels: {known})")
-        if lead not in maps[channel]:
-            leads = ", ".join(str(h) for h in maps[channel])
-            raise NotFound(f"run {run!r} has no map of {channel!r} at lead {lead} h (leads: {leads})")
-        return self.file(run, map_relpath(channel, lead))
+            raise NotFound(f"run {run!r} has no maps for product {product!r} (products: {known})")
+        if region not in maps[product]:
+            known = ", ".join(maps[product])
+            raise NotFound(f"run {run!r} has no maps of {product!r} over region {region!r} (regions: {known})")
+        return maps[product]
 
 
 def parse_time_bound(name: str, value: str | None, upper: bool) -> datetime | None:
@@ -244,10 +263,17 @@ def cached_sha256(path: Path) -> str:
 def zarr_variables(catalog: Catalog, run: str) -> list[dict[str, Any]]:
     """Variables of a run's forecast.zarr from its arrays' ``zarr.json`` (metadata only) and the map channels."""
     from core.variables import VARIABLES, parse_channel
+    from serve.products import product_channels
+
+    def _product_channels(product: str) -> tuple[str, ...]:
+        try:
+            return product_channels(product)
+        except ValueError:  # a map directory that is no product of this version: it names no level
+            return ()
 
     files = catalog.manifest(run)["files"]
     levels: dict[str, list[int]] = {}
-    for channel in map_index(files):
+    for channel in {ch for product in map_index(files) for ch in _product_channels(product)}:
         name, level = parse_channel(channel)
         if level is not None:
             levels.setdefault(name, []).append(level)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
@@ -57,6 +57,11 @@ class RunEntry(BaseModel):
     created: str | None
     files: list[str]
     channels: list[str]
+    """Map product names (kept under this key for clients of the per-channel maps)."""
+    maps: dict[str, dict[str, list[int]]] = {}
+    """Map product → region → lead hours: ``/runs/{run}/maps/{product}/{region}/{lead}.png``."""
+    animations: dict[str, dict[str, list[str]]] = {}
+    """Map product → region → animation formats: ``/runs/{run}/maps/{product}/{region}/animation.{fmt}``."""
     lead_hours: list[int]
     valid_times: list[str]
 
@@ -192,15 +197,44 @@ def run_file(run: RunParam, path: Annotated[str, PathParam(description="The file
     return file_response(request, catalog.file(run, path), settings.chunk_size)
 
 
-@router.head("/{run}/maps/{channel}/{lead}.png", include_in_schema=False)
-@router.get("/{run}/maps/{channel}/{lead}.png", summary="Map image", response_class=Response,
-            responses={200: {"description": "The map", "content": {"image/png": {}}},
-                       206: {"description": "The requested byte range", "content": {"image/png": {}}},
+_MAP_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The map", "content": {"image/png": {}}},
+    206: {"description": "The requested byte range", "content": {"image/png": {}}},
+    **error_responses(304, 404, 416, 422, 503),
+}
+ProductParam = Annotated[str, PathParam(description="Map product (z500_t850, mslp, wind500, t2m, or a channel "
+                                                    "such as geopotential_500)", examples=["geopotential_500"])]
+RegionParam = Annotated[str, PathParam(description="Map region (global, global_robinson, europe, north_america, "
+                                                   "arctic, antarctic, or a configured box)", examples=["global"])]
+LeadParam = Annotated[int, PathParam(description="Lead time in hours", examples=[0, 6])]
+
+
+@router.head("/{run}/maps/{product}/{region}/{lead}.png", include_in_schema=False)
+@router.get("/{run}/maps/{product}/{region}/{lead}.png", summary="Map image of a product over a region",
+            response_class=Response, responses=_MAP_RESPONSES)
+def run_region_map(run: RunParam, product: ProductParam, region: RegionParam, lead: LeadParam,
+                   request: Request, catalog: CatalogDep, settings: SettingsDep) -> Response:
+    """The PNG map of a product over a region at a lead time in hours."""
+    return file_response(request, catalog.map_file(run, product, lead, region), settings.chunk_size)
+
+
+@router.head("/{run}/maps/{product}/{region}/animation.{fmt}", include_in_schema=False)
+@router.get("/{run}/maps/{product}/{region}/animation.{fmt}", summary="Animation of a product over a region",
+            response_class=Response,
+            responses={200: {"description": "One frame per lead", "content": {"image/gif": {}, "video/mp4": {}}},
+                       206: {"description": "The requested byte range", "content": {"video/mp4": {}}},
                        **error_responses(304, 404, 416, 422, 503)})
-def run_map(run: RunParam,
-            channel: Annotated[str, PathParam(description="Channel, <variable>_<level> or <variable>",
-                                              examples=["geopotential_500"])],
-            lead: Annotated[int, PathParam(description="Lead time in hours", examples=[0, 6])],
+def run_animation(run: RunParam, product: ProductParam, region: RegionParam,
+                  fmt: Annotated[Literal["gif", "mp4"], PathParam(description="gif or mp4")],
+                  request: Request, catalog: CatalogDep, settings: SettingsDep) -> Response:
+    """The animated GIF or MP4 of a product over a region, one frame per lead."""
+    return file_response(request, catalog.animation_file(run, product, region, fmt), settings.chunk_size)
+
+
+@router.head("/{run}/maps/{product}/{lead}.png", include_in_schema=False)
+@router.get("/{run}/maps/{product}/{lead}.png", summary="Map image of a product over the globe",
+            response_class=Response, responses=_MAP_RESPONSES)
+def run_map(run: RunParam, product: ProductParam, lead: LeadParam,
             request: Request, catalog: CatalogDep, settings: SettingsDep) -> Response:
-    """The PNG map of a channel (``geopotential_500``) at a lead time in hours."""
-    return file_response(request, catalog.map_file(run, channel, lead), settings.chunk_size)
+    """The PNG map of a product (``geopotential_500``) over region ``global`` at a lead time in hours."""
+    return file_response(request, catalog.map_file(run, product, lead), settings.chunk_size)

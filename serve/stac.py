@@ -24,6 +24,7 @@ from pystac.extensions.file import FileExtension
 from core.runs import MANIFEST
 from serve.catalog import Catalog, CatalogError, NotFound
 from serve.downloads import media_type
+from serve.layout import map_relpath
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,15 @@ def run_item(catalog: Catalog, run: str, links: Links) -> pystac.Item:
     own = catalog.file(run, MANIFEST)
     item.add_asset("manifest", _file_asset(links.file(run, MANIFEST), "Manifest: files, sizes, sha256, provenance",
                                            ["metadata"], "application/json", own.size, own.sha256))
-    if entry["channels"]:
-        channel, first = entry["channels"][0], min(entry["lead_hours"])
-        rel = f"maps/{channel}/{first:03d}.png"
+    global_maps = [(p, regions["global"]) for p, regions in entry["maps"].items() if regions.get("global")]
+    if global_maps:
+        product, leads = global_maps[0]
+        first = min(leads)
+        rel = map_relpath(product, "global", first)
         if rel in files:
-            item.add_asset("thumbnail", _file_asset(f"{links.base}runs/{run}/maps/{channel}/{first:03d}.png",
-                                                    f"{channel} at +{first} h", ["thumbnail"], "image/png",
-                                                    files[rel]["size"], files[rel]["sha256"]))
+            item.add_asset("thumbnail", _file_asset(f"{links.base}runs/{run}/{rel}",
+                                                    f"{product} over the globe at +{first} h", ["thumbnail"],
+                                                    "image/png", files[rel]["size"], files[rel]["sha256"]))
     item.add_link(pystac.Link(pystac.RelType.SELF, links.item(run), pystac.MediaType.GEOJSON))
     item.add_link(pystac.Link(pystac.RelType.ROOT, links.catalog(), pystac.MediaType.JSON))
     item.add_link(pystac.Link(pystac.RelType.PARENT, links.collection(), pystac.MediaType.JSON))

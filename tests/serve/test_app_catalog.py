@@ -27,7 +27,7 @@ def test_runs_lists_published_runs_only(client: TestClient, forecasts_dir: Path)
     assert [r["name"] for r in runs] == ["20000101T06", "20000101T00"]  # newest first
     first = runs[1]
     assert first["init_time"] == "2000-01-01T00:00:00"
-    assert first["channels"] == CHANNELS
+    assert first["channels"] == ["geopotential_500", "wind500"]  # map products (u, v make the wind product)
     assert first["lead_hours"] == [0, 6, 12, 18, 24]
     assert first["valid_times"][-1] == "2000-01-02T00:00:00"
     assert "forecast.nc" in first["files"] and "manifest.json" in first["files"]
@@ -61,7 +61,7 @@ def test_run_detail_carries_the_manifest_on_disk(client: TestClient, run_dir: Pa
     assert {rel: {"size": f["size"], "sha256": f["sha256"]} for rel, f in detail["files"].items()
             if rel != "manifest.json"} == on_disk["files"]
     assert detail["provenance"]["dataset_version"] == "testing-0"
-    assert "maps/geopotential_500/024.png" in detail["files"]
+    assert "maps/geopotential_500/global/024.png" in detail["files"]
 
 
 def test_settings_dependency_can_be_overridden(client: TestClient, tmp_path: Path) -> None:
@@ -88,4 +88,5 @@ def test_a_republished_run_is_seen_at_once(tmp_path: Path) -> None:
 def test_openapi_documents_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/health", "/runs", "/runs/latest", "/runs/{run}", "/runs/{run}/files/{path}",
-            "/runs/{run}/maps/{channel}/{lead}.png", "/viewer"} <= set(paths)
+            "/runs/{run}/maps/{product}/{lead}.png",
+            "/runs/{run}/maps/{product}/{region}/{lead}.png", "/viewer"} <= set(paths)

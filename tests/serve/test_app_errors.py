@@ -24,7 +24,7 @@ RUN = "20000101T00"
     ("/runs/nonsense", 422, ["run 'nonsense'", "YYYYMMDDTHH"]),
     (f"/runs/{RUN}/files/missing.nc", 404, ["no file 'missing.nc'"]),
     (f"/runs/{RUN}/files/forecast.zarr", 404, ["'forecast.zarr' is a directory"]),
-    (f"/runs/{RUN}/maps/temperature_850/6.png", 404, ["channel 'temperature_850'", "geopotential_500"]),
+    (f"/runs/{RUN}/maps/temperature_850/6.png", 404, ["product 'temperature_850'", "geopotential_500"]),
     (f"/runs/{RUN}/maps/geopotential_500/7.png", 404, ["lead 7 h", "0, 6, 12, 18, 24"]),
     (f"/runs/{RUN}/maps/geopotential_500/-6.png", 404, ["lead -6 h"]),
     (f"/runs/{RUN}/maps/geopotential_500/six.png", 422, ["parameter 'lead'"]),

@@ -19,7 +19,7 @@ RUN = "20000101T00"
     ("forecast.nc", "application/x-netcdf"),
     ("forecast.zarr/zarr.json", "application/json"),
     ("forecast.zarr/geopotential/zarr.json", "application/json"),
-    ("maps/geopotential_500/006.png", "image/png"),
+    ("maps/geopotential_500/global/006.png", "image/png"),
 ])
 def test_download_is_the_file_on_disk(client: TestClient, run_dir: Path, relpath: str, kind: str) -> None:
     response = client.get(f"/runs/{RUN}/files/{relpath}")
@@ -118,13 +118,13 @@ def test_parse_range() -> None:
 
 
 def test_map_png(client: TestClient, run_dir: Path) -> None:
-    response = client.get(f"/runs/{RUN}/maps/u_component_of_wind_500/12.png")
+    response = client.get(f"/runs/{RUN}/maps/wind500/12.png")
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
     assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert png_size(response.content) == (320, 184)  # 8 × 4.6 inches at the fixture's 40 dpi
-    assert response.content == (run_dir / "maps/u_component_of_wind_500/012.png").read_bytes()
-    assert client.get(f"/runs/{RUN}/maps/u_component_of_wind_500/012.png").content == response.content
+    assert response.content == (run_dir / "maps/wind500/global/012.png").read_bytes()
+    assert client.get(f"/runs/{RUN}/maps/wind500/global/012.png").content == response.content
     etag = response.headers["etag"]
-    again = client.get(f"/runs/{RUN}/maps/u_component_of_wind_500/12.png", headers={"If-None-Match": etag})
+    again = client.get(f"/runs/{RUN}/maps/wind500/12.png", headers={"If-None-Match": etag})
     assert again.status_code == 304

@@ -1,129 +1,178 @@
-"""Map rendering: one PNG per channel and lead, fixed colour scale per channel, no seam, not blank."""
+"""Map batches: every product × region as a non-blank PNG of its size, animations, offline, all or nothing."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import imageio.v3 as iio
+import imageio_ffmpeg
 import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
 
-from core.variables import VARIABLES
-from serve.layout import map_index, map_relpath
-from serve.maps import color_limits, forecast_channels, lead_hours, map_title, render_map_png, render_run_maps
+from core.config import MapBox
+from serve.layout import animation_index, map_index, map_relpath
+from serve.maps import lead_hours, render_run_maps
+from serve.products import products_for
+from serve.regions import REGIONS
 from tests.serve.conftest import make_forecast, pixels, png_size
+from tests.serve.test_products import weather
 
-CHANNELS = ["geopotential_500", "u_component_of_wind_500", "v_component_of_wind_500"]
+DPI = 30
+BOX = MapBox(name="alps", lon_min=4, lon_max=18, lat_min=43, lat_max=49, projection="LambertConformal")
+
+
+def as_forecast(analysis: xr.Dataset) -> xr.Dataset:
+    """An analysis relabelled as the lead times of one init time (as conftest's make_forecast does)."""
+    ds = analysis.drop_vars(["done", "expver"])
+    lead = ds["time"].values - ds["time"].values[0]
+    ds = ds.rename(time="lead_time").assign_coords(lead_time=lead)
+    ds = ds.expand_dims(init_time=[ds["lead_time"].values[0] * 0 + analysis["time"].values[0]])
+    return ds.assign_coords(valid_time=(("init_time", "lead_time"), ds["init_time"].values[:, None] + lead[None, :]))
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory, forecast: xr.Dataset) -> tuple[Path, list[Path]]:
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], xr.Dataset]:
+    forecast = as_forecast(weather(periods=2))
     out = tmp_path_factory.mktemp("maps")
-    return out, render_run_maps(forecast, out, dpi=50)
+    written = render_run_maps(forecast, out, dpi=DPI, regions=[*REGIONS, "alps"], boxes=[BOX], animations=False)
+    return out, written, forecast
 
 
-def map_area(rgb: np.ndarray) -> np.ndarray:
-    """The inside of the map frame (title, colorbar and frame cut away)."""
+def colorbar_strip(rgb: np.ndarray) -> np.ndarray:
+    """The middle row of the colorbar (axes at 0.2…0.8 × 0.12…0.15 of the figure)."""
     h, w, _ = rgb.shape
-    return rgb[int(0.1 * h):int(0.75 * h), int(0.1 * w):int(0.9 * w)]
+    return rgb[int((1 - 0.135) * h), int(0.22 * w):int(0.78 * w)]
 
 
-def colorbar_area(rgb: np.ndarray) -> np.ndarray:
-    """The colorbar with its ticks and label."""
-    h, _, _ = rgb.shape
-    return rgb[int(0.82 * h):, :]
-
-
-def test_one_png_per_channel_and_lead(rendered: tuple[Path, list[Path]]) -> None:
-    out, written = rendered
-    expected = {out / "maps" / ch / f"{lead:03d}.png" for ch in CHANNELS for lead in (0, 6, 12, 18, 24)}
-    assert set(written) == expected and len(written) == 15
-    assert set(out.rglob("*.png")) == expected
-    assert not list(out.rglob("*.tmp")), "no temporary files may be left behind"
+def test_every_product_and_region_renders_a_map_with_a_colorbar(rendered: tuple[Path, list[Path], xr.Dataset]) -> None:
+    out, written, _ = rendered
+    # The table's products, then one generic product per channel none of them draws.
+    products = ["z500_t850", "mslp", "t2m", "wind10m", "wind500", "wind850", "geopotential_850", "temperature_500"]
+    regions = [*REGIONS, "alps"]
     rel = [p.relative_to(out).as_posix() for p in written]
-    assert map_index(rel) == {ch: [0, 6, 12, 18, 24] for ch in CHANNELS}
+    assert map_index(rel) == {p: {r: [0, 6] for r in sorted(regions)} for p in sorted(products)}
+    assert set(out.rglob("*.*")) == set(written) and [p.name for p in out.iterdir()] == ["maps"]
+    figsize = {**{r: REGIONS[r].figsize for r in REGIONS}, "alps": None}
+    for path in (p for p in written if p.suffix == ".png"):
+        region = path.parent.name
+        data = path.read_bytes()
+        if figsize[region] is not None:
+            assert png_size(data) == tuple(round(s * DPI) for s in figsize[region]), path
+        rgb = pixels(data)
+        h, w, _ = rgb.shape
+        assert rgb[int(0.25 * h):int(0.85 * h), int(0.1 * w):int(0.9 * w)].var() > 0, path
+        strip = colorbar_strip(rgb)
+        assert len({tuple(px) for px in strip}) >= 8, f"no colorbar in {path}"
 
 
-def test_pngs_open_have_one_size_and_are_not_blank(rendered: tuple[Path, list[Path]]) -> None:
-    _, written = rendered
-    sizes = {png_size(p.read_bytes()) for p in written}
-    assert sizes == {(400, 230)}  # 8 × 4.6 inches at 50 dpi
-    for path in written:
-        area = map_area(pixels(path))
-        assert area.var() > 0, path
+def test_frames_change_with_lead_but_the_colour_scale_does_not(rendered: tuple[Path, list[Path], xr.Dataset]) -> None:
+    out, _, _ = rendered
+    for product in ("z500_t850", "wind500"):
+        a, b = (pixels(out / map_relpath(product, "global", lead)) for lead in (0, 6))
+        np.testing.assert_array_equal(colorbar_strip(a), colorbar_strip(b))
+        assert not np.array_equal(a, b)
 
 
-def test_colour_scale_is_fixed_across_leads_but_fields_change(rendered: tuple[Path, list[Path]]) -> None:
-    out, _ = rendered
-    for channel in CHANNELS:
-        images = [pixels(out / map_relpath(channel, lead)) for lead in (0, 6, 12, 18, 24)]
-        # Same limits → the colorbar, its ticks and its label are pixel-identical at every lead.
-        for img in images[1:]:
-            np.testing.assert_array_equal(colorbar_area(img), colorbar_area(images[0]))
-        assert any(not np.array_equal(map_area(img), map_area(images[0])) for img in images[1:])
+def test_one_animation_frame_per_lead(tmp_path: Path) -> None:
+    forecast = as_forecast(weather(periods=3))
+    leads = len(lead_hours(forecast))
+    written = render_run_maps(forecast, tmp_path, dpi=DPI, products=["z500_t850", "wind500"], regions=["europe"])
+    rel = [p.relative_to(tmp_path).as_posix() for p in written]
+    assert animation_index(rel) == {p: {"europe": ["gif", "mp4"]} for p in ("wind500", "z500_t850")}
+    out = tmp_path
+    gif = iio.imread(out / "maps/wind500/europe/animation.gif", index=None)
+    assert gif.shape[0] == leads
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out / "maps/z500_t850/europe/animation.mp4"))
+    assert frames == leads
+    first = pixels(out / map_relpath("wind500", "europe", 0))
+    assert gif.shape[1:3] == first.shape[:2]
 
 
-def test_color_limits_cover_all_leads_and_diverging_is_symmetric(forecast: xr.Dataset) -> None:
-    z = forecast["geopotential"].sel(level=500).values
-    lo, hi = color_limits(z, VARIABLES["geopotential"])
-    assert (lo, hi) == (float(z.min()), float(z.max()))
-    for lead in range(z.shape[1]):
-        assert lo <= z[0, lead].min() and z[0, lead].max() <= hi
-    u = forecast["u_component_of_wind"].values
-    ulo, uhi = color_limits(u, VARIABLES["u_component_of_wind"])
-    assert ulo == -uhi == -float(np.abs(u).max())
+def test_rendering_never_touches_the_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network access attempted while rendering")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    forecast = as_forecast(weather(periods=1))
+    written = render_run_maps(forecast, tmp_path, dpi=DPI, products=["mslp"], regions=["europe", "arctic"],
+                              animations=False)
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "maps/mslp/arctic/000.png", "maps/mslp/europe/000.png"]
 
 
-def test_color_limits_edge_cases() -> None:
-    z, u = VARIABLES["geopotential"], VARIABLES["u_component_of_wind"]
-    lo, hi = color_limits(np.full((3, 4), 5.0e4), z)
-    assert lo < 5.0e4 < hi
-    assert color_limits(np.array([1.0, np.nan, 3.0]), z) == (1.0, 3.0)
-    assert color_limits(np.full(4, np.nan), z) == (0.0, 1.0)
-    assert color_limits(np.zeros(4), u) == (-1.0, 1.0)
+@pytest.mark.parametrize("kwargs, words", [
+    ({"products": ["z500_t850"]}, "temperature_850"),
+    ({"products": ["mslp"]}, "mean_sea_level_pressure"),
+    ({"products": ["rainbow"]}, "unknown map product 'rainbow'"),
+    ({"regions": ["mars"]}, "unknown map region 'mars'"),
+])
+def test_bad_requests_raise_and_leave_maps_untouched(tmp_path: Path, kwargs: dict, words: str) -> None:
+    old = tmp_path / "maps" / "geopotential_500" / "global" / "000.png"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"old map")
+    with pytest.raises(ValueError, match=words):
+        render_run_maps(make_forecast(leads=1), tmp_path, dpi=DPI, **kwargs)
+    assert old.read_bytes() == b"old map"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [old]
 
 
-def test_no_seam_at_the_date_line_or_greenwich() -> None:
-    ds = make_forecast(leads=1)
-    field = ds["geopotential"].isel(init_time=0, lead_time=0).sel(level=500)
-    rgb = pixels(render_map_png(xr.full_like(field, 5.0e4), dpi=50))
-    area = map_area(rgb)
-    white = (area.min(axis=2) > 250).mean()
-    assert white == 0.0, "background shows through the mesh"
-    # Out to the frame: the filled columns form one unbroken band as wide as the map, so the
-    # cells overhanging ±180° close the edges too.
-    h, w, _ = rgb.shape
-    band = rgb[int(0.1 * h):int(0.75 * h)]
-    filled = np.where((band.min(axis=2) < 250).mean(axis=0) > 0.99)[0]
-    assert filled.max() - filled.min() + 1 == filled.size
-    assert filled.size >= 0.8 * w
+def test_a_failure_midway_leaves_maps_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.render import MapRenderer
+
+    old = tmp_path / "maps" / "x" / "global" / "000.png"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"old map")
+    real, calls = MapRenderer.render, []
+
+    def fail_on_second(self: MapRenderer, *args: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(self, *args)
+
+    monkeypatch.setattr(MapRenderer, "render", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        render_run_maps(make_forecast(leads=2), tmp_path, dpi=DPI, regions=["global"])
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [old]
 
 
-def test_titles_and_channels(forecast: xr.Dataset) -> None:
-    assert forecast_channels(forecast) == CHANNELS
-    assert lead_hours(forecast) == [0, 6, 12, 18, 24]
-    title = map_title("geopotential_500", pd.Timestamp("2000-01-01"), 12, pd.Timestamp("2000-01-01T12"))
-    assert title == "Geopotential 500 hPa — init 2000-01-01 00UTC +12h (valid 2000-01-01 12UTC)"
-    assert map_title("2m_temperature", pd.Timestamp("2000-01-01"), 0, pd.Timestamp("2000-01-01")).startswith(
-        "2 metre temperature — init")
-
-
-def test_non_whole_hour_leads_are_refused(forecast: xr.Dataset) -> None:
-    odd = forecast.assign_coords(lead_time=forecast["lead_time"] + np.timedelta64(30, "m"))
-    with pytest.raises(ValueError, match="whole hours"):
-        lead_hours(odd)
+def test_rerender_replaces_maps_and_parallel_workers_match_one_process(tmp_path: Path) -> None:
+    forecast = make_forecast(leads=2)
+    (tmp_path / "maps" / "stale").mkdir(parents=True)
+    one = render_run_maps(forecast, tmp_path / "a", dpi=DPI, regions=["global", "arctic"], animations=False)
+    stats: dict[str, float] = {}
+    two = render_run_maps(forecast, tmp_path, dpi=DPI, regions=["global", "arctic"], animations=False,
+                          workers=2, stats=stats)
+    assert not (tmp_path / "maps" / "stale").exists()
+    assert [p.relative_to(tmp_path / "a") for p in one] == [p.relative_to(tmp_path) for p in two]
+    for a, b in zip(one, two, strict=True):
+        assert a.read_bytes() == b.read_bytes(), b  # byte-identical: no timestamps, same drawing
+    assert stats["frames"] == 8 and stats["workers"] == 2 and stats["cpu_s"] > 0
 
 
 def test_ensemble_forecast_maps_the_member_mean(tmp_path: Path) -> None:
-    ds = make_forecast(leads=2)
+    ds = make_forecast(leads=1)
     members = xr.concat([ds, ds + 0.0], dim="member").transpose("init_time", "lead_time", "member", ...)
     members = members.assign_coords(valid_time=ds["valid_time"])
-    for name in ds.data_vars:
-        members[name].attrs = ds[name].attrs
-    written = render_run_maps(members, tmp_path, dpi=40)
-    assert len(written) == 2 * len(CHANNELS)
-    single = render_run_maps(ds, tmp_path / "single", dpi=40)
-    # Title differs ("Ensemble mean …"), the field itself is identical.
-    np.testing.assert_array_equal(map_area(pixels(written[0])), map_area(pixels(single[0])))
-    assert not np.array_equal(pixels(written[0]), pixels(single[0]))
+    kw = {"dpi": DPI, "regions": ["global"], "products": ["wind500"], "animations": False}
+    (mean,) = render_run_maps(members, tmp_path / "ens", **kw)
+    (single,) = render_run_maps(ds, tmp_path / "one", **kw)
+    a, b = pixels(mean), pixels(single)
+    h = a.shape[0]
+    np.testing.assert_array_equal(a[int(0.1 * h):], b[int(0.1 * h):])  # same field; the title says "Ensemble mean"
+    assert not np.array_equal(a, b)
+
+
+def test_lead_hours_and_products_of_the_test_run(forecast: xr.Dataset) -> None:
+    assert lead_hours(forecast) == [0, 6, 12, 18, 24]
+    odd = forecast.assign_coords(lead_time=forecast["lead_time"] + np.timedelta64(30, "m"))
+    with pytest.raises(ValueError, match="whole hours"):
+        lead_hours(odd)
+    channels = ["geopotential_500", "u_component_of_wind_500", "v_component_of_wind_500"]
+    assert [p.name for p in products_for(channels)] == ["wind500", "geopotential_500"]
+    assert pd.Timestamp(forecast["init_time"].values[0]) == pd.Timestamp("2000-01-01")
