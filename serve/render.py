@@ -37,6 +37,8 @@ BARBS_ACROSS = 22
 MS_TO_KNOTS = 1.943844
 CONTOUR_STRIDE = 2
 """Contours are traced on every 2nd pixel: lines stay smooth at a quarter of the cost."""
+PNG_COMPRESSION = 3
+"""zlib level of the PNGs: maps are flat colour, so level 3 is within a few % of 6 at half the time."""
 _AX_RECT = (0.02, 0.2, 0.96, 0.73)  # the global map box the viewer (serve/static/viewer.js) assumes
 _CBAR_RECT = (0.2, 0.12, 0.6, 0.03)
 _PLATE_CARREE = ccrs.PlateCarree()
@@ -165,7 +167,7 @@ class MapRenderer:
             if borders:
                 lines = (_layer("cultural", "admin_0_boundary_lines_land", "110m"))
                 self.borders = self._static(self._project(lines), "borders", 0.4, "#333333")
-        self._static(self._project(_graticule()), "graticule", 0.3, "#808080", alpha=0.6)
+        self._graticule_lines = self._static(self._project(_graticule()), "graticule", 0.3, "#808080", alpha=0.6)
         cax = self.fig.add_axes(_CBAR_RECT)
         label = product.convert.units + (" (barbs: kt)" if product.barbs else "")
         self.fig.colorbar(self.image, cax=cax, orientation="horizontal", extend=extend,
@@ -178,6 +180,13 @@ class MapRenderer:
         self._barbs: object | None = None
         self._barb_setup()
         self.frame: FrameData | None = None
+        # Blitting: everything that never changes (colorbar, frame background, attribution) is drawn once
+        # and kept as pixels; each frame restores them and draws only the changing and the overlying artists.
+        self._overlay = [c for c in (self.coastlines, self.borders, self._graticule_lines) if c is not None]
+        for artist in (self.image, self.title, *self._overlay, ax.spines["geo"]):
+            artist.set_animated(True)
+        self.canvas.draw()
+        self._background = self.canvas.copy_from_bbox(self.fig.bbox)
 
     def _project(self, lines: list[np.ndarray]) -> list[np.ndarray]:
         return project_lines(lines, self.crs, self.region.extent, self.extent)
@@ -238,20 +247,27 @@ class MapRenderer:
             cs = Axes.contour(self.ax, self.grid.xs[::s], self.grid.ys[::s], np.ma.masked_invalid(z),
                               levels=list(frame.contour_levels), colors="black", linewidths=0.7, zorder=4)
             cs.set_clip_path(self.ax.patch)
+            cs.set_animated(True)
             self._contours = cs
         if frame.barb_u is not None:
             x, y = self.grid.xs[self.barb_cols], self.grid.ys[self.barb_rows]
             u, v = frame.barb_u * MS_TO_KNOTS, frame.barb_v * MS_TO_KNOTS
             if self._barbs is None:
                 self._barbs = Axes.barbs(self.ax, x, y, u, v, length=4.2, linewidth=0.45, zorder=5,
-                                         flip_barb=self.barb_south)
+                                         flip_barb=self.barb_south, animated=True)
             else:
                 self._barbs.set_UVC(u, v)  # type: ignore[attr-defined]
         self.title.set_text(frame.title)
 
     def rgb(self) -> np.ndarray:
-        """The figure as it stands, drawn, as an (h, w, 3) uint8 array."""
-        self.canvas.draw()
+        """The figure with the current frame, as an (h, w, 3) uint8 array (static parts restored, not redrawn)."""
+        self.canvas.restore_region(self._background)
+        ax = self.ax
+        # In z-order: field, coastlines and graticule, contours, barbs, the map frame, the title.
+        for artist in (self.image, *self._overlay, self._contours, self._barbs, ax.spines["geo"]):
+            if artist is not None:
+                ax.draw_artist(artist)
+        self.fig.draw_artist(self.title)
         return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
 
     def render(self, fields: dict[str, np.ndarray], title: str) -> tuple[bytes, np.ndarray]:
@@ -268,5 +284,5 @@ class MapRenderer:
 def png_bytes(rgb: np.ndarray) -> bytes:
     """RGB pixels as PNG bytes (no metadata, so the bytes depend on the pixels only)."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=PNG_COMPRESSION)
     return buf.getvalue()

@@ -197,6 +197,7 @@ def run_file(run: RunParam, path: Annotated[str, PathParam(description="The file
     return file_response(request, catalog.file(run, path), settings.chunk_size)
 
 
+_ANIMATION_TYPES = {"gif": "image/gif", "mp4": "video/mp4"}
 _MAP_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The map", "content": {"image/png": {}}},
     206: {"description": "The requested byte range", "content": {"image/png": {}}},
@@ -228,7 +229,11 @@ def run_animation(run: RunParam, product: ProductParam, region: RegionParam,
                   fmt: Annotated[Literal["gif", "mp4"], PathParam(description="gif or mp4")],
                   request: Request, catalog: CatalogDep, settings: SettingsDep) -> Response:
     """The animated GIF or MP4 of a product over a region, one frame per lead."""
-    return file_response(request, catalog.animation_file(run, product, region, fmt), settings.chunk_size)
+    response = file_response(request, catalog.animation_file(run, product, region, fmt), settings.chunk_size)
+    if response.headers.get("content-type") == "application/octet-stream":
+        # serve.downloads names types by suffix and does not know these two (yet).
+        response.headers["content-type"] = _ANIMATION_TYPES[fmt]
+    return response
 
 
 @router.head("/{run}/maps/{product}/{lead}.png", include_in_schema=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from fastapi.testclient import TestClient
 
 from core.config import MapBox
 from serve.layout import animation_index, map_index, map_relpath
@@ -176,3 +177,27 @@ def test_lead_hours_and_products_of_the_test_run(forecast: xr.Dataset) -> None:
     channels = ["geopotential_500", "u_component_of_wind_500", "v_component_of_wind_500"]
     assert [p.name for p in products_for(channels)] == ["wind500", "geopotential_500"]
     assert pd.Timestamp(forecast["init_time"].values[0]) == pd.Timestamp("2000-01-01")
+
+
+def test_map_routes_by_region_legacy_and_animation(client: TestClient, run_dir: Path) -> None:
+    run = run_dir.name
+    entry = client.get(f"/runs/{run}").json()
+    listed = next(e for e in client.get("/runs").json() if e["name"] == run)
+    assert listed["maps"] == {p: {r: [0, 6, 12, 18, 24] for r in sorted(REGIONS)} for p in ("geopotential_500", "wind500")}
+    assert listed["channels"] == ["geopotential_500", "wind500"] and entry["lead_hours"] == [0, 6, 12, 18, 24]
+    europe = client.get(f"/runs/{run}/maps/wind500/europe/12.png")
+    assert europe.status_code == 200 and europe.headers["content-type"] == "image/png"
+    assert europe.content == (run_dir / "maps/wind500/europe/012.png").read_bytes()
+    assert client.head(f"/runs/{run}/maps/wind500/europe/12.png").status_code == 200
+    # The per-channel URL of old clients is the global region.
+    assert client.get(f"/runs/{run}/maps/geopotential_500/6.png").content == \
+        (run_dir / "maps/geopotential_500/global/006.png").read_bytes()
+    gif = client.get(f"/runs/{run}/maps/wind500/arctic/animation.gif")
+    assert gif.headers["content-type"] == "image/gif" and iio.imread(gif.content, index=None).shape[0] == 5
+    mp4 = client.get(f"/runs/{run}/maps/wind500/arctic/animation.mp4")
+    assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4" and b"ftyp" in mp4.content[:32]
+    missing = client.get(f"/runs/{run}/maps/wind500/mars/12.png")
+    assert missing.status_code == 404 and "region 'mars'" in missing.json()["detail"]
+    assert "europe" in missing.json()["detail"]
+    assert client.get(f"/runs/{run}/maps/wind500/europe/7.png").status_code == 404
+    assert client.get(f"/runs/{run}/maps/wind500/europe/animation.webm").status_code in (404, 422)

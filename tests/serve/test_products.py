@@ -30,7 +30,7 @@ def weather(grid: str = "tiny", periods: int = 3, seed: int = 0) -> xr.Dataset:
     wave = np.stack(wave).astype(np.float32)  # (time, lat, lon), −1…1
     pole = np.cos(lat).astype(np.float32)
     lv = np.array([1.0, 0.3], dtype=np.float32)[None, :, None, None]  # 500, 850
-    ds["geopotential"].values = (9.80665 * (540 + 30 * pole + 10 * wave))[:, None] * np.array([1.0, 0.26])[None, :, None, None]
+    ds["geopotential"].values = (98.0665 * (540 + 30 * pole + 10 * wave))[:, None] * np.array([1.0, 0.26])[None, :, None, None]
     ds["temperature"].values = (250 + 30 * pole + 5 * wave)[:, None] + 20 * (1 - lv)
     ds["u_component_of_wind"].values = (25 * wave)[:, None] * lv
     ds["v_component_of_wind"].values = (15 * np.roll(wave, 4, axis=-1))[:, None] * lv
@@ -108,7 +108,9 @@ def test_z500_in_dam_every_6_over_t850_in_celsius(ds: xr.Dataset, monkeypatch: p
     f = r.frame
     z = ds["geopotential"].isel(time=1).sel(level=500).values / 98.0665
     t = ds["temperature"].isel(time=1).sel(level=850).values - 273.15
+    assert 500 < z.min() and z.max() < 620  # realistic z500 in dam: the contours cross the fixed levels
     assert np.nanmin(f.contour) >= z.min() - 1e-3 and np.nanmax(f.contour) <= z.max() + 1e-3
+    assert len([p for p in r._contours.get_paths() if len(p.vertices)]) >= 5  # isohypses are drawn
     assert np.nanmin(f.shade) >= t.min() - 1e-3 and np.nanmax(f.shade) <= t.max() + 1e-3
     assert f.units == "°C" and np.all(np.diff(f.contour_levels) == 6) and 552 in f.contour_levels
     assert list(calls[-1]["levels"]) == list(f.contour_levels)
