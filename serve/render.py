@@ -248,6 +248,10 @@ class MapRenderer:
                               levels=list(frame.contour_levels), colors="black", linewidths=0.7, zorder=4)
             cs.set_clip_path(self.ax.patch)
             cs.set_animated(True)
+            # Every other line labelled: enough to read the field, few enough to keep the map clear.
+            for text in Axes.clabel(self.ax, cs, levels=cs.levels[::2], fontsize=5.5, fmt="%d", inline=True,
+                                    inline_spacing=1):
+                text.set_animated(True)
             self._contours = cs
         if frame.barb_u is not None:
             x, y = self.grid.xs[self.barb_cols], self.grid.ys[self.barb_rows]
@@ -267,6 +271,8 @@ class MapRenderer:
         for artist in (self.image, *self._overlay, self._contours, self._barbs, ax.spines["geo"]):
             if artist is not None:
                 ax.draw_artist(artist)
+        for text in getattr(self._contours, "labelTexts", ()):
+            ax.draw_artist(text)
         self.fig.draw_artist(self.title)
         return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
 
