@@ -11,7 +11,7 @@ global PlateCarree map, at the same figure size and dpi:
 Then the batch of a 10-day run (41 leads × those products × the regions, animations included) with
 every core through :func:`serve.maps.render_run_maps`, with its CPU utilisation.
 
-Usage: python benches/render.py [--quick] [--frames 4] [--regions global,europe] [--no-batch]
+Usage: python benches/render.py [--quick] [--frames 4] [--regions global,europe] [--no-batch | --batch-only]
 ``--quick`` runs at 1.5° (121 × 240) with fewer frames.
 """
 
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--regions", default=",".join(REGIONS), help="regions of the batch (comma-separated)")
     parser.add_argument("--leads", type=int, default=None, help="leads of the batch (default 41: 10 days)")
     parser.add_argument("--no-batch", action="store_true", help="per-frame comparison only")
+    parser.add_argument("--batch-only", action="store_true", help="the run batch only, no per-frame comparison")
     args = parser.parse_args()
     step = 1.5 if args.quick else 0.25
     frames = args.frames or (3 if args.quick else 4)
@@ -187,10 +188,11 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"matplotlib {matplotlib.__version__}; grid {step}° ({int(180 / step) + 1}×{int(360 / step)}), "
           f"{REGIONS['global'].figsize[0]}×{REGIONS['global'].figsize[1]} in at {DPI} dpi")
-    rows = per_frame(step, frames)
-    ours = sum(r["ours_ms"] for r in rows) / len(rows)
-    naive = sum(r["naive_ms"] for r in rows) / len(rows)
-    print(f"mean over products: ours {ours:.1f} ms/frame, naive {naive:.1f} ms/frame, speedup {naive / ours:.1f}×")
+    if not args.batch_only:
+        rows = per_frame(step, frames)
+        ours = sum(r["ours_ms"] for r in rows) / len(rows)
+        naive = sum(r["naive_ms"] for r in rows) / len(rows)
+        print(f"mean over products: ours {ours:.1f} ms/frame, naive {naive:.1f} ms/frame, speedup {naive / ours:.1f}×")
     if not args.no_batch:
         regions = [r for r in args.regions.split(",") if r]
         s = batch(step, leads, regions)

@@ -25,8 +25,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from core.config import MapBox
-from core.fields import to_channels
-from core.variables import VARIABLES
+from core.variables import VARIABLES, parse_channel
 from serve.cartopy_offline import check_natural_earth_dir, offline_natural_earth
 from serve.layout import MAPS_DIR
 from serve.products import Product, fallback, products_for
@@ -96,6 +95,15 @@ def _reduce_members(forecast: xr.Dataset) -> tuple[xr.Dataset, str]:
     return forecast, ""
 
 
+def _channel_values(forecast: xr.Dataset, channel: str) -> np.ndarray:
+    """(lead, lat, lon) float32 values of one channel, selected directly (no stacking copy of the whole run)."""
+    name, level = parse_channel(channel)
+    da = forecast[name].isel(init_time=0)
+    if level is not None:
+        da = da.sel(level=level)
+    return np.ascontiguousarray(da.transpose("lead_time", "latitude", "longitude").values, dtype=np.float32)
+
+
 def _swap_in(stage_maps: Path, final: Path) -> None:
     """Replace ``final`` by the fully rendered ``stage_maps`` (old one removed only after the rename)."""
     old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:8]}")
@@ -136,13 +144,12 @@ def render_run_maps(forecast: xr.Dataset, out_dir: Path, dpi: int = 80, natural_
     lat = np.asarray(forecast["latitude"].values, dtype=float)
     lon = np.asarray(forecast["longitude"].values, dtype=float)
     needed = list(dict.fromkeys(ch for p in chosen for ch in p.channels))
-    stack = to_channels(forecast, needed).isel(init_time=0).transpose("channel", "lead_time", "latitude", "longitude")
     workers = (os.cpu_count() or 1) if workers == 0 else workers
     stage = out_dir / f".{MAPS_DIR}-staging-{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)
     try:
         # One channel in memory at a time: at 0.25° a run's full stack is gigabytes.
-        loaded = {ch: np.asarray(stack.isel(channel=c).values, dtype=np.float32) for c, ch in enumerate(needed)}
+        loaded = {ch: _channel_values(forecast, ch) for ch in needed}
         arrays: dict[str, Any] = spill_arrays(loaded, stage / ".arrays") if workers > 1 else loaded
         jobs = [Job(p, r, lat, lon, {ch: arrays[ch] for ch in p.channels}, leads,
                     [map_title(p, init, lead, valid[i], prefix) for i, lead in enumerate(leads)], stage, dpi,
