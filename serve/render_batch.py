@@ -1,5 +1,8 @@
 """A batch of map frames: jobs of (product, region) × all leads, in this process or in worker processes.
 
+Each job ends with the animations of its product over its region: a looping GIF and an H.264 MP4,
+one frame per lead, from the frames it just drew (no PNG is read back).
+
 A job holds every lead of one (product, region), so a worker builds the figure and the pixel grid
 once and reuses them for all frames. Workers get the fields as paths to ``.npy`` files they map
 read-only (never a pickled xarray), start by ``forkserver`` (no inherited threads or locks), and
@@ -16,14 +19,47 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio.v3 as iio
+import imageio_ffmpeg
 import numpy as np
 
-from serve.animate import write_gif, write_mp4
 from serve.cartopy_offline import offline_natural_earth
 from serve.layout import animation_relpath, map_relpath
 from serve.products import Product
 from serve.regions import Region
 from serve.render import MapRenderer
+
+FRAME_SECONDS = 0.5
+"""Each lead shows for half a second: 41 leads of a 10-day run play in 20 s."""
+
+
+def _even(frame: np.ndarray) -> np.ndarray:
+    """Pad to even width and height with white (H.264 in yuv420p needs both even)."""
+    h, w, _ = frame.shape
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
+
+
+def write_gif(path: Path, frames: Sequence[np.ndarray]) -> Path:
+    """An endlessly looping GIF of RGB frames, written atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=int(FRAME_SECONDS * 1000), loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def write_mp4(path: Path, frames: Sequence[np.ndarray]) -> Path:
+    """An H.264 MP4 (yuv420p, plays in browsers) of RGB frames, written atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
+    first = _even(frames[0])
+    writer = imageio_ffmpeg.write_frames(str(tmp), (first.shape[1], first.shape[0]), fps=1 / FRAME_SECONDS,
+                                         codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
+                                         ffmpeg_log_level="error", output_params=["-threads", "1"])
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(_even(frame)))
+    writer.close()
+    os.replace(tmp, path)
+    return path
 
 
 @dataclass
