@@ -30,7 +30,7 @@ from shapely.geometry import LineString
 
 from serve.products import Product
 from serve.regions import Region
-from serve.render_grid import pixel_grid, vector_rotation
+from serve.render_grid import PixelGrid, pixel_grid, vector_rotation
 
 BARBS_ACROSS = 22
 """Barbs per map width; rows follow the aspect ratio, so every frame has the same fixed set."""
@@ -125,6 +125,25 @@ def _layer(category: str, name: str, scale: str) -> list[np.ndarray]:
     return _vertices(cfeature.NaturalEarthFeature(category, name, scale).geometries())
 
 
+_PIXEL_GRIDS: dict[tuple, PixelGrid] = {}
+PIXEL_GRID_CACHE = 8
+"""Pixel grids kept per process: one per region of a batch, shared by all its products."""
+
+
+def cached_pixel_grid(region: Region, xlim: tuple[float, float], ylim: tuple[float, float], nx: int, ny: int,
+                      lat: np.ndarray, lon: np.ndarray) -> PixelGrid:
+    """The pixel grid of a region's axes, computed once per process and shared by every product drawn there."""
+    key = (region.projection, repr(sorted(region.projection_kwargs.items())), tuple(xlim), tuple(ylim), nx, ny,
+           np.asarray(lat, dtype=float).tobytes(), np.asarray(lon, dtype=float).tobytes())
+    grid = _PIXEL_GRIDS.get(key)
+    if grid is None:
+        grid = pixel_grid(region.crs(), xlim, ylim, nx, ny, lat, lon)
+        while len(_PIXEL_GRIDS) >= PIXEL_GRID_CACHE:
+            _PIXEL_GRIDS.pop(next(iter(_PIXEL_GRIDS)))
+        _PIXEL_GRIDS[key] = grid
+    return grid
+
+
 class MapRenderer:
     """A reusable map of one product over one region; :meth:`render` draws one frame to PNG bytes."""
 
@@ -147,7 +166,7 @@ class MapRenderer:
         bbox = ax.get_window_extent()
         nx, ny = max(int(round(bbox.width)), 8), max(int(round(bbox.height)), 8)
         xlim, ylim = ax.get_xlim(), ax.get_ylim()
-        self.grid = pixel_grid(self.crs, xlim, ylim, nx, ny, lat, lon)
+        self.grid = cached_pixel_grid(region, xlim, ylim, nx, ny, lat, lon)
         self.extent = (xlim[0], xlim[1], ylim[0], ylim[1])
         cmap = colormaps[product.cmap]
         extend = "max" if product.levels[0] == 0 else "both"
