@@ -186,8 +186,9 @@ class RenderConfig(_Section):
     """Resolution of the map PNGs."""
     natural_earth_dir: Path | None = None
     """Directory in cartopy's Natural Earth layout; default the copy shipped inside serve/."""
-    regions: list[str] = list(DEFAULT_MAP_REGIONS)
-    """Regions to map (built-in names, see docs/maps.md, or names of ``boxes``)."""
+    regions: list[str] = ["global"]
+    """Regions to map (built-in names, see docs/maps.md, or names of ``boxes``); spherecast.yaml maps all six
+    built-in ones with every core (the demo keeps to the global map, cheap on 2 cores)."""
     boxes: list[MapBox] = []
     """User-defined lon/lat boxes; list a box's name in ``regions`` to draw it."""
     products: list[str] | None = None

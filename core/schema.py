@@ -23,7 +23,8 @@ Checkpoint (``<runs>/<name>/checkpoint.pt``)
 Forecast run (``<forecasts>/<init:%Y%m%dT%H>/``)
     ``forecast.zarr`` + ``forecast.nc`` with dims ``init_time``(1), ``lead_time`` (timedelta),
     ``level``, ``latitude``, ``longitude`` and coord ``valid_time(init_time, lead_time)``;
-    ``maps/<variable>/<lead_h:03d>.png``; ``manifest.json`` (see :func:`validate_manifest`).
+    ``maps/<product>/<region>/<lead_h:03d>.png`` and ``animation.gif|mp4`` there (:mod:`serve.layout`);
+    ``manifest.json`` (see :func:`validate_manifest`).
     An ensemble run adds dim ``member`` (integers 0 … n−1, 0 the unperturbed control) after
     ``lead_time`` on every data variable, and ``ensemble.zarr`` beside it: the ensemble mean in the
     variable names and ``<variable>_spread``, the standard deviation over members (ddof 0), same

@@ -30,6 +30,20 @@ def prefect_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def _render_run(args: argparse.Namespace) -> str:
+    run = args.run_name or args.run
+    if not run or (args.run_name and args.run and args.run_name != args.run):
+        raise ValueError("render needs one run name: spherecast render RUN [--products …] [--regions …]")
+    return run
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing: give comma-separated names, e.g. global,europe")
+    return names
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for attr, (section, key) in {
@@ -39,6 +53,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device": ("train", "device"),
         "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"), "grid": ("forecast", "grid"),
         "host": ("serve", "host"), "port": ("serve", "port"), "serve_workers": ("serve", "workers"),
+        "products": ("render", "products"), "regions": ("render", "regions"), "render_workers": ("render", "workers"),
     }.items():
         value = getattr(args, attr, None)
         if value is not None:
@@ -177,6 +192,11 @@ def run(args: argparse.Namespace) -> int:
         check_request(config)  # a bad horizon fails here, before Prefect starts
         if args.backfill:
             cycle_times(*args.backfill, config.forecast.cycle_hours)
+    if args.command == "render":
+        from serve.regions import resolve_regions
+
+        _render_run(args)
+        resolve_regions(config.render.regions, config.render.boxes)  # an unknown region fails before Prefect starts
     if args.command == "ingest":
         from ingest.build import plan_ingest
 
@@ -205,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "forecast":
         print(_describe_cycle(flows.run_forecast(config_path, overrides, force=args.force)))
     elif args.command == "render":
-        print(flows.rerender(config_path, overrides, args.run))
+        print(flows.rerender(config_path, overrides, _render_run(args)))
     elif args.command == "verify":
         r = flows.verify_forecasts(config_path, overrides)
         print(f"scored {r['scored']}, up to date {len(r['skipped'])}, awaiting truth {r['pending']}\n"
@@ -298,8 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where each rank trains (train.device)")
     p = add("initial-conditions", "Fetch the newest live initial conditions (initial_conditions.source) into their store.")
     p.add_argument("--now", help="the clock to judge which cycles exist (default: now, UTC)")
-    p = add("render", "Re-render the maps of a published run (republished by rename).")
-    p.add_argument("--run", required=True, help="run name, e.g. 20000320T00")
+    p = add("render", "Re-render the maps of a published run (republished by rename, maps/ replaced whole).")
+    p.add_argument("run_name", nargs="?", metavar="RUN", help="run name, e.g. 20000320T00")
+    p.add_argument("--run", help="the run name, as an option (older spelling)")
+    p.add_argument("--products", type=_names, help="comma-separated products (docs/maps.md); default render.products")
+    p.add_argument("--regions", type=_names, help="comma-separated regions or boxes; default render.regions")
+    p.add_argument("--workers", dest="render_workers", type=int, help="rendering processes (0: every core)")
     p = add("serve", "Serve published runs, maps and the viewer over HTTP.")
     p.add_argument("--host", help="interface to bind")
     p.add_argument("--port", type=int, help="port")

@@ -43,6 +43,13 @@ from serve.maps import render_run_maps
 PROJECT_ROOT = Path(models.__file__).resolve().parents[1]
 
 
+def render_options(config: Config) -> dict[str, Any]:
+    """The map rendering settings of ``config.render``, as keyword arguments of ``render_run_maps``."""
+    r = config.render
+    return {"dpi": r.dpi, "natural_earth_dir": r.natural_earth_dir, "products": r.products, "regions": r.regions,
+            "boxes": r.boxes, "workers": r.workers, "animations": r.animations}
+
+
 @task(name="ingest-analysis", cache_policy=NO_CACHE)
 def ingest_task(config: Config) -> str:
     """Build or resume the analysis store and its statistics."""
@@ -199,8 +206,7 @@ def produce_run(config: Config, choice: InitChoice, name: str, timings: dict[str
         forecast = stream_ensemble(model, meta, initial, choice.init_time, config.forecast.lead_hours, staging, ens,
                                    formats=config.forecast.formats, residual_bank=bank, timings=clock)
         began = time.perf_counter()
-        maps = render_run_maps(forecast, staging, dpi=config.render.dpi,
-                               natural_earth_dir=config.render.natural_earth_dir)
+        maps = render_run_maps(forecast, staging, provenance=choice.provenance(), **render_options(config))
         clock["render"] = time.perf_counter() - began
         began = time.perf_counter()
         provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
@@ -283,8 +289,8 @@ def rerender_task(config: Config, name: str) -> str:
         shutil.copytree(src, staging, dirs_exist_ok=True)
         shutil.rmtree(staging / "maps", ignore_errors=True)
         with xr.open_zarr(staging / "forecast.zarr", consolidated=False) as fc:
-            render_run_maps(fc.load(), staging, dpi=config.render.dpi, natural_earth_dir=config.render.natural_earth_dir)
-        provenance = json.loads((src / "manifest.json").read_text())["provenance"]
+            provenance = json.loads((src / "manifest.json").read_text())["provenance"]
+            render_run_maps(fc.load(), staging, provenance=provenance, **render_options(config))
         write_manifest(staging, parse_run_name(name), provenance)
         return str(publish(staging, src))
     except BaseException:

@@ -52,6 +52,8 @@ MEDIA_TYPES = {
     ".nc": "application/x-netcdf",
     ".json": "application/json",
     ".png": "image/png",
+    ".gif": "image/gif",
+    ".mp4": "video/mp4",
     ".grib2": "application/x-grib2",
     ".grib": "application/x-grib",
     ".html": "text/html; charset=utf-8",

@@ -182,8 +182,8 @@ def run_detail(run: RunParam, request: Request, catalog: CatalogDep, settings: S
     own = catalog.file(run, MANIFEST)
     files[MANIFEST] = {"size": own.size, "sha256": own.sha256, "url": f"{base}/runs/{run}/files/{MANIFEST}"}
     return {**manifest, "files": files, "name": run, "lead_hours": entry["lead_hours"],
-            "valid_times": entry["valid_times"], "channels": entry["channels"],
-            "variables": zarr_variables(catalog, run), "scores": _scores(settings, run),
+            "valid_times": entry["valid_times"], "channels": entry["channels"], "maps": entry["maps"],
+            "animations": entry["animations"], "variables": zarr_variables(catalog, run), "scores": _scores(settings, run),
             "lineage": _lineage(settings, run)}
 
 

@@ -58,4 +58,4 @@ def test_train_and_forecast_on_a_one_and_a_half_degree_store(tmp_path: Path) -> 
     assert (fc.sizes["latitude"], fc.sizes["longitude"], fc.sizes["lead_time"]) == (121, 240, 3)
     for name in ("geopotential", "u_component_of_wind", "v_component_of_wind"):
         assert np.isfinite(fc[name].values).all(), name
-    assert (run / "maps" / "geopotential_500" / "012.png").stat().st_size > 0
+    assert (run / "maps" / "geopotential_500" / "global" / "012.png").stat().st_size > 0

@@ -42,14 +42,15 @@ def make_forecast(init: str = INIT, leads: int = LEADS, step_hours: int = 6, gri
     return validate_forecast(ds)
 
 
-def publish_run(forecasts_dir: Path, forecast: xr.Dataset, dpi: int = 40) -> Path:
-    """Write forecast.zarr, forecast.nc and maps in a staging dir, write the manifest, publish."""
+def publish_run(forecasts_dir: Path, forecast: xr.Dataset, dpi: int = 40,
+                regions: tuple[str, ...] = ("global", "arctic")) -> Path:
+    """Write forecast.zarr, forecast.nc and maps (two regions) in a staging dir, write the manifest, publish."""
     init = pd.Timestamp(forecast["init_time"].values[0])
     name = run_name(init)
     tmp = staging_dir(forecasts_dir, name)
     forecast.to_zarr(tmp / "forecast.zarr", zarr_format=3, consolidated=False)
     forecast.to_netcdf(tmp / "forecast.nc")
-    render_run_maps(forecast, tmp, dpi=dpi)
+    render_run_maps(forecast, tmp, dpi=dpi, regions=regions)
     write_manifest(tmp, init, provenance=PROVENANCE)
     return publish(tmp, forecasts_dir / name)
 
