@@ -183,12 +183,15 @@ def test_map_routes_by_region_legacy_and_animation(client: TestClient, run_dir: 
     run = run_dir.name
     entry = client.get(f"/runs/{run}").json()
     listed = next(e for e in client.get("/runs").json() if e["name"] == run)
-    assert listed["maps"] == {p: {r: [0, 6, 12, 18, 24] for r in sorted(REGIONS)} for p in ("geopotential_500", "wind500")}
+    # The conftest's runs map two regions (global, arctic).
+    assert listed["maps"] == {p: {r: [0, 6, 12, 18, 24] for r in ("arctic", "global")}
+                              for p in ("geopotential_500", "wind500")}
+    assert entry["maps"] == listed["maps"] and entry["animations"] == listed["animations"]
     assert listed["channels"] == ["geopotential_500", "wind500"] and entry["lead_hours"] == [0, 6, 12, 18, 24]
-    europe = client.get(f"/runs/{run}/maps/wind500/europe/12.png")
-    assert europe.status_code == 200 and europe.headers["content-type"] == "image/png"
-    assert europe.content == (run_dir / "maps/wind500/europe/012.png").read_bytes()
-    assert client.head(f"/runs/{run}/maps/wind500/europe/12.png").status_code == 200
+    arctic = client.get(f"/runs/{run}/maps/wind500/arctic/12.png")
+    assert arctic.status_code == 200 and arctic.headers["content-type"] == "image/png"
+    assert arctic.content == (run_dir / "maps/wind500/arctic/012.png").read_bytes()
+    assert client.head(f"/runs/{run}/maps/wind500/arctic/12.png").status_code == 200
     # The per-channel URL of old clients is the global region.
     assert client.get(f"/runs/{run}/maps/geopotential_500/6.png").content == \
         (run_dir / "maps/geopotential_500/global/006.png").read_bytes()
@@ -198,6 +201,6 @@ def test_map_routes_by_region_legacy_and_animation(client: TestClient, run_dir: 
     assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4" and b"ftyp" in mp4.content[:32]
     missing = client.get(f"/runs/{run}/maps/wind500/mars/12.png")
     assert missing.status_code == 404 and "region 'mars'" in missing.json()["detail"]
-    assert "europe" in missing.json()["detail"]
-    assert client.get(f"/runs/{run}/maps/wind500/europe/7.png").status_code == 404
-    assert client.get(f"/runs/{run}/maps/wind500/europe/animation.webm").status_code in (404, 422)
+    assert "arctic, global" in missing.json()["detail"]
+    assert client.get(f"/runs/{run}/maps/wind500/arctic/7.png").status_code == 404
+    assert client.get(f"/runs/{run}/maps/wind500/arctic/animation.webm").status_code in (404, 422)
