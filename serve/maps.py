@@ -114,13 +114,14 @@ def _swap_in(stage_maps: Path, final: Path) -> None:
 
 
 def render_run_maps(forecast: xr.Dataset, out_dir: Path, dpi: int = 80, natural_earth_dir: Path | None = None,
-                    products: Sequence[str] | None = None, regions: Sequence[str] | None = None,
+                    products: Sequence[str] | None = None, regions: Sequence[str] | None = ("global",),
                     boxes: Sequence[MapBox] = (), workers: int = 1, progress: bool = False,
                     animations: bool = True, provenance: Mapping[str, Any] | None = None,
                     stats: dict[str, float] | None = None) -> list[Path]:
     """Render every product × region × lead of a run to ``out_dir/maps/…``; the paths written.
 
-    ``products``/``regions`` None: every product the run's variables allow, every built-in region.
+    ``products`` None: every product the run's variables allow; ``regions`` None: every built-in region
+    (and box); by default the global map only, as the config's ``render.regions``.
     ``workers`` > 1 renders in that many processes (0: one per core). ``stats`` (if given) gains
     wall and CPU seconds, frames and CPU utilisation of the batch.
     """

@@ -55,7 +55,9 @@ class Site:
             return json.loads(response.read())
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: playwright's sync API keeps an asyncio loop running in the main thread until it
+# stops, and every later test that calls asyncio.run (Prefect, anyio) would fail inside it.
+@pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """Two published runs (the older one synthetic and scored) behind a real server process."""
     if chromium_binary() is None:
@@ -99,7 +101,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(site: Site) -> Iterator[Any]:
     """Headless system chromium (``--no-sandbox`` when running as root, where its sandbox cannot start)."""
     from playwright.sync_api import sync_playwright
