@@ -40,7 +40,7 @@ def test_viewer_page_has_the_controls(client: TestClient) -> None:
 def test_viewer_loads_nothing_from_elsewhere(client: TestClient) -> None:
     html = client.get("/viewer").text
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
-    assert len(refs) == 3 and all(not re.match(r"^[a-z]+:|^//|^/", ref) for ref in refs), refs
+    assert len(refs) == 4 and all(not re.match(r"^[a-z]+:|^//|^/", ref) for ref in refs), refs
     for ref in refs:
         response = client.get("/" + ref)
         assert response.status_code == 200, ref
