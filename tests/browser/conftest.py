@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,14 +18,13 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
 
 from core.climatology import cached_climatology
 from core.runs import run_name, write_manifest
 from core.testing import analysis_dataset
 from core.verify_runs import _flags, score_run, truth_state
 from tests.serve.conftest import INIT, LATER_INIT, PROVENANCE, make_forecast, publish_run
-from tests.serve.test_serve_process import free_port, wait_for_health
+from tests.serve.test_serve_process import start_serve, stop_serve
 
 REPO = Path(__file__).resolve().parents[2]
 # The first run starts from the synthetic planet, as the live pipeline records it (core.ic_select).
@@ -75,30 +71,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     (root / "verification" / run_name(INIT)).mkdir(parents=True)
     (root / "verification" / run_name(INIT) / "scores.json").write_text(json.dumps(payload))
 
-    port = free_port()
-    config = root / "spherecast.yaml"
-    config.write_text(yaml.safe_dump({"paths": {"root": str(root)},
-                                      "serve": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 2}}))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SPHERECAST_") and k not in ("PROMETHEUS_MULTIPROC_DIR", "SERVE_SPHERECAST_CONFIG")}
-    env["PYTHONPATH"] = str(REPO)
-    log = root / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "spherecast"), "serve", "--config", str(config)],
-                                cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base, _ = start_serve(root)
     try:
-        wait_for_health(base, proc, log)
         served = Site(base, root, [])
         served.runs = served.json("/runs")
         yield served
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_serve(proc)
 
 
 @pytest.fixture(scope="module")

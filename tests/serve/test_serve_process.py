@@ -57,6 +57,39 @@ def wait_for_health(base: str, proc: subprocess.Popen, log: Path, deadline_s: fl
     raise AssertionError(f"no /health within {deadline_s} s:\n{log.read_text()}")
 
 
+def start_serve(root: Path, *args: str) -> tuple[subprocess.Popen, str, Path]:
+    """``spherecast serve`` over ``root/forecasts`` on a free 127.0.0.1 port, healthy; (process, base URL, log)."""
+    port = free_port()
+    config = root / "spherecast.yaml"
+    config.write_text(yaml.safe_dump({"paths": {"root": str(root)},
+                                      "serve": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 2}}))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SPHERECAST_") and k not in ("PROMETHEUS_MULTIPROC_DIR", "SERVE_SPHERECAST_CONFIG")}
+    env["PYTHONPATH"] = str(REPO)
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "spherecast"), "serve", "--config", str(config),
+                                 *args], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, proc, log)
+    except BaseException:
+        stop_serve(proc)
+        raise
+    return proc, base, log
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM the server and wait for it (killed after 15 s)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def requests_for(metrics_text: str, route: str) -> float:
     """Sum of spherecast_http_requests_total over every method and status of one route."""
     return sum(s.value for family in text_string_to_metric_families(metrics_text) for s in family.samples
@@ -65,22 +98,10 @@ def requests_for(metrics_text: str, route: str) -> float:
 
 def test_two_workers_serve_downloads_share_metrics_and_stop_cleanly(tmp_path: Path) -> None:
     run_dir = publish_run(tmp_path / "forecasts", make_forecast(leads=2))
-    port = free_port()
-    config = tmp_path / "spherecast.yaml"
-    config.write_text(yaml.safe_dump({"paths": {"root": str(tmp_path)},
-                                      "serve": {"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 2}}))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SPHERECAST_") and k not in ("PROMETHEUS_MULTIPROC_DIR", "SERVE_SPHERECAST_CONFIG")}
-    env["PYTHONPATH"] = str(REPO)
-    log = tmp_path / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "spherecast"), "serve", "--config", str(config),
-                                 "--workers", "2"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base, log = start_serve(tmp_path, "--workers", "2")
     workers: list[psutil.Process] = []
     metrics_dir: Path | None = None
     try:
-        wait_for_health(base, proc, log)
         children = psutil.Process(proc.pid).children(recursive=True)
         workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2, [p.cmdline() for p in children]
@@ -114,13 +135,7 @@ def test_two_workers_serve_downloads_share_metrics_and_stop_cleanly(tmp_path: Pa
         for asset in assets:
             assert get(base + asset)[0] == 200, asset
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_serve(proc)
     assert proc.returncode == 0, log.read_text()
     for worker in workers:  # no orphan keeps the port or the run open
         assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, worker.pid
