@@ -22,7 +22,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.config import Config, load_config
-from serve import routes_edr, routes_ops, routes_runs, routes_site, routes_stac, routes_subset
+from serve import routes_edr, routes_georef, routes_ops, routes_runs, routes_site, routes_stac, routes_subset
 from serve.catalog import BadParameter, CatalogError, NotFound
 from serve.errors import install_openapi
 from serve.metrics import Metrics, MetricsMiddleware
@@ -212,6 +212,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(routes_edr.router)
     app.include_router(routes_stac.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_georef.router)
     app.mount("/static", StaticFiles(directory=routes_site.STATIC_DIR), name="static")
     _install_error_handlers(app)
     install_openapi(app)

@@ -39,7 +39,7 @@ CONTOUR_STRIDE = 2
 """Contours are traced on every 2nd pixel: lines stay smooth at a quarter of the cost."""
 PNG_COMPRESSION = 3
 """zlib level of the PNGs: maps are flat colour, so level 3 is within a few % of 6 at half the time."""
-_AX_RECT = (0.02, 0.2, 0.96, 0.73)  # the global map box the viewer (serve/static/viewer.js) assumes
+_AX_RECT = (0.02, 0.2, 0.96, 0.73)  # before apply_aspect; serve/georef.py tells the viewer the box that results
 _CBAR_RECT = (0.2, 0.12, 0.6, 0.03)
 _PLATE_CARREE = ccrs.PlateCarree()
 
@@ -144,6 +144,24 @@ def cached_pixel_grid(region: Region, xlim: tuple[float, float], ylim: tuple[flo
     return grid
 
 
+def map_axes(fig: Figure, region: Region, crs: ccrs.Projection | None = None) -> Any:
+    """The region's map axes on ``fig``, placed, extended and aspect-fixed as every map PNG has them.
+
+    The one place the map's position in the image is decided: the renderer draws into these axes and
+    :mod:`serve.georef` reads pixel → lon/lat from them, so the viewer's lookup cannot drift from the PNGs.
+    """
+    ax = fig.add_axes(_AX_RECT, projection=crs if crs is not None else region.crs())
+    if region.extent is None:
+        ax.set_global()
+    else:
+        ax.set_extent(region.extent, crs=_PLATE_CARREE)
+    ax.apply_aspect()
+    # The map frame stays (the geo spine); tick machinery of the map axes is never needed.
+    ax.xaxis.set_visible(False)
+    ax.yaxis.set_visible(False)
+    return ax
+
+
 class MapRenderer:
     """A reusable map of one product over one region; :meth:`render` draws one frame to PNG bytes."""
 
@@ -153,15 +171,7 @@ class MapRenderer:
         self.crs = region.crs()
         self.fig = Figure(figsize=region.figsize, dpi=dpi)
         self.canvas = FigureCanvasAgg(self.fig)
-        ax = self.fig.add_axes(_AX_RECT, projection=self.crs)
-        if region.extent is None:
-            ax.set_global()
-        else:
-            ax.set_extent(region.extent, crs=_PLATE_CARREE)
-        ax.apply_aspect()
-        # The map frame stays (the geo spine); tick machinery of the map axes is never needed.
-        ax.xaxis.set_visible(False)
-        ax.yaxis.set_visible(False)
+        ax = map_axes(self.fig, region, self.crs)
         self.ax = ax
         bbox = ax.get_window_extent()
         nx, ny = max(int(round(bbox.width)), 8), max(int(round(bbox.height)), 8)

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.config import Config, check_cors_origins, check_root_path
+from core.config import Config, MapBox, check_cors_origins, check_root_path
 
 
 class ServeSettings(BaseModel):
@@ -44,6 +44,9 @@ class ServeSettings(BaseModel):
     request_timeout_s: float | None = Field(default=120.0, gt=0, le=3600)
     """Seconds a request may take to start its answer before it gets 503; ``None``: no limit."""
 
+    map_boxes: tuple[MapBox, ...] = ()
+    """User map regions (``render.boxes``): the viewer reads their pixel → lon/lat like the built-in regions'."""
+
     @field_validator("root_path")
     @classmethod
     def _root_path(cls, value: str) -> str:
@@ -63,7 +66,7 @@ def settings_from_config(config: Config) -> ServeSettings:
                          runs_dir=config.paths.runs, subset_max_bytes=serve.subset_max_bytes,
                          area_max_points=serve.area_max_points, root_path=serve.root_path,
                          cors_origins=tuple(serve.cors_origins), catalog_max_age_s=serve.catalog_max_age_s,
-                         request_timeout_s=serve.request_timeout_s)
+                         request_timeout_s=serve.request_timeout_s, map_boxes=tuple(config.render.boxes))
 
 
 def get_settings(request: Request) -> ServeSettings:
