@@ -211,7 +211,7 @@ def _etag_matches(header: str, etag: str) -> bool:
 def _open(file: RunFile) -> tuple[contextlib.ExitStack, int]:
     # The run's reader lock is held until the last byte, so retention never removes a run mid-download;
     # a run removed or replaced between the catalog lookup and here is a clean 404 (RunGone).
-    run_dir = file.path.parents[len(Path(file.relpath).parts) - 1]
+    run_dir = file.lock_dir or file.path.parents[len(Path(file.relpath).parts) - 1]
     held = contextlib.ExitStack()
     try:
         held.enter_context(reading(run_dir))
