@@ -21,7 +21,8 @@ from typing import Any
 import pandas as pd
 
 from core.runs import MANIFEST, RUN_NAME_RE, list_runs, parse_run_name, read_manifest, sha256_file
-from serve.layout import MAPS_DIR, animation_index, animation_relpath, map_index, map_relpath
+from serve.layout import ERROR_MAPS_INDEX, MAPS_DIR, animation_index, animation_relpath, map_index, map_relpath
+from serve.products_derived import ERROR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class RunFile:
     path: Path
     size: int
     sha256: str
+    lock_dir: Path | None = None
+    """Directory whose reader lock covers the file; None: the published run the path lies in."""
 
 
 @lru_cache(maxsize=256)
@@ -58,6 +61,16 @@ def _load_manifest(path: str, inode: int, mtime_ns: int, size: int) -> dict[str,
     # Keyed on the manifest's identity on disk: republishing a run renames a new directory into
     # place, which changes the inode, so a stale manifest is never served from the cache.
     return read_manifest(Path(path).parent)
+
+
+@lru_cache(maxsize=256)
+def _load_error_index(path: str, inode: int, mtime_ns: int, size: int) -> dict[str, dict[str, Any]]:
+    # Keyed like the manifest: a re-verification swaps a new maps/ (new inode) in.
+    files = json.loads(Path(path).read_text())["files"]
+    if not isinstance(files, dict):
+        raise ValueError("'files' is not an object")
+    # Only error maps: the index can never shadow or add a forecast map of the run.
+    return {k: v for k, v in files.items() if k.startswith(f"{MAPS_DIR}/{ERROR_PREFIX}")}
 
 
 @lru_cache(maxsize=256)
@@ -74,8 +87,9 @@ def file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
 class Catalog:
     """Read-only view of the published runs under one forecasts directory."""
 
-    def __init__(self, forecasts_dir: Path) -> None:
+    def __init__(self, forecasts_dir: Path, verification_dir: Path | None = None) -> None:
         self.forecasts_dir = Path(forecasts_dir)
+        self.verification_dir = Path(verification_dir) if verification_dir is not None else None
 
     def run_names(self) -> list[str]:
         """Published runs, oldest first (staging ``.tmp-*`` directories are never listed)."""
@@ -124,7 +138,8 @@ class Catalog:
     def entry(self, run: str) -> dict[str, Any]:
         """Summary of a run for listings: init time, downloadable files, map channels and leads."""
         manifest = self.manifest(run)
-        maps = map_index(manifest["files"])
+        map_files = [*manifest["files"], *self.error_maps(run)]
+        maps = map_index(map_files)
         leads = sorted({lead for regions in maps.values() for hours in regions.values() for lead in hours})
         init = pd.Timestamp(manifest["init_time"])
         return {
@@ -135,7 +150,7 @@ class Catalog:
             # Product names; ``channels`` is the key old clients read, ``maps`` has regions and leads.
             "channels": list(maps),
             "maps": maps,
-            "animations": animation_index(manifest["files"]),
+            "animations": animation_index(map_files),
             "lead_hours": leads,
             "valid_times": [(init + pd.Timedelta(hours=h)).isoformat() for h in leads],
         }
@@ -181,25 +196,60 @@ class Catalog:
             raise CatalogError(f"file {resolved} of run {run!r} no longer has the sha256 its manifest records")
         return RunFile(run, relpath, resolved, st.st_size, str(entry["sha256"]))
 
+    def error_maps(self, run: str) -> dict[str, dict[str, Any]]:
+        """Verification's error maps of a run (``maps/error_…`` path → size, sha256); empty when there are none."""
+        if self.verification_dir is None:
+            return {}
+        path = self.verification_dir / run / ERROR_MAPS_INDEX
+        try:
+            st = path.stat()
+            return _load_error_index(str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Scores and forecast maps stay served; the broken index only hides the error maps.
+            log.warning("run %s: error maps index %s is unreadable (%s); no error maps listed", run, path, exc)
+            return {}
+
+    def _error_file(self, run: str, relpath: str) -> RunFile:
+        entry = self.error_maps(run).get(relpath)
+        if entry is None or self.verification_dir is None:
+            raise NotFound(f"run {run!r} has no file {relpath!r}")
+        base = (self.verification_dir / run).resolve()
+        resolved = (base / relpath).resolve()
+        if not resolved.is_relative_to(base):
+            raise NotFound(f"file {relpath!r} of run {run!r} links out of its verification and is not served")
+        try:
+            st = resolved.stat()
+        except FileNotFoundError:
+            raise CatalogError(f"error map {resolved} of run {run!r} is in its index but missing on disk") from None
+        if st.st_size != entry.get("size") or \
+                file_sha256(str(resolved), st.st_ino, st.st_size, st.st_mtime_ns) != entry.get("sha256"):
+            raise CatalogError(f"error map {resolved} of run {run!r} no longer matches its index")
+        return RunFile(run, relpath, resolved, st.st_size, str(entry["sha256"]), lock_dir=self.run_dir(run))
+
+    def _map_or_error_file(self, run: str, product: str, relpath: str) -> RunFile:
+        return self._error_file(run, relpath) if product.startswith(ERROR_PREFIX) else self.file(run, relpath)
+
     def map_file(self, run: str, product: str, lead: int, region: str = "global") -> RunFile:
         """The PNG map of a run's product over a region at a lead time (hours)."""
         maps = self._map_regions(run, product, region)
         if lead not in maps[region]:
             leads = ", ".join(str(h) for h in maps[region])
             raise NotFound(f"run {run!r} has no map of {product!r} over {region!r} at lead {lead} h (leads: {leads})")
-        return self.file(run, map_relpath(product, region, lead))
+        return self._map_or_error_file(run, product, map_relpath(product, region, lead))
 
     def animation_file(self, run: str, product: str, region: str, fmt: str) -> RunFile:
         """The animation (``gif`` or ``mp4``) of a run's product over a region."""
         self._map_regions(run, product, region)
         rel = animation_relpath(product, region, fmt)
-        if rel not in self.manifest(run)["files"]:
+        if rel not in self.manifest(run)["files"] and rel not in self.error_maps(run):
             raise NotFound(f"run {run!r} has no {fmt} animation of {product!r} over {region!r}")
-        return self.file(run, rel)
+        return self._map_or_error_file(run, product, rel)
 
     def _map_regions(self, run: str, product: str, region: str) -> dict[str, list[int]]:
         # Names are only ever dictionary keys here; the path comes from the manifest, never from the request.
-        maps = map_index(self.manifest(run)["files"])
+        maps = map_index([*self.manifest(run)["files"], *self.error_maps(run)])
         if product not in maps:
             known = ", ".join(maps) or "none"
             raise NotFound(f"run {run!r} has no maps for product {product!r} (products: {known})")

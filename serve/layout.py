@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable
 
 MAPS_DIR = "maps"
+ERROR_MAPS_INDEX = "maps/index.json"
+"""Under ``<verification>/<run>/``: every error map's size and sha256 (:mod:`serve.maps_error`)."""
 NAME_RE = re.compile(r"[A-Za-z0-9_]{1,80}\Z")
 """A product or region name: what a path segment of a map may be."""
 ANIMATION_FORMATS = ("gif", "mp4")

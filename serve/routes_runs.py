@@ -37,8 +37,8 @@ SettingsDep = Annotated[ServeSettings, Depends(get_settings)]
 
 
 def get_catalog(settings: SettingsDep) -> Catalog:
-    """The catalog of the configured forecasts directory."""
-    return Catalog(settings.forecasts_dir)
+    """The catalog of the configured forecasts directory (with verification's error maps where configured)."""
+    return Catalog(settings.forecasts_dir, settings.verification_dir)
 
 
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
