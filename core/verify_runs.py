@@ -85,6 +85,11 @@ def truth_state(forecast: xr.Dataset, store_flags: tuple[Any, ...]) -> list[dict
     return out
 
 
+def verified_leads(forecast: xr.Dataset, store: xr.Dataset) -> list[tuple[int, int]]:
+    """(forecast lead index, analysis time index) of every lead whose truth the store now holds."""
+    return [(s["index"], s["store_index"]) for s in truth_state(forecast, _flags(store))]
+
+
 def fingerprint(manifest: dict[str, Any], state: list[dict[str, Any]], clim_key: str) -> str:
     """Hash of what a run's scores depend on: its files, its truth, the climatology and the scoring code."""
     ident = {"files": manifest["files"], "truth": [(s["lead_hours"], s["valid_time"], s["truth_expver"],
