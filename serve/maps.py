@@ -102,7 +102,8 @@ def map_title(product: Product, init: pd.Timestamp, lead_h: int, valid: pd.Times
             f"valid {valid.strftime(_TIME_FMT)}")
 
 
-def _reduce_members(forecast: xr.Dataset) -> tuple[xr.Dataset, str]:
+def reduce_members(forecast: xr.Dataset) -> tuple[xr.Dataset, str]:
+    """An ensemble's member mean and the title prefix saying so (a single forecast unchanged, no prefix)."""
     if "member" in forecast.dims:
         return forecast.mean("member", keep_attrs=True), "Ensemble mean: "
     return forecast, ""
@@ -262,7 +263,7 @@ def render_run_maps(forecast: xr.Dataset, out_dir: Path, dpi: int = 80, natural_
     ensemble = "member" in forecast.dims
     # Every request is checked before the first file is written.
     bases, spread_bases, rows = choose_products(channels, products, ensemble)
-    mean, prefix = _reduce_members(forecast)
+    mean, prefix = reduce_members(forecast)
     frame = Frame.of(mean, provenance, natural_earth_dir, regions, boxes, dpi, animations)
     derived = [spread_product(b) for b in spread_bases] + [probability_product(r) for r in rows]
 

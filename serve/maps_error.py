@@ -21,7 +21,7 @@ from core.config import MapBox
 from core.runs import sha256_file
 from serve.derived import LeadArrays, channel_field, fill_errors
 from serve.layout import ERROR_MAPS_INDEX, MAPS_DIR
-from serve.maps import Frame, _reduce_members, forecast_channels, render_jobs
+from serve.maps import Frame, forecast_channels, reduce_members, render_jobs
 from serve.products import products_for
 from serve.products_derived import ERROR_PREFIX, PROB_PREFIX, SPREAD_PREFIX, error_product, is_derived
 from serve.render_batch import Job
@@ -78,7 +78,7 @@ def render_error_maps(forecast: xr.Dataset, analysis: xr.Dataset, truth_leads: S
         raise ValueError(f"forecast has init_time of size {forecast.sizes.get('init_time')}, expected 1")
     if not truth_leads:
         raise ValueError("no lead of this run has its analysis yet: there is no error to map")
-    mean, prefix = _reduce_members(forecast)
+    mean, prefix = reduce_members(forecast)
     have = set(forecast_channels(analysis))
     channels = [ch for ch in forecast_channels(mean) if ch in have]
     if not channels:
