@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import DataContractError, MissingInputError
 from core.schema import FLAG_VARIABLES
 from core.variables import VARIABLES, parse_channel
 
@@ -66,14 +67,14 @@ def channel_array(ds: xr.Dataset, channels: list[str], **index: int | slice) -> 
     for ch in channels:
         name, level = parse_channel(ch)
         if name not in ds.data_vars:
-            raise ValueError(f"dataset has no variable {name!r} (needed for channel {ch!r})")
+            raise DataContractError(f"dataset has no variable {name!r} (needed for channel {ch!r})")
         if name not in cache:
             cache[name] = ds[name].isel(**{k: v for k, v in index.items() if k in ds[name].dims})
         da = cache[name]
         if level is not None:
             levels = ds["level"].values.tolist()
             if level not in levels:
-                raise ValueError(f"dataset has no level {level} for {name!r} (needed for channel {ch!r})")
+                raise DataContractError(f"dataset has no level {level} for {name!r} (needed for channel {ch!r})")
             da = da.isel(level=levels.index(level))
         lead = [d for d in da.dims if d not in ("latitude", "longitude")]
         parts.append(np.asarray(da.transpose(*lead, "latitude", "longitude").values, dtype=np.float64))
@@ -124,8 +125,8 @@ def build_climatology(store: xr.Dataset, start: pd.Timestamp, end: pd.Timestamp,
     mask = _period_mask(store, start, end)
     idx = np.flatnonzero(mask)
     if idx.size == 0:
-        raise ValueError(f"the analysis store has no completed time between {start} and {end} to build a "
-                         "climatology from (check train.train_start/train_end)")
+        raise MissingInputError(f"the analysis store has no completed time between {start} and {end} to build a "
+                                "climatology from (check train.train_start/train_end)")
     channels = store_channels(store)
     times = pd.DatetimeIndex(store["time"].values[idx])
     hours = np.unique(times.hour)
@@ -203,7 +204,7 @@ def climatology_at(clim: xr.Dataset, valid_time: pd.Timestamp | np.datetime64, c
     t = pd.Timestamp(valid_time)
     missing = [c for c in channels if c not in clim["channel"].values]
     if missing:
-        raise ValueError(f"the climatology has no channels {missing}")
+        raise DataContractError(f"the climatology has no channels {missing}")
     hours = clim["hour"].values
     dist = np.abs(((hours - t.hour) + 12) % 24 - 12)
     field = clim["climatology"].isel(dayofyear=t.day_of_year - 1, hour=int(np.argmin(dist)))

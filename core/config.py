@@ -27,6 +27,7 @@ from core.config_ops import (
     VerifyConfig,
 )
 from core.config_train import TrainConfig
+from core.errors import ConfigError
 from core.grid import Grid, check_scale_factor, get_grid
 from core.variables import channel_names, check_level, get_variable
 
@@ -120,7 +121,7 @@ class TaskConfig(_Section):
     @classmethod
     def _vocab(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("task.variables is empty")
+            raise ConfigError("task.variables is empty")
         for name in value:
             get_variable(name)
         return value
@@ -134,14 +135,14 @@ class TaskConfig(_Section):
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
-            raise ValueError(f"names a field twice: {value}")
+            raise ConfigError(f"names a field twice: {value}")
         return value
 
     @field_validator("time_step_hours", "history")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
-            raise ValueError("must be ≥ 1")
+            raise ConfigError("must be ≥ 1")
         return value
 
     def channels(self) -> list[str]:
@@ -156,13 +157,13 @@ _MAP_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
 def check_map_box(name: str, lon_min: float, lon_max: float, lat_min: float, lat_max: float) -> None:
     """Raise ``ValueError`` naming the box unless it is a non-empty, non-reversed lon/lat box on the globe."""
     if not _MAP_NAME_RE.match(name):
-        raise ValueError(f"map region name {name!r} must be lower-case letters, digits and '_' (≤ 40, letter first)")
+        raise ConfigError(f"map region name {name!r} must be lower-case letters, digits and '_' (≤ 40, letter first)")
     if not -90.0 <= lat_min < lat_max <= 90.0:
-        raise ValueError(f"map region {name!r}: latitudes {lat_min}…{lat_max} must satisfy -90 ≤ lat_min < lat_max ≤ 90 "
-                         "(a reversed or empty box)")
+        raise ConfigError(f"map region {name!r}: latitudes {lat_min}…{lat_max} must satisfy -90 ≤ lat_min < lat_max ≤ 90 "
+                          "(a reversed or empty box)")
     if not (-180.0 <= lon_min < lon_max <= 360.0 and lon_max - lon_min <= 360.0):
-        raise ValueError(f"map region {name!r}: longitudes {lon_min}…{lon_max} must satisfy lon_min < lon_max, "
-                         "both in -180…360 and at most 360° apart (a reversed or empty box)")
+        raise ConfigError(f"map region {name!r}: longitudes {lon_min}…{lon_max} must satisfy lon_min < lon_max, "
+                          "both in -180…360 and at most 360° apart (a reversed or empty box)")
 
 
 class MapBox(_Section):
@@ -202,7 +203,7 @@ class RenderConfig(_Section):
     def _unique(self) -> RenderConfig:
         names = [b.name for b in self.boxes]
         if len(set(names)) != len(names) or set(names) & set(DEFAULT_MAP_REGIONS):
-            raise ValueError(f"render.boxes names {names} must be unique and differ from the built-in regions")
+            raise ConfigError(f"render.boxes names {names} must be unique and differ from the built-in regions")
         return self
 
 
@@ -213,19 +214,19 @@ _ROOT_PATH_RE = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*\Z")
 def check_root_path(value: str) -> str:
     """A URL prefix the app is mounted under behind a proxy: empty, or ``/a/b`` (no trailing slash, no query)."""
     if not _ROOT_PATH_RE.match(value):
-        raise ValueError(f"{value!r} is not a URL path prefix: use '' or e.g. '/spherecast' "
-                         "(starts with '/', no trailing '/', no query, no spaces)")
+        raise ConfigError(f"{value!r} is not a URL path prefix: use '' or e.g. '/spherecast' "
+                          "(starts with '/', no trailing '/', no query, no spaces)")
     return value
 
 
 def check_cors_origins(values: list[str]) -> list[str]:
     """Browser origins allowed cross-origin: ``*`` alone, or ``scheme://host[:port]`` each (no path)."""
     if "*" in values and len(values) > 1:
-        raise ValueError("'*' allows every origin and cannot be combined with other origins")
+        raise ConfigError("'*' allows every origin and cannot be combined with other origins")
     for value in values:
         if value != "*" and not _ORIGIN_RE.match(value):
-            raise ValueError(f"{value!r} is not an origin: use scheme://host[:port], e.g. https://maps.example.org "
-                             "(no path, no trailing '/'), or '*'")
+            raise ConfigError(f"{value!r} is not an origin: use scheme://host[:port], e.g. https://maps.example.org "
+                              "(no path, no trailing '/'), or '*'")
     return values
 
 
@@ -298,7 +299,7 @@ class Config(_Section):
         try:
             check_scale_factor(*self.grid.grid().shape, self.model.scale_factor)
         except ValueError as exc:
-            raise ValueError(f"model.scale_factor does not fit grid.preset {self.grid.preset!r}: {exc}") from None
+            raise ConfigError(f"model.scale_factor does not fit grid.preset {self.grid.preset!r}: {exc}") from None
         return self
 
     def checkpoint_path(self) -> Path:
@@ -351,7 +352,7 @@ def config_from_dict(data: Mapping[str, Any], origin: str = "dict") -> Config:
     try:
         return Config.model_validate(dict(data))
     except ValidationError as exc:
-        raise ValueError(_format_error(exc, origin)) from None
+        raise ConfigError(_format_error(exc, origin)) from None
 
 
 def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None,
@@ -362,10 +363,10 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
         data = loaded
         origin = str(path)
     from_env = _env_overrides(os.environ if env is None else env)

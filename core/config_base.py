@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from core.errors import ConfigError
+
 
 def _parse_time(value: Any) -> Any:
     # Accept the forms operators type and run names use ("2000-01-05T18", "2000010518" is not
@@ -17,7 +19,7 @@ def _parse_time(value: Any) -> Any:
         try:
             stamp = pd.Timestamp(value)
         except ValueError as exc:
-            raise ValueError(f"{value!r} is not a date/time (use e.g. 2000-01-05T18)") from exc
+            raise ConfigError(f"{value!r} is not a date/time (use e.g. 2000-01-05T18)") from exc
         if stamp.tzinfo is not None:
             stamp = stamp.tz_convert("UTC").tz_localize(None)
         return stamp.to_pydatetime()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from core.config_base import Moment, _Section
+from core.errors import ConfigError
 
 
 class SyntheticConfig(_Section):
@@ -47,9 +48,9 @@ class CdsConfig(_Section):
     @model_validator(mode="after")
     def _limits(self) -> CdsConfig:
         if self.max_fields_per_request < 1 or self.retry_max < 1:
-            raise ValueError("ingest.cds.max_fields_per_request and retry_max must be ≥ 1")
+            raise ConfigError("ingest.cds.max_fields_per_request and retry_max must be ≥ 1")
         if self.sleep_max < 0 or self.timeout <= 0:
-            raise ValueError("ingest.cds.sleep_max must be ≥ 0 and timeout > 0")
+            raise ConfigError("ingest.cds.sleep_max must be ≥ 0 and timeout > 0")
         return self
 
 
@@ -109,11 +110,11 @@ class IngestConfig(_Section):
     @model_validator(mode="after")
     def _period(self) -> IngestConfig:
         if self.end < self.start:
-            raise ValueError(f"ingest.end {self.end} is before ingest.start {self.start}")
+            raise ConfigError(f"ingest.end {self.end} is before ingest.start {self.start}")
         if self.slab_size < 1 or self.workers < 1:
-            raise ValueError("ingest.slab_size and ingest.workers must be ≥ 1")
+            raise ConfigError("ingest.slab_size and ingest.workers must be ≥ 1")
         if self.recheck_days < 0 or self.retries < 0 or self.retry_delay_seconds < 0:
-            raise ValueError("ingest.recheck_days, ingest.retries and ingest.retry_delay_seconds must be ≥ 0")
+            raise ConfigError("ingest.recheck_days, ingest.retries and ingest.retry_delay_seconds must be ≥ 0")
         if self.source == "files" and not self.files.paths:
-            raise ValueError("ingest.source is 'files' but ingest.files.paths is empty")
+            raise ConfigError("ingest.source is 'files' but ingest.files.paths is empty")
         return self

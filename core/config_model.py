@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.config_base import _Section
+from core.errors import ConfigError
 
 Activation = Literal["gelu", "silu", "relu"]
 Skip = Literal["linear", "identity", "none"]
@@ -58,7 +59,7 @@ def preset_conflicts(preset: str, options: dict[str, Any]) -> list[str]:
 def preset_options(preset: str) -> dict[str, Any]:
     """The SFNO keyword arguments a named preset sets (``SFNO(…, **preset_options("reference"))``)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(map(repr, PRESETS))}")
+        raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(map(repr, PRESETS))}")
     return {"preset": preset, **PRESETS[preset]}
 
 
@@ -133,7 +134,7 @@ class ModelConfig(_Section):
     def _check_rank(cls, value: Any) -> Any:
         problem = rank_problem(value)
         if problem:
-            raise ValueError(problem)
+            raise ConfigError(problem)
         return value
 
     @model_validator(mode="before")
@@ -146,5 +147,5 @@ class ModelConfig(_Section):
         preset = data["preset"]
         bad = preset_conflicts(preset, data)
         if bad:
-            raise ValueError("model options conflict with the preset: " + "; ".join(bad))
+            raise ConfigError("model options conflict with the preset: " + "; ".join(bad))
         return {**data, **PRESETS[preset]}

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 
 from core.config_base import Moment, _Section
+from core.errors import ConfigError
 
 # Ensemble defaults, tuned on the shallow-water planet with benches/ensemble.py (docs/benchmarks.md).
 IC_SCALE = 1.0
@@ -34,13 +35,13 @@ class EnsembleConfig(_Section):
     @classmethod
     def _members(cls, value: int) -> int:
         if value < 1:
-            raise ValueError(f"forecast.ensemble.members must be ≥ 1, got {value}")
+            raise ConfigError(f"forecast.ensemble.members must be ≥ 1, got {value}")
         return value
 
     @model_validator(mode="after")
     def _scales(self) -> EnsembleConfig:
         if self.ic_scale < 0 or self.residual_scale < 0 or self.ic_lmax < 1 or self.seed < 0:
-            raise ValueError("forecast.ensemble.ic_scale, residual_scale and seed must be ≥ 0, ic_lmax ≥ 1")
+            raise ConfigError("forecast.ensemble.ic_scale, residual_scale and seed must be ≥ 0, ic_lmax ≥ 1")
         return self
 
 
@@ -76,11 +77,11 @@ class ForecastConfig(_Section):
     @model_validator(mode="after")
     def _limits(self) -> ForecastConfig:
         if self.lead_hours < 0:
-            raise ValueError(f"forecast.lead_hours must be ≥ 0, got {self.lead_hours}")
+            raise ConfigError(f"forecast.lead_hours must be ≥ 0, got {self.lead_hours}")
         if self.wait_minutes < 0 or self.poll_seconds <= 0 or self.max_age_hours <= 0 or self.ic_lag_hours < 0:
-            raise ValueError("forecast.wait_minutes and ic_lag_hours must be ≥ 0, poll_seconds and max_age_hours > 0")
+            raise ConfigError("forecast.wait_minutes and ic_lag_hours must be ≥ 0, poll_seconds and max_age_hours > 0")
         if self.cycle_hours < 1 or self.keep_runs < 1:
-            raise ValueError("forecast.cycle_hours and forecast.keep_runs must be ≥ 1")
+            raise ConfigError("forecast.cycle_hours and forecast.keep_runs must be ≥ 1")
         if self.grid is not None:
             from core.grid import get_grid
 
@@ -117,7 +118,7 @@ class InitialConditionsConfig(_Section):
     @classmethod
     def _keep(cls, value: int) -> int:
         if value < 1:
-            raise ValueError("initial_conditions.keep_cycles must be ≥ 1")
+            raise ConfigError("initial_conditions.keep_cycles must be ≥ 1")
         return value
 
 
@@ -134,5 +135,5 @@ class VerifyConfig(_Section):
     @model_validator(mode="after")
     def _limits(self) -> VerifyConfig:
         if self.aggregate_runs < 1 or self.climatology_window_days < 0:
-            raise ValueError("verify.aggregate_runs must be ≥ 1 and climatology_window_days ≥ 0")
+            raise ConfigError("verify.aggregate_runs must be ≥ 1 and climatology_window_days ≥ 0")
         return self

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from core.config_base import Moment, _Section
+from core.errors import ConfigError
 
 
 class TrainConfig(_Section):
@@ -125,50 +126,50 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _periods(self) -> TrainConfig:
         if self.train_end < self.train_start:
-            raise ValueError(f"train_end {self.train_end} is before train_start {self.train_start}")
+            raise ConfigError(f"train_end {self.train_end} is before train_start {self.train_start}")
         if self.val_start <= self.train_end:
-            raise ValueError(f"val_start {self.val_start} must come after train_end {self.train_end}")
+            raise ConfigError(f"val_start {self.val_start} must come after train_end {self.train_end}")
         if self.val_end < self.val_start:
-            raise ValueError(f"val_end {self.val_end} is before val_start {self.val_start}")
+            raise ConfigError(f"val_end {self.val_end} is before val_start {self.val_start}")
         if self.batch_size < 1 or self.rollout_steps < 1:
-            raise ValueError("batch_size and rollout_steps must be ≥ 1")
+            raise ConfigError("batch_size and rollout_steps must be ≥ 1")
         if not 1 <= self.rollout_start <= self.rollout_steps or self.rollout_increment < 1:
-            raise ValueError(f"rollout_start {self.rollout_start} must be in 1..rollout_steps ({self.rollout_steps}) "
-                             f"and rollout_increment {self.rollout_increment} ≥ 1")
+            raise ConfigError(f"rollout_start {self.rollout_start} must be in 1..rollout_steps ({self.rollout_steps}) "
+                              f"and rollout_increment {self.rollout_increment} ≥ 1")
         if not 0 < self.rollout_ramp <= 1:
-            raise ValueError(f"rollout_ramp {self.rollout_ramp} must be in (0, 1]")
+            raise ConfigError(f"rollout_ramp {self.rollout_ramp} must be in (0, 1]")
         if self.max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps {self.max_nonfinite_steps} must be ≥ 1")
+            raise ConfigError(f"max_nonfinite_steps {self.max_nonfinite_steps} must be ≥ 1")
         if self.powersgd_rank < 1:
-            raise ValueError(f"powersgd_rank {self.powersgd_rank} must be ≥ 1")
+            raise ConfigError(f"powersgd_rank {self.powersgd_rank} must be ≥ 1")
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
-            raise ValueError(f"checkpoint_every_steps {self.checkpoint_every_steps} must be ≥ 1 (or null)")
+            raise ConfigError(f"checkpoint_every_steps {self.checkpoint_every_steps} must be ≥ 1 (or null)")
         if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
-            raise ValueError(f"checkpoint_every_minutes {self.checkpoint_every_minutes} must be > 0 (or null)")
+            raise ConfigError(f"checkpoint_every_minutes {self.checkpoint_every_minutes} must be > 0 (or null)")
         if not self.val_lead_hours or min(self.val_lead_hours) < 1:
-            raise ValueError(f"val_lead_hours {self.val_lead_hours} must list positive lead times in hours")
+            raise ConfigError(f"val_lead_hours {self.val_lead_hours} must list positive lead times in hours")
         if self.rollout_grad_steps is not None and self.rollout_grad_steps < 1:
-            raise ValueError(f"rollout_grad_steps {self.rollout_grad_steps} must be ≥ 1 (or null for every step)")
+            raise ConfigError(f"rollout_grad_steps {self.rollout_grad_steps} must be ≥ 1 (or null for every step)")
         if not 0 <= self.input_noise < 1:
-            raise ValueError(f"input_noise {self.input_noise} must be in [0, 1) (a fraction of each channel's std)")
+            raise ConfigError(f"input_noise {self.input_noise} must be in [0, 1) (a fraction of each channel's std)")
         if self.max_restarts < 0:
-            raise ValueError(f"max_restarts {self.max_restarts} must be ≥ 0")
+            raise ConfigError(f"max_restarts {self.max_restarts} must be ≥ 0")
         if self.num_workers < 0:
-            raise ValueError(f"num_workers {self.num_workers} must be ≥ 0")
+            raise ConfigError(f"num_workers {self.num_workers} must be ≥ 0")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps {self.max_steps} must be ≥ 1 (or null)")
+            raise ConfigError(f"max_steps {self.max_steps} must be ≥ 1 (or null)")
         if self.max_restarts > 0 and self.resume == "never":
-            raise ValueError("max_restarts > 0 needs resume: auto (a restarted rank must continue from last.pt, "
-                             "not start over)")
+            raise ConfigError("max_restarts > 0 needs resume: auto (a restarted rank must continue from last.pt, "
+                              "not start over)")
         if self.window_days is not None and not self.window_days > 0:
-            raise ValueError(f"window_days {self.window_days} must be > 0 (or null for the fixed periods)")
+            raise ConfigError(f"window_days {self.window_days} must be > 0 (or null for the fixed periods)")
         if not self.val_days > 0:
-            raise ValueError(f"val_days {self.val_days} must be > 0")
+            raise ConfigError(f"val_days {self.val_days} must be > 0")
         if not 0 <= self.promotion_margin < 1:
-            raise ValueError(f"promotion_margin {self.promotion_margin} must be in [0, 1)")
+            raise ConfigError(f"promotion_margin {self.promotion_margin} must be in [0, 1)")
         if self.powersgd_start_iter < 2:
-            raise ValueError(f"powersgd_start_iter {self.powersgd_start_iter} must be ≥ 2 (DDP rebuilds its "
-                             "gradient buckets after the first step)")
+            raise ConfigError(f"powersgd_start_iter {self.powersgd_start_iter} must be ≥ 2 (DDP rebuilds its "
+                              "gradient buckets after the first step)")
         return self
 
     def rolling(self, newest: datetime, time_step_hours: int) -> TrainConfig:
@@ -183,10 +184,10 @@ class TrainConfig(_Section):
             n_train = round(self.window_days * 24 / time_step_hours)
             longest = max(self.val_lead_hours) // time_step_hours
             if n_val - 1 < longest:
-                raise ValueError(f"train.val_days {self.val_days} holds {n_val} analysis times, too few for one "
-                                 f"validation window of the longest val_lead_hours ({max(self.val_lead_hours)} h)")
+                raise ConfigError(f"train.val_days {self.val_days} holds {n_val} analysis times, too few for one "
+                                  f"validation window of the longest val_lead_hours ({max(self.val_lead_hours)} h)")
             if n_train < 2:
-                raise ValueError(f"train.window_days {self.window_days} holds fewer than 2 analysis times")
+                raise ConfigError(f"train.window_days {self.window_days} holds fewer than 2 analysis times")
             val_start = newest - (n_val - 1) * step
             train_end = val_start - step
             changes |= {"val_start": val_start, "val_end": newest, "train_end": train_end,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from core.errors import DataContractError
 from core.variables import get_variable, parse_channel
 
 
@@ -18,11 +19,11 @@ def to_channels(ds: xr.Dataset, channels: list[str]) -> xr.DataArray:
     for ch in channels:
         name, level = parse_channel(ch)
         if name not in ds.data_vars:
-            raise ValueError(f"dataset has no variable {name!r} (needed for channel {ch!r})")
+            raise DataContractError(f"dataset has no variable {name!r} (needed for channel {ch!r})")
         da = ds[name]
         if level is not None:
             if "level" not in da.dims or level not in ds["level"].values:
-                raise ValueError(f"dataset has no level {level} for {name!r} (needed for channel {ch!r})")
+                raise DataContractError(f"dataset has no level {level} for {name!r} (needed for channel {ch!r})")
             da = da.sel(level=level, drop=True)
         parts.append(da.drop_attrs() if hasattr(da, "drop_attrs") else da)
     out = xr.concat(parts, dim="channel", coords="minimal", compat="override")

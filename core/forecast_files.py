@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import ConfigError, DataContractError
 from core.schema import validate_forecast
 from core.variables import VARIABLES
 
@@ -56,7 +57,7 @@ def write_formats(ds: xr.Dataset, run_dir: Path, formats: Sequence[str]) -> list
     """Write ``ds`` into ``run_dir`` in each of ``formats`` (``netcdf``, ``grib2``); the paths written."""
     unknown = [f for f in formats if f not in FILE_NAMES]
     if unknown:
-        raise ValueError(f"unknown forecast file format(s) {unknown}; known: {', '.join(FILE_NAMES)}")
+        raise ConfigError(f"unknown forecast file format(s) {unknown}; known: {', '.join(FILE_NAMES)}")
     writers = {"netcdf": write_netcdf, "grib2": write_grib2}
     out = []
     for fmt in dict.fromkeys(formats):  # once each, in the order asked
@@ -119,10 +120,10 @@ def write_grib2(ds: xr.Dataset, path: Path, *, region: bool = False) -> Path:
     names = [n for n in VARIABLES if n in ds.data_vars]  # vocabulary order: the same file however ds was opened
     missing = [n for n in names if not VARIABLES[n].param_id]
     if missing:
-        raise ValueError(f"variables {missing} have no GRIB paramId in core.variables")
+        raise ConfigError(f"variables {missing} have no GRIB paramId in core.variables")
     members = [int(m) for m in ds["member"].values] if "member" in ds.dims else None
     if members is not None and (min(members) < 0 or max(members) > 255):
-        raise ValueError(f"GRIB2 perturbationNumber is one byte: members {members} do not fit 0..255")
+        raise ConfigError(f"GRIB2 perturbationNumber is one byte: members {members} do not fit 0..255")
     base = eccodes.codes_grib_new_from_samples("GRIB2")
     tmp = _tmp_path(path)
     try:
@@ -167,11 +168,11 @@ def check_grib_grid(ds: xr.Dataset) -> None:
     for what, step in (("latitude", dlat), ("longitude", dlon)):
         # GRIB2 stores angles in micro-degrees: a step it cannot hold would misplace every point.
         if abs(step * 1e6 - round(step * 1e6)) > 1e-6:
-            raise ValueError(f"GRIB2 cannot hold a {what} step of {step!r}° (it stores micro-degrees); "
-                             f"grid {lat.size}x{lon.size} needs NetCDF")
+            raise ConfigError(f"GRIB2 cannot hold a {what} step of {step!r}° (it stores micro-degrees); "
+                              f"grid {lat.size}x{lon.size} needs NetCDF")
     if lon[0] < 0 or lon[-1] >= 360:
-        raise ValueError(f"GRIB2 cannot hold longitudes {lon[0]:g} … {lon[-1]:g} readably: its longitudes run "
-                         "0 … 360, and a grid crossing 0° is read back misordered by ecCodes and cfgrib")
+        raise ConfigError(f"GRIB2 cannot hold longitudes {lon[0]:g} … {lon[-1]:g} readably: its longitudes run "
+                          "0 … 360, and a grid crossing 0° is read back misordered by ecCodes and cfgrib")
 
 
 def _step(ds: xr.Dataset, dim: str) -> float:
@@ -203,8 +204,8 @@ def _write_message(out: Any, base: Any, param_id: int, level: int | None, lead: 
     import eccodes
 
     if not np.all(np.isfinite(field)):
-        raise ValueError(f"paramId {param_id} level {level} at lead {lead} h has non-finite values; "
-                         "GRIB2 is written from complete forecasts only")
+        raise DataContractError(f"paramId {param_id} level {level} at lead {lead} h has non-finite values; "
+                                "GRIB2 is written from complete forecasts only")
     handle = eccodes.codes_clone(base)
     try:
         # The product template comes first: setting paramId picks the surface and statistics it implies.
@@ -242,11 +243,11 @@ def validate_region(ds: xr.Dataset, what: str = "forecast subset") -> xr.Dataset
     lat = np.asarray(ds["latitude"].values, dtype=float) if "latitude" in ds.coords else np.empty(0)
     lon = np.asarray(ds["longitude"].values, dtype=float) if "longitude" in ds.coords else np.empty(0)
     if lat.size == 0 or lon.size == 0:
-        raise ValueError(f"{what}: needs at least one latitude and one longitude")
+        raise DataContractError(f"{what}: needs at least one latitude and one longitude")
     if np.any(np.abs(lat) > 90) or not _regular(lat, decreasing=True):
-        raise ValueError(f"{what}: latitude must run north to south in equal steps within ±90")
+        raise DataContractError(f"{what}: latitude must run north to south in equal steps within ±90")
     if not _regular(lon, decreasing=False):
-        raise ValueError(f"{what}: longitude must run west to east in equal steps")
+        raise DataContractError(f"{what}: longitude must run west to east in equal steps")
     # The rest of the contract (dims, times, names, units) is the global one's: check it on a global stand-in.
     stand_in = ds.isel(latitude=[0] * 3, longitude=[0] * 4).assign_coords(
         latitude=[90.0, 0.0, -90.0], longitude=[0.0, 90.0, 180.0, 270.0])
@@ -266,8 +267,8 @@ def _check_whole_hours(ds: xr.Dataset) -> None:
     hour = np.timedelta64(1, "h")
     init = ds["init_time"].values.astype("datetime64[ns]")
     if np.any(ds["lead_time"].values % hour) or np.any((init - init.astype("datetime64[h]")) % hour):
-        raise ValueError("forecast files encode times in whole hours; init_time "
-                         f"{pd.Timestamp(init[0])} or a lead_time is not a whole hour")
+        raise ConfigError("forecast files encode times in whole hours; init_time "
+                          f"{pd.Timestamp(init[0])} or a lead_time is not a whole hour")
 
 
 def _tmp_path(path: Path) -> Path:

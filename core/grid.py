@@ -13,6 +13,8 @@ from functools import cached_property
 
 import numpy as np
 
+from core.errors import ConfigError, DataContractError
+
 PRESETS: dict[str, tuple[int, int]] = {
     "tiny": (17, 32),
     "5.625deg": (33, 64),
@@ -32,7 +34,7 @@ class Grid:
 
     def __post_init__(self) -> None:
         if self.nlat < 3 or self.nlon < 4:
-            raise ValueError(f"grid {self.name!r}: nlat={self.nlat}, nlon={self.nlon} is too small")
+            raise ConfigError(f"grid {self.name!r}: nlat={self.nlat}, nlon={self.nlon} is too small")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,21 +77,21 @@ def scale_factors(nlat: int, nlon: int) -> list[int]:
 def check_scale_factor(nlat: int, nlon: int, scale_factor: int) -> None:
     """Raise one ``ValueError`` naming the problem if an SFNO cannot run on ``nlat × nlon`` at ``scale_factor``."""
     if nlat < 3 or nlon < 4:
-        raise ValueError(f"grid {nlat}x{nlon} cannot be used by the spherical harmonic transform: it needs "
-                         "nlat ≥ 3 (both poles and one row between) and nlon ≥ 4")
+        raise ConfigError(f"grid {nlat}x{nlon} cannot be used by the spherical harmonic transform: it needs "
+                          "nlat ≥ 3 (both poles and one row between) and nlon ≥ 4")
     allowed = scale_factors(nlat, nlon)
     if scale_factor not in allowed:
         # A latent grid that does not subsample the data grid exactly shifts every latent node a little:
         # refuse rather than silently train on a grid the user did not ask for.
-        raise ValueError(f"scale_factor {scale_factor} does not fit grid {nlat}x{nlon}: it must divide nlat−1 = "
-                         f"{nlat - 1} and nlon = {nlon} and leave a latent lmax ≥ 2; allowed: "
-                         f"{', '.join(map(str, allowed)) or 'none'}")
+        raise ConfigError(f"scale_factor {scale_factor} does not fit grid {nlat}x{nlon}: it must divide nlat−1 = "
+                          f"{nlat - 1} and nlon = {nlon} and leave a latent lmax ≥ 2; allowed: "
+                          f"{', '.join(map(str, allowed)) or 'none'}")
 
 
 def get_grid(name: str) -> Grid:
     """Return the preset grid called ``name`` or raise ``ValueError`` listing the presets."""
     if name not in PRESETS:
-        raise ValueError(f"unknown grid preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown grid preset {name!r}; known presets: {', '.join(PRESETS)}")
     nlat, nlon = PRESETS[name]
     return Grid(name, nlat, nlon)
 
@@ -108,7 +110,7 @@ def parse_grid_attr(text: str) -> Grid:
         name, shape, kind = text.split(":")
         nlat, nlon = (int(v) for v in shape.split("x"))
     except ValueError as exc:
-        raise ValueError(f"malformed grid attribute {text!r} (expected name:NLATxNLON:kind)") from exc
+        raise DataContractError(f"malformed grid attribute {text!r} (expected name:NLATxNLON:kind)") from exc
     if kind != "equiangular-poles":
-        raise ValueError(f"grid attribute {text!r}: only equiangular-poles grids are supported")
+        raise DataContractError(f"grid attribute {text!r}: only equiangular-poles grids are supported")
     return Grid(name, nlat, nlon)

@@ -23,6 +23,7 @@ import pandas as pd
 import xarray as xr
 
 from core.config import Config
+from core.errors import DataContractError, MissingInputError
 from core.grid import parse_grid_attr
 from core.variables import parse_channel
 
@@ -73,7 +74,7 @@ def complete_times(store: Path) -> pd.DatetimeIndex:
 def _read(kind: str, path: Path) -> _StoreTimes:
     with xr.open_zarr(path, consolidated=False, chunks=None) as ds:
         if "time" not in ds.coords or "done" not in ds:
-            raise ValueError(f"store {path} has no 'time' coordinate or 'done' flags; it is not an analysis-contract store")
+            raise DataContractError(f"store {path} has no 'time' coordinate or 'done' flags; it is not an analysis-contract store")
         times = pd.DatetimeIndex(ds["time"].values)
         done = np.asarray(ds["done"].values).astype(bool)
         attrs = dict(ds.attrs)
@@ -96,7 +97,7 @@ def latest_cycle(config: Config) -> InitChoice:
         if len(st.complete) and (best is None or st.complete[-1] > best.complete[-1]):
             best = st
     if best is None:
-        raise ValueError(f"no complete time in {_describe(config)} (forecast.source {config.forecast.source!r})")
+        raise MissingInputError(f"no complete time in {_describe(config)} (forecast.source {config.forecast.source!r})")
     t = best.complete[-1]
     return InitChoice(best.path, pd.Timestamp(t), best.source, best.dataset_version, best.kind)
 
@@ -109,7 +110,7 @@ def choose_init(config: Config, init_time: datetime | pd.Timestamp | str) -> Ini
     for st in _existing(config):
         if t in st.complete:
             return InitChoice(st.path, t, st.source, st.dataset_version, st.kind)
-    raise ValueError(f"init time {t.isoformat()} has no complete data in {_describe(config)}")
+    raise MissingInputError(f"init time {t.isoformat()} has no complete data in {_describe(config)}")
 
 
 def check_compatible(meta: Mapping[str, Any], ds: xr.Dataset, store: Path, transfer_grid: str | None = None) -> None:
@@ -121,12 +122,12 @@ def check_compatible(meta: Mapping[str, Any], ds: xr.Dataset, store: Path, trans
                                                                or level not in ds["level"].values)):
             missing.append(ch)
     if missing:
-        raise ValueError(f"checkpoint is incompatible with the initial conditions in {store}: the store lacks "
-                         f"channel(s) {missing} the model needs")
+        raise DataContractError(f"checkpoint is incompatible with the initial conditions in {store}: the store lacks "
+                                f"channel(s) {missing} the model needs")
     if transfer_grid is None:
         shape = (ds.sizes.get("latitude"), ds.sizes.get("longitude"))
         trained = parse_grid_attr(str(meta["grid"]))
         if shape != trained.shape:
-            raise ValueError(f"checkpoint is incompatible with the initial conditions in {store}: the model was "
-                             f"trained on {trained.name} ({trained.nlat}x{trained.nlon}) but the store's grid is "
-                             f"{shape[0]}x{shape[1]}; set forecast.grid to run the same weights on another grid")
+            raise DataContractError(f"checkpoint is incompatible with the initial conditions in {store}: the model was "
+                                    f"trained on {trained.name} ({trained.nlat}x{trained.nlon}) but the store's grid is "
+                                    f"{shape[0]}x{shape[1]}; set forecast.grid to run the same weights on another grid")

@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from core.config import Config
+from core.errors import DataContractError, MissingInputError
 from core.runs import MANIFEST, list_runs, parse_run_name, read_manifest, sha256_file
 
 CURRENT = "current.json"
@@ -45,10 +46,10 @@ def read_current(runs_dir: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); restore it from {PROMOTIONS} or delete it") from None
+        raise DataContractError(f"{path} is not valid JSON ({exc}); restore it from {PROMOTIONS} or delete it") from None
     missing = [k for k in CURRENT_KEYS if not isinstance(record, dict) or k not in record]
     if missing:
-        raise ValueError(f"{path} lacks {missing}; restore it from {PROMOTIONS} or delete it")
+        raise DataContractError(f"{path} lacks {missing}; restore it from {PROMOTIONS} or delete it")
     return record
 
 
@@ -90,7 +91,7 @@ def stats_identity(stats_file: Path) -> dict[str, Any]:
     import xarray as xr
 
     if not stats_file.is_file():
-        raise ValueError(f"statistics file {stats_file} does not exist")
+        raise MissingInputError(f"statistics file {stats_file} does not exist")
     with xr.open_dataset(stats_file) as ds:
         attrs = dict(ds.attrs)
     return {"path": str(stats_file), "sha256": sha256_file(stats_file),
@@ -149,12 +150,12 @@ def lineage_at(run: str, forecasts: Path, runs_dir: Path, verification: Path | N
     if run not in list_runs(forecasts):
         known = list_runs(forecasts)
         hint = f"published: {', '.join(known[-5:])}" if known else "no run is published there"
-        raise ValueError(f"no published forecast run {run!r} in {forecasts} ({hint})")
+        raise MissingInputError(f"no published forecast run {run!r} in {forecasts} ({hint})")
     run_dir = forecasts / run
     manifest = read_manifest(run_dir)
     prov = manifest.get("provenance", {})
     if "checkpoint" not in prov or "checkpoint_sha256" not in prov:
-        raise ValueError(f"manifest of run {run} records no checkpoint and checkpoint_sha256 in its provenance")
+        raise DataContractError(f"manifest of run {run} records no checkpoint and checkpoint_sha256 in its provenance")
     checkpoint, digest = Path(prov["checkpoint"]), str(prov["checkpoint_sha256"])
     entries = [e for e in read_jsonl(runs_dir / REGISTRY) if e.get("sha256") == digest]
     entry = entries[-1] if entries else None

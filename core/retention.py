@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.errors import DataContractError
 from core.runs import MANIFEST, exclusive, list_runs, parse_run_name, remove_unread
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def promoted_checkpoint(runs_dir: Path | None) -> str | None:
     try:
         sha = json.loads(path.read_text()).get("checkpoint_sha256")
     except (OSError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path} is not a JSON object with checkpoint_sha256: {exc}") from None
+        raise DataContractError(f"{path} is not a JSON object with checkpoint_sha256: {exc}") from None
     return str(sha) if sha else None
 
 

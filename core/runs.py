@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.errors import ConfigError, DataContractError, MissingInputError
 from core.schema import SCHEMA_VERSION, validate_manifest
 
 # \Z, not $: "$" also matches before a trailing newline, so "20000101T00\n" would pass as a run name.
@@ -44,11 +45,11 @@ def run_name(init_time: datetime | pd.Timestamp | str) -> str:
 def parse_run_name(name: str) -> pd.Timestamp:
     """Initial time of a run directory name; ``ValueError`` if it is not one."""
     if not RUN_NAME_RE.match(name):
-        raise ValueError(f"{name!r} is not a run name (expected YYYYMMDDTHH)")
+        raise ConfigError(f"{name!r} is not a run name (expected YYYYMMDDTHH)")
     try:
         return pd.Timestamp(datetime.strptime(name, "%Y%m%dT%H"))
     except ValueError:
-        raise ValueError(f"{name!r} is not a run name: no such date and hour (expected YYYYMMDDTHH)") from None
+        raise ConfigError(f"{name!r} is not a run name: no such date and hour (expected YYYYMMDDTHH)") from None
 
 
 def is_run_name(name: str) -> bool:
@@ -120,7 +121,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     """Load and validate a published run's manifest."""
     path = run_dir / MANIFEST
     if not path.is_file():
-        raise ValueError(f"run {run_dir.name}: no {MANIFEST}")
+        raise DataContractError(f"run {run_dir.name}: no {MANIFEST}")
     manifest = json.loads(path.read_text())
     validate_manifest(manifest, what=f"manifest of run {run_dir.name}")
     return manifest
@@ -141,7 +142,7 @@ def list_runs(forecasts_dir: Path) -> list[str]:
     return sorted(names)
 
 
-class RunGone(ValueError):
+class RunGone(MissingInputError):
     """The run was removed or replaced before its reader got hold of it."""
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import DataContractError
 from core.grid import Grid, parse_grid_attr
 from core.variables import VARIABLES, parse_channel
 
@@ -59,7 +60,7 @@ SPREAD_SUFFIX = "_spread"  # ensemble.zarr: ``<variable>_spread`` is the std ove
 
 
 def _fail(what: str, msg: str) -> None:
-    raise ValueError(f"{what}: {msg}")
+    raise DataContractError(f"{what}: {msg}")
 
 
 def _check_grid_coords(ds: xr.Dataset, what: str) -> Grid:

@@ -33,6 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from core.errors import ConfigError
+
 METADATA = MetaData()
 SCORES = Table(
     "scores", METADATA,
@@ -62,7 +64,7 @@ def database_url(configured: str | None, verification_dir: Path) -> str:
         try:
             make_url(configured)
         except ArgumentError as exc:
-            raise ValueError(f"verify.database_url {configured!r} is not an SQLAlchemy URL: {exc}") from None
+            raise ConfigError(f"verify.database_url {configured!r} is not an SQLAlchemy URL: {exc}") from None
         return configured
     return f"sqlite:///{(Path(verification_dir) / 'scores.sqlite').resolve()}"
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Variable:
@@ -80,13 +82,13 @@ def get_variable(name: str) -> Variable:
     if name in VARIABLES:
         return VARIABLES[name]
     hint = f" (did you mean {SHORT_NAMES[name]!r}?)" if name in SHORT_NAMES else ""
-    raise ValueError(f"unknown variable {name!r}{hint}; known: {', '.join(VARIABLES)}")
+    raise ConfigError(f"unknown variable {name!r}{hint}; known: {', '.join(VARIABLES)}")
 
 
 def check_level(level: int) -> int:
     """Return ``level`` if ERA5 has that pressure level, else raise ``ValueError``."""
     if int(level) not in PRESSURE_LEVELS:
-        raise ValueError(f"pressure level {level!r} hPa is not an ERA5 level")
+        raise ConfigError(f"pressure level {level!r} hPa is not an ERA5 level")
     return int(level)
 
 
@@ -109,6 +111,6 @@ def parse_channel(channel: str) -> tuple[str, int | None]:
     name, _, level = channel.rpartition("_")
     if name in VARIABLES and level.isdigit():
         if VARIABLES[name].level_type != "pressure":
-            raise ValueError(f"channel {channel!r}: {name!r} has no pressure levels")
+            raise ConfigError(f"channel {channel!r}: {name!r} has no pressure levels")
         return name, check_level(int(level))
-    raise ValueError(f"unknown channel {channel!r}")
+    raise ConfigError(f"unknown channel {channel!r}")

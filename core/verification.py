@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from core.errors import DataContractError, MissingInputError
 from core.fields import to_channels
 from core.metrics import acc, bias, crps_ensemble, ensemble_spread, mae, rmse
 from core.spectra import high_wavenumber_ratio, zonal_spectrum
@@ -27,7 +28,7 @@ def score_forecast(forecast: xr.Dataset, analysis: xr.Dataset, channels: list[st
     done = analysis["done"].values.astype(bool)
     keep = np.flatnonzero(np.isin(valid, have[done])).tolist()
     if not keep:
-        raise ValueError("no lead of this forecast has a completed analysis to verify against")
+        raise MissingInputError("no lead of this forecast has a completed analysis to verify against")
     fc = fc.isel(lead_time=keep)
     truth = to_channels(analysis.sel(time=valid[keep]), channels).rename(time="lead_time")
     truth = truth.assign_coords(lead_time=fc["lead_time"].values)
@@ -59,8 +60,8 @@ def score_lead(forecast: xr.DataArray, truth: xr.DataArray, climatology: xr.Data
     for name, arr in (("forecast", forecast), ("climatology", climatology), ("persistence", persistence)):
         if arr is not None and (arr.sizes["latitude"], arr.sizes["longitude"]) != (
                 truth.sizes["latitude"], truth.sizes["longitude"]):
-            raise ValueError(f"{name} grid {arr.sizes['latitude']}x{arr.sizes['longitude']} differs from the "
-                             f"truth's {truth.sizes['latitude']}x{truth.sizes['longitude']}")
+            raise DataContractError(f"{name} grid {arr.sizes['latitude']}x{arr.sizes['longitude']} differs from the "
+                                    f"truth's {truth.sizes['latitude']}x{truth.sizes['longitude']}")
     ensemble = member_dim in forecast.dims
     point = {"model": forecast.mean(member_dim) if ensemble else forecast}
     if persistence is not None:

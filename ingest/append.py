@@ -38,6 +38,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
+from core.errors import ConfigError, DataContractError
 from core.schema import EXPVER_FINAL, EXPVER_PRELIMINARY
 from ingest.lock import writer_lock
 from ingest.regions import (
@@ -81,13 +82,13 @@ def _apply(path: Path, intent: dict) -> None:
     for name in fields + flags + ["time"]:
         arr = by_time[name]
         if arr.shape[0] > size:
-            raise ValueError(f"append to {path}: {name!r} already has {arr.shape[0]} times, more than {size}")
+            raise DataContractError(f"append to {path}: {name!r} already has {arr.shape[0]} times, more than {size}")
         if arr.shape[0] < size:
             arr.resize((size,) + arr.shape[1:])
     tarr = by_time["time"]
     encoded = encode_times(times, str(tarr.attrs.get("units", "")), tarr.dtype, f"append to {path}")
     if not np.array_equal(tarr[:old], encoded[:old]):
-        raise ValueError(f"append to {path}: the stored times do not match {intent_path(path)}; nothing more done")
+        raise DataContractError(f"append to {path}: the stored times do not match {intent_path(path)}; nothing more done")
     tarr[old:size] = encoded[old:]
     consolidate(path)
     intent_path(path).unlink(missing_ok=True)
@@ -102,7 +103,7 @@ def complete_pending_append(path: Path) -> bool:
     try:
         intent = json.loads(ipath.read_text())
     except ValueError as exc:
-        raise ValueError(f"append intent {ipath} is unreadable ({exc}); inspect the store before removing it") from exc
+        raise DataContractError(f"append intent {ipath} is unreadable ({exc}); inspect the store before removing it") from exc
     log.warning("completing the append of %s to %s left by an interrupted writer", path, intent.get("end"))
     # A kill inside a metadata write leaves a `zarr.json.<uuid>.partial` beside it; no chunk is
     # written by an append, so these two levels are the only places to look.
@@ -146,16 +147,16 @@ def extend_store(path: Path, new_end: pd.Timestamp, step: pd.Timedelta | None = 
         if times.size >= 2:
             have = times[1] - times[0]
             if step is not None and pd.Timedelta(step) != have:
-                raise ValueError(f"store {path} has a time step of {have}, not {pd.Timedelta(step)}")
+                raise DataContractError(f"store {path} has a time step of {have}, not {pd.Timedelta(step)}")
             step = have
         elif step is None:
-            raise ValueError(f"store {path} holds a single time, so its step is unknown: pass step")
+            raise DataContractError(f"store {path} holds a single time, so its step is unknown: pass step")
         step = pd.Timedelta(step)
         if new_end < times[-1]:
-            raise ValueError(f"store {path} already ends at {times[-1]}, after {new_end}; nothing was modified")
+            raise ConfigError(f"store {path} already ends at {times[-1]}, after {new_end}; nothing was modified")
         if (new_end - times[0]) % step:
-            raise ValueError(f"{new_end} is not on the time axis of store {path} "
-                             f"(from {times[0]} every {step}); nothing was modified")
+            raise ConfigError(f"{new_end} is not on the time axis of store {path} "
+                              f"(from {times[0]} every {step}); nothing was modified")
         if new_end == times[-1]:
             return 0
         size = (new_end - times[0]) // step + 1

@@ -34,6 +34,7 @@ import requests
 import xarray as xr
 
 from core.config import CdsConfig
+from core.errors import ConfigError, SourceError
 from core.grid import Grid
 from core.variables import VARIABLES, get_variable
 from ingest import plan as planner
@@ -59,9 +60,9 @@ def cds_credentials() -> tuple[str, str]:
         key = key if key is not None else found.get("key")
     if not url or not key:
         missing = " and ".join(n for n, v in (("url", url), ("key", key)) if not v)
-        raise ValueError(f"CDS credentials are missing ({missing}): create {rc} with the lines 'url: "
-                         "https://cds.climate.copernicus.eu/api' and 'key: <your personal access token>', "
-                         "or set the CDSAPI_URL and CDSAPI_KEY environment variables")
+        raise ConfigError(f"CDS credentials are missing ({missing}): create {rc} with the lines 'url: "
+                          "https://cds.climate.copernicus.eu/api' and 'key: <your personal access token>', "
+                          "or set the CDSAPI_URL and CDSAPI_KEY environment variables")
     return url, key
 
 
@@ -78,8 +79,8 @@ def _announced(result: object, req: CdsRequest) -> tuple[str, int]:
     try:
         return str(result.location), int(result.content_length)  # type: ignore[attr-defined]
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"CDS request {req.describe()}: the server's reply has no download location "
-                         f"and size ({exc!r})") from None
+        raise SourceError(f"CDS request {req.describe()}: the server's reply has no download location "
+                          f"and size ({exc!r})") from None
 
 
 def _download_once(session: requests.Session, url: str, part: Path, timeout: float) -> int:
@@ -156,7 +157,7 @@ class CdsSource:
             log.warning("CDS request %s: %s (attempt %d of %d)", req.key, problem, attempt, s.retry_max)
             if attempt < s.retry_max:
                 time.sleep(min(s.sleep_max, 2.0 ** (attempt - 1)))
-        raise ValueError(f"CDS request {req.describe()}: {problem} after {s.retry_max} attempts")
+        raise SourceError(f"CDS request {req.describe()}: {problem} after {s.retry_max} attempts")
 
     def _retrieve(self, client: cdsapi.Client, req: CdsRequest) -> Path:
         try:
@@ -164,8 +165,8 @@ class CdsSource:
         except Exception as exc:  # cdsapi raises bare Exception; both clients after their own bounded retries
             s = self.settings
             reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
-            raise ValueError(f"CDS request {req.describe()} failed (cdsapi gave up; retry_max={s.retry_max}, "
-                             f"timeout={s.timeout:g} s): {reason}") from exc
+            raise SourceError(f"CDS request {req.describe()} failed (cdsapi gave up; retry_max={s.retry_max}, "
+                              f"timeout={s.timeout:g} s): {reason}") from exc
         url, size = _announced(result, req)
         return self._download(client.session, url, size, req)
 
@@ -279,20 +280,20 @@ def _select(ds: xr.Dataset, times: Sequence[pd.Timestamp], variables: Sequence[s
     names = list(dict.fromkeys(variables))
     missing = [n for n in names if n not in ds.data_vars]
     if missing:
-        raise ValueError(f"CDS deliveries lack variable(s) {', '.join(missing)}")
+        raise SourceError(f"CDS deliveries lack variable(s) {', '.join(missing)}")
     if "expver" not in ds:
-        raise ValueError("CDS deliveries carry no per-time expver")
+        raise SourceError("CDS deliveries carry no per-time expver")
     want = pd.DatetimeIndex([pd.Timestamp(t) for t in times])
     have = pd.DatetimeIndex(ds["time"].values)
     absent = want.difference(have)
     if len(absent):
-        raise ValueError(f"CDS deliveries lack time(s) {', '.join(f'{t:%Y-%m-%dT%H}' for t in absent[:5])}")
+        raise SourceError(f"CDS deliveries lack time(s) {', '.join(f'{t:%Y-%m-%dT%H}' for t in absent[:5])}")
     out = ds[names + ["expver"]].sel(time=want.values)
     if any(VARIABLES[n].level_type == "pressure" for n in names):
         lv = [int(v) for v in levels]
         lacking = sorted(set(lv) - {int(v) for v in out["level"].values})
         if lacking:
-            raise ValueError(f"CDS deliveries lack pressure level(s) {lacking} hPa")
+            raise SourceError(f"CDS deliveries lack pressure level(s) {lacking} hPa")
         out = out.sel(level=lv)
     elif "level" in out.dims or "level" in out.coords:
         out = out.drop_vars("level", errors="ignore")

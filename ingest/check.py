@@ -23,6 +23,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
+from core.errors import DataContractError
 from core.grid import parse_grid_attr
 from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, REQUIRED_FLAGS, validate_analysis
 from core.variables import VARIABLES
@@ -84,7 +85,7 @@ def _human(nbytes: float) -> str:
 
 def _open_raw(path: Path, consolidated: bool | None) -> xr.Dataset:
     if not (path / "zarr.json").is_file():
-        raise ValueError(f"{path} is not an analysis store (no zarr.json)")
+        raise DataContractError(f"{path} is not an analysis store (no zarr.json)")
     return xr.open_zarr(path, consolidated=consolidated, zarr_format=3)
 
 

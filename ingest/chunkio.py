@@ -30,6 +30,8 @@ import crc32c
 import numcodecs
 import numpy as np
 
+from core.errors import DataContractError
+
 # Encoding and file writes release the GIL for most of their time; a few threads keep the disk busy.
 _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="chunkio")
 EMPTY = np.uint64(2**64 - 1)  # the shard index's (offset, length) of a chunk that is not stored
@@ -37,7 +39,7 @@ EMPTY = np.uint64(2**64 - 1)  # the shard index's (offset, length) of a chunk th
 Pieces = list[memoryview | bytes]
 
 
-class ShardIndexError(ValueError):
+class ShardIndexError(DataContractError):
     """A shard file whose index is truncated or fails its checksum."""
 
 
@@ -89,12 +91,12 @@ class Codec:
         raw = memoryview(raw)
         if self.checksum:
             if len(raw) < 4 or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise ValueError("crc32c checksum mismatch")
+                raise DataContractError("crc32c checksum mismatch")
             raw = raw[:-4]
         data = bytes(self.zstd.decode(raw)) if self.zstd is not None else raw
         expected = int(np.prod(self.shape)) * self.dtype.itemsize
         if len(data) != expected:
-            raise ValueError(f"decoded {len(data)} bytes, expected {expected}")
+            raise DataContractError(f"decoded {len(data)} bytes, expected {expected}")
         return np.frombuffer(data, dtype=self.dtype.newbyteorder("<")).reshape(self.shape)
 
 

@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import SourceError
 from core.schema import EXPVER_FINAL, EXPVER_PRELIMINARY, EXPVER_UNKNOWN
 from core.variables import COORD_RENAMES, SHORT_NAMES, VARIABLES
 
@@ -81,12 +82,12 @@ def sniff_format(path: Path) -> str:
         with open(path, "rb") as f:
             head = f.read(8)
     except OSError as exc:
-        raise ValueError(f"cannot read delivered file {str(path)!r}: {exc}") from exc
+        raise SourceError(f"cannot read delivered file {str(path)!r}: {exc}") from exc
     for magic, kind in MAGICS.items():
         if head.startswith(magic):
             return kind
     what = "is empty" if not head else f"starts with {head[:4]!r}"
-    raise ValueError(f"delivered file {str(path)!r} {what}: not GRIB, NetCDF or a CDS zip")
+    raise SourceError(f"delivered file {str(path)!r} {what}: not GRIB, NetCDF or a CDS zip")
 
 
 def combine_expver(codes: Sequence[int]) -> int:
@@ -101,7 +102,7 @@ def _expver_code(value: object, path: Path) -> int:
     try:
         code = int(str(value.decode() if isinstance(value, bytes) else value).strip())
     except ValueError:
-        raise ValueError(f"delivered file {str(path)!r}: expver {value!r} is not a number") from None
+        raise SourceError(f"delivered file {str(path)!r}: expver {value!r} is not a number") from None
     return code if code in _RANK else EXPVER_UNKNOWN
 
 
@@ -146,12 +147,12 @@ def _scan_grib(path: Path) -> list[dict]:
             if messages and end != size and not padding_only(end, size):
                 raise ValueError(f"{size - end} trailing bytes after {len(messages)} complete messages")
     except ValueError as exc:
-        raise ValueError(f"GRIB file {str(path)!r} is corrupt: {exc}") from exc
+        raise SourceError(f"GRIB file {str(path)!r} is corrupt: {exc}") from exc
     except Exception as exc:  # ecCodes raises its own hierarchy for truncated/garbled messages
-        raise ValueError(f"GRIB file {str(path)!r} is corrupt or truncated after {len(messages)} messages "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise SourceError(f"GRIB file {str(path)!r} is corrupt or truncated after {len(messages)} messages "
+                          f"({type(exc).__name__}: {exc})") from exc
     if not messages:
-        raise ValueError(f"GRIB file {str(path)!r} holds no complete GRIB message")
+        raise SourceError(f"GRIB file {str(path)!r} holds no complete GRIB message")
     return messages
 
 
@@ -159,18 +160,18 @@ def _grib_known(path: Path, messages: list[dict]) -> list[dict]:
     known = [m for m in messages if m["cfVarName"] in SHORT_NAMES]
     if not known:
         found = sorted({m["cfVarName"] for m in messages})
-        raise ValueError(f"GRIB file {str(path)!r} holds no variable spherecast knows (found {found})")
+        raise SourceError(f"GRIB file {str(path)!r} holds no variable spherecast knows (found {found})")
     for m in known:
         on_pressure = m["typeOfLevel"] == "isobaricInhPa"
         if on_pressure != (VARIABLES[SHORT_NAMES[m["cfVarName"]]].level_type == "pressure"):
-            raise ValueError(f"GRIB file {str(path)!r}: {m['cfVarName']!r} is on {m['typeOfLevel']!r} levels; "
-                             "spherecast reads pressure-level (isobaricInhPa) and single-level ERA5 only")
+            raise SourceError(f"GRIB file {str(path)!r}: {m['cfVarName']!r} is on {m['typeOfLevel']!r} levels; "
+                              "spherecast reads pressure-level (isobaricInhPa) and single-level ERA5 only")
     grids = {m["grid"] for m in known}
     if len(grids) > 1:
-        raise ValueError(f"GRIB file {str(path)!r} mixes {len(grids)} grids; split it by grid")
+        raise SourceError(f"GRIB file {str(path)!r} mixes {len(grids)} grids; split it by grid")
     if known[0]["gridType"] != "regular_ll":
-        raise ValueError(f"GRIB file {str(path)!r} is on a {known[0]['gridType']!r} grid, not regular_ll "
-                         "(ask CDS for a regular 'grid')")
+        raise SourceError(f"GRIB file {str(path)!r} is on a {known[0]['gridType']!r} grid, not regular_ll "
+                          "(ask CDS for a regular 'grid')")
     members = sorted({int(m["number"]) for m in known})
     if len(members) > 1:
         log.warning("%s: ensemble of %d members; using member %d only (the contract has no member axis)",
@@ -206,8 +207,8 @@ def _open_grib(path: Path) -> xr.Dataset:
             ds = xr.open_dataset(path, engine="cfgrib", backend_kwargs={
                 "indexpath": "", "filter_by_keys": {"typeOfLevel": level_type, "stepType": step_type}})
         except Exception as exc:  # cfgrib's DatasetBuildError and friends
-            raise ValueError(f"GRIB file {str(path)!r}: cfgrib cannot decode its {level_type}/{step_type} "
-                             f"messages ({type(exc).__name__}: {exc})") from exc
+            raise SourceError(f"GRIB file {str(path)!r}: cfgrib cannot decode its {level_type}/{step_type} "
+                              f"messages ({type(exc).__name__}: {exc})") from exc
         ds = ds[[v for v in ds.data_vars if v in SHORT_NAMES]]
         if "number" in ds.dims:
             ds = ds.sel(number=member)
@@ -222,8 +223,8 @@ def _open_grib(path: Path) -> xr.Dataset:
         for t in times:
             hits = np.argwhere(valid == t)
             if not hits.size:
-                raise ValueError(f"GRIB file {str(path)!r}: cfgrib finds no field valid at {pd.Timestamp(t)} "
-                                 f"among its {level_type}/{step_type} messages")
+                raise SourceError(f"GRIB file {str(path)!r}: cfgrib finds no field valid at {pd.Timestamp(t)} "
+                                  f"among its {level_type}/{step_type} messages")
             ii.append(hits[0][0])
             jj.append(hits[0][1])
         ds = ds.drop_vars(["valid_time"], errors="ignore").isel(
@@ -293,8 +294,8 @@ def _check_classic_length(path: Path) -> None:
         record_size = records[0][2] if len(records) == 1 else sum(r[1] for r in records)
         expected = max(expected, min(r[0] for r in records) + numrecs * record_size)
     if path.stat().st_size + 3 < expected:  # the last variable's padding to 4 bytes may be absent
-        raise ValueError(f"NetCDF file {str(path)!r} is truncated: {path.stat().st_size} bytes, "
-                         f"its header needs {expected}")
+        raise SourceError(f"NetCDF file {str(path)!r} is truncated: {path.stat().st_size} bytes, "
+                          f"its header needs {expected}")
 
 
 def _open_netcdf(path: Path, kind: str) -> xr.Dataset:
@@ -302,15 +303,15 @@ def _open_netcdf(path: Path, kind: str) -> xr.Dataset:
         try:
             _check_classic_length(path)
         except (struct.error, KeyError, IndexError) as exc:
-            raise ValueError(f"NetCDF file {str(path)!r} has a corrupt header ({exc})") from exc
+            raise SourceError(f"NetCDF file {str(path)!r} has a corrupt header ({exc})") from exc
     try:
         ds = xr.open_dataset(path, engine="netcdf4", decode_timedelta=False)
     except Exception as exc:  # netCDF4/HDF5 raise OSError, RuntimeError… for damaged files
-        raise ValueError(f"NetCDF file {str(path)!r} cannot be opened ({type(exc).__name__}: {exc})") from exc
+        raise SourceError(f"NetCDF file {str(path)!r} cannot be opened ({type(exc).__name__}: {exc})") from exc
     ds = ds.rename({k: v for k, v in COORD_RENAMES.items() if k in ds.variables and v not in ds.variables})
     if "time" not in ds.dims:
         if "time" not in ds.coords:
-            raise ValueError(f"NetCDF file {str(path)!r} has no time dimension (valid_time or time)")
+            raise SourceError(f"NetCDF file {str(path)!r} has no time dimension (valid_time or time)")
         ds = ds.expand_dims("time")
     if "number" in ds.dims:
         log.warning("%s: ensemble of %d members; using the first only", path.name, ds.sizes["number"])
@@ -335,8 +336,8 @@ def _combine_legacy_expver(ds: xr.Dataset, path: Path) -> xr.Dataset:
     has = probe.transpose("time", "expver").notnull().values
     empty = np.flatnonzero(~has.any(axis=1))
     if empty.size:
-        raise ValueError(f"NetCDF file {str(path)!r}: time {pd.Timestamp(ds['time'].values[empty[0]])} has no "
-                         "data under any expver")
+        raise SourceError(f"NetCDF file {str(path)!r}: time {pd.Timestamp(ds['time'].values[empty[0]])} has no "
+                          "data under any expver")
     pick = has.argmax(axis=1)
     out = ds.drop_vars("expver").isel(expver=0)
     for name in names:
@@ -360,10 +361,10 @@ def _contract(ds: xr.Dataset, path: Path) -> xr.Dataset:
     ds = ds.rename({k: v for k, v in COORD_RENAMES.items() if k in ds.variables and v not in ds.variables})
     for dim in ("latitude", "longitude"):
         if dim not in ds.dims:
-            raise ValueError(f"delivered file {str(path)!r} has no {dim} dimension")
+            raise SourceError(f"delivered file {str(path)!r} has no {dim} dimension")
     lon = np.mod(ds["longitude"].values.astype(float), 360.0)
     if np.unique(lon).size != lon.size:
-        raise ValueError(f"delivered file {str(path)!r} repeats longitudes (e.g. both -180 and 180)")
+        raise SourceError(f"delivered file {str(path)!r} repeats longitudes (e.g. both -180 and 180)")
     ds = ds.assign_coords(longitude=lon, latitude=ds["latitude"].values.astype(float))
     if np.any(np.diff(lon) <= 0):
         ds = ds.isel(longitude=np.argsort(lon, kind="stable"))
@@ -373,7 +374,7 @@ def _contract(ds: xr.Dataset, path: Path) -> xr.Dataset:
         scale = 100.0 if ds["level"].attrs.get("units") == "Pa" else 1.0
         hpa = np.atleast_1d(ds["level"].values).astype(float) / scale
         if not np.allclose(hpa, np.round(hpa)):
-            raise ValueError(f"delivered file {str(path)!r}: pressure levels {hpa.tolist()} are not whole hPa")
+            raise SourceError(f"delivered file {str(path)!r}: pressure levels {hpa.tolist()} are not whole hPa")
         ds = ds.assign_coords(level=(ds["level"].dims, hpa.astype(np.int32).reshape(ds["level"].shape)))
     out, skipped = {}, []
     for name in [v for v in ds.data_vars if v != "expver"]:
@@ -384,31 +385,31 @@ def _contract(ds: xr.Dataset, path: Path) -> xr.Dataset:
         var, da = VARIABLES[long], ds[name]
         units = da.attrs.get("units")
         if units is not None and not units_match(str(units), var.units):
-            raise ValueError(f"delivered file {str(path)!r}: variable {name!r} ({long}) has units {units!r}, "
-                             f"expected {var.units!r}")
+            raise SourceError(f"delivered file {str(path)!r}: variable {name!r} ({long}) has units {units!r}, "
+                              f"expected {var.units!r}")
         dims: tuple[str, ...] = ("time", "latitude", "longitude")
         if var.level_type == "pressure":
             if "level" not in da.dims:
                 if "level" not in da.coords:
-                    raise ValueError(f"delivered file {str(path)!r}: {name!r} ({long}) has no pressure level")
+                    raise SourceError(f"delivered file {str(path)!r}: {name!r} ({long}) has no pressure level")
                 da = da.expand_dims("level")
             dims = ("time", "level", "latitude", "longitude")
         extra = sorted(set(map(str, da.dims)) - set(dims))
         if extra:
-            raise ValueError(f"delivered file {str(path)!r}: variable {name!r} has unexpected dimensions {extra}")
+            raise SourceError(f"delivered file {str(path)!r}: variable {name!r} has unexpected dimensions {extra}")
         da = da.transpose(*dims).reset_coords(drop=True).astype(np.float32)
         da.attrs = {"units": var.units, "long_name": var.long_name}
         out[long] = da
     if not out:
-        raise ValueError(f"delivered file {str(path)!r} holds no variable spherecast knows "
-                         f"(found {sorted(map(str, ds.data_vars))})")
+        raise SourceError(f"delivered file {str(path)!r} holds no variable spherecast knows "
+                          f"(found {sorted(map(str, ds.data_vars))})")
     if skipped:
         log.info("%s: ignoring variables outside the vocabulary: %s", path.name, skipped)
     res = xr.Dataset(out)
     res["expver"] = ds["expver"].reset_coords(drop=True).astype(np.int8)
     times = res["time"].values
     if np.unique(times).size != times.size:
-        raise ValueError(f"delivered file {str(path)!r} holds time {pd.Timestamp(times[0])} more than once")
+        raise SourceError(f"delivered file {str(path)!r} holds time {pd.Timestamp(times[0])} more than once")
     res = res.assign_coords(time=times.astype("datetime64[ns]")).sortby("time")
     res.attrs = {"delivered_file": str(path)}
     return res
@@ -425,8 +426,8 @@ def _merge(pieces: list[tuple[str, xr.Dataset]]) -> xr.Dataset:
         same = (ds.sizes["latitude"] == first.sizes["latitude"] and ds.sizes["longitude"] == first.sizes["longitude"]
                 and np.allclose(ds["latitude"], first["latitude"]) and np.allclose(ds["longitude"], first["longitude"]))
         if not same:
-            raise ValueError(f"{first_name!r} and {name!r} are on different grids "
-                             f"({_grid_text(first)} vs {_grid_text(ds)})")
+            raise SourceError(f"{first_name!r} and {name!r} are on different grids "
+                              f"({_grid_text(first)} vs {_grid_text(ds)})")
     parts = []
     for order, (_, ds) in enumerate(pieces):
         codes = ds["expver"].values
@@ -464,9 +465,9 @@ def _open_zip(path: Path) -> xr.Dataset:
                 names = [n for n in archive.namelist() if not n.endswith("/")]
                 archive.extractall(target)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ValueError(f"CDS zip {str(path)!r} is corrupt ({type(exc).__name__}: {exc})") from exc
+            raise SourceError(f"CDS zip {str(path)!r} is corrupt ({type(exc).__name__}: {exc})") from exc
         if not names:
-            raise ValueError(f"CDS zip {str(path)!r} is empty")
+            raise SourceError(f"CDS zip {str(path)!r} is empty")
         _ZIP_CACHE[key] = target
     members = sorted(p for p in _ZIP_CACHE[key].rglob("*") if p.is_file())
     pieces = []
@@ -474,7 +475,7 @@ def _open_zip(path: Path) -> xr.Dataset:
         try:
             pieces.append((f"{path}!{member.name}", open_delivered(member)))
         except ValueError as exc:
-            raise ValueError(f"CDS zip {str(path)!r}, member {member.name!r}: {exc}") from exc
+            raise SourceError(f"CDS zip {str(path)!r}, member {member.name!r}: {exc}") from exc
     return _merge(pieces) if len(pieces) > 1 else pieces[0][1]
 
 
@@ -497,7 +498,7 @@ def open_delivered(path: Path) -> xr.Dataset:
     try:
         stat = path.stat()
     except OSError as exc:
-        raise ValueError(f"cannot read delivered file {str(path)!r}: {exc}") from exc
+        raise SourceError(f"cannot read delivered file {str(path)!r}: {exc}") from exc
     # Re-decoding a GRIB means rescanning every message; slabs of one file are fetched many times.
     return _open_cached(str(path), stat.st_size, stat.st_mtime_ns).copy(deep=False)
 
@@ -532,7 +533,7 @@ def decode_many(paths: Sequence[Path], *, variables: Sequence[str] | None = None
             ds = ds[keep + ["expver"]]
         pieces.append((str(path), ds))
     if not pieces:
-        raise ValueError(f"none of {len(paths)} files holds any of {list(variables or [])}")
+        raise SourceError(f"none of {len(paths)} files holds any of {list(variables or [])}")
     if len(pieces) == 1:
         return pieces[0][1]
     return _merge(pieces)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import SourceError
 from core.grid import grid_for_shape
 from core.schema import EXPVER_UNKNOWN, SCHEMA_VERSION
 from core.variables import COORD_RENAMES, SHORT_NAMES, VARIABLES
@@ -27,7 +28,7 @@ TIME_EPOCH = pd.Timestamp("1940-01-01")
 
 
 def _fail(path: Path, msg: str) -> None:
-    raise ValueError(f"ERA5 zarr {str(path)!r}: {msg}")
+    raise SourceError(f"ERA5 zarr {str(path)!r}: {msg}")
 
 
 def _open(path: Path) -> tuple[xr.Dataset, bytes]:
@@ -40,7 +41,7 @@ def _open(path: Path) -> tuple[xr.Dataset, bytes]:
             warnings.filterwarnings("ignore", message=r"Object at .* is not recognized")
             ds = xr.open_zarr(path, consolidated=False)
     except Exception as exc:  # zarr raises many types for corrupt stores; report one clearly
-        raise ValueError(f"ERA5 zarr {str(path)!r}: cannot be opened ({type(exc).__name__}: {exc})") from exc
+        raise SourceError(f"ERA5 zarr {str(path)!r}: cannot be opened ({type(exc).__name__}: {exc})") from exc
     return ds, meta_bytes
 
 
@@ -126,6 +127,6 @@ def regular_subset(ds: xr.Dataset, step_hours: int) -> xr.Dataset:
         if len(run) > len(best):
             best = run
     if len(best) < 2:
-        raise ValueError(f"no two times are {step_hours} h apart; steps present (h): "
-                         f"{sorted({int(s) for s in np.diff(times) // np.timedelta64(1, 'h')})}")
+        raise SourceError(f"no two times are {step_hours} h apart; steps present (h): "
+                          f"{sorted({int(s) for s in np.diff(times) // np.timedelta64(1, 'h')})}")
     return ds.isel(time=best)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import ConfigError, SourceError
 from core.grid import Grid
 from core.variables import check_level, get_variable
 from ingest.delivered import Delivery, decode_many, describe_delivered
@@ -56,7 +57,7 @@ class FileSource:
         if isinstance(paths, str | Path):
             paths = [str(paths)]
         if not paths:
-            raise ValueError("FileSource needs at least one directory, file or glob pattern")
+            raise ConfigError("FileSource needs at least one directory, file or glob pattern")
         self.paths = [str(p) for p in paths]
         self.grid = grid
         self._index: list[Delivery] | None = None
@@ -83,8 +84,8 @@ class FileSource:
                 log.warning("FileSource: %r matches no delivery files", pattern)
             found.update((p.resolve(), None) for p in sorted(hits))
         if not found:
-            raise ValueError(f"no ERA5 files match {self.paths} (directories are searched for "
-                             f"{', '.join(FILE_SUFFIXES)})")
+            raise ConfigError(f"no ERA5 files match {self.paths} (directories are searched for "
+                              f"{', '.join(FILE_SUFFIXES)})")
         return sorted(found)
 
     def refresh(self) -> None:
@@ -103,7 +104,7 @@ class FileSource:
                 same = (info.latitude.shape == ref.latitude.shape and info.longitude.shape == ref.longitude.shape
                         and np.allclose(info.latitude, ref.latitude) and np.allclose(info.longitude, ref.longitude))
                 if not same:
-                    raise ValueError(
+                    raise SourceError(
                         f"ERA5 files {str(ref.path)!r} ({ref.latitude.size}x{ref.longitude.size}) and "
                         f"{str(path)!r} ({info.latitude.size}x{info.longitude.size}) are on different grids")
             index.append(info)
@@ -146,8 +147,8 @@ class FileSource:
             missing = sorted(wanted - self._coverage(variable, level))
             if missing:
                 more = f" (and {len(missing) - 1} more times)" if len(missing) > 1 else ""
-                raise ValueError(f"time {_stamp(missing[0])}{more} is in none of the files under {self.paths} "
-                                 f"for {_field_label(variable, level)}")
+                raise SourceError(f"time {_stamp(missing[0])}{more} is in none of the files under {self.paths} "
+                                  f"for {_field_label(variable, level)}")
         names = list(dict.fromkeys(v for v, _ in fields))
         needed = [info.path for info in self._scan()
                   if any(v in names and times_ & wanted for (v, _), times_ in info.fields.items())]
@@ -165,7 +166,7 @@ class FileSource:
         try:
             ds = ds.load(scheduler="threads")
         except Exception as exc:  # a damaged chunk inside an otherwise readable file
-            raise ValueError(f"reading {[str(p) for p in needed]} failed ({type(exc).__name__}: {exc})") from exc
+            raise SourceError(f"reading {[str(p) for p in needed]} failed ({type(exc).__name__}: {exc})") from exc
         ds["expver"] = ("time", np.asarray(slab["expver"].values, dtype=np.int8))
         if level_values:
             ds = ds.assign_coords(level=np.asarray(level_values, dtype=np.int32))

@@ -27,6 +27,7 @@ import pandas as pd
 import xarray as xr
 
 from core.config import Config
+from core.errors import SourceError
 from core.variables import get_variable
 from ingest.opendata import CycleNotAvailable, OpenDataError, OpenDataSource
 from ingest.regions import contiguous_runs, read_flags, write_region
@@ -79,7 +80,7 @@ class InitialConditionsReport:
         return "\n".join(lines)
 
 
-class InitialConditionsError(ValueError):
+class InitialConditionsError(SourceError):
     """Some cycles could not be stored (the others were); ``report`` says what was done."""
 
     def __init__(self, report: InitialConditionsReport) -> None:

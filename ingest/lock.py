@@ -25,11 +25,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from core import errors
+
 log = logging.getLogger(__name__)
 
 
-class StoreLockedError(ValueError):
-    """Another process holds the store's writer lock."""
+class StoreLockedError(errors.StoreLockedError):
+    """Another process holds the store's writer lock (a core.errors.StoreLockedError: one CLI line, exit 2)."""
 
 
 # path of the lock file → [file descriptor, depth] for locks this process holds

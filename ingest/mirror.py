@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import ConfigError, SourceError
 from core.grid import Grid
 from core.schema import EXPVER_FINAL, EXPVER_PRELIMINARY, EXPVER_UNKNOWN
 from core.variables import COORD_RENAMES, VARIABLES, check_level, get_variable
@@ -60,9 +61,9 @@ class ZarrMirrorSource:
     def __init__(self, url: str, layout: Literal["arco", "wb2"], grid: Grid,
                  storage_options: dict[str, Any] | None = None, *, default_expver: int = EXPVER_FINAL) -> None:
         if layout not in LAYOUTS:
-            raise ValueError(f"unknown Zarr mirror layout {layout!r}; known: {', '.join(LAYOUTS)}")
+            raise ConfigError(f"unknown Zarr mirror layout {layout!r}; known: {', '.join(LAYOUTS)}")
         if default_expver not in (EXPVER_FINAL, EXPVER_PRELIMINARY, EXPVER_UNKNOWN):
-            raise ValueError(f"default_expver must be 1, 5 or 0, got {default_expver!r}")
+            raise ConfigError(f"default_expver must be 1, 5 or 0, got {default_expver!r}")
         self.url, self.layout, self.grid = str(url), layout, grid
         self.storage_options = dict(storage_options or {})
         self.default_expver = default_expver
@@ -90,13 +91,13 @@ class ZarrMirrorSource:
                 warnings.filterwarnings("ignore", message=r".*consolidated metadata.*", category=RuntimeWarning)
                 ds = xr.open_zarr(self.url, **kwargs)
         except Exception as exc:  # fsspec/zarr raise many types for absent or damaged stores
-            raise ValueError(f"{self._what()} cannot be opened ({type(exc).__name__}: {exc})") from exc
+            raise SourceError(f"{self._what()} cannot be opened ({type(exc).__name__}: {exc})") from exc
         if TIME_INDEX in ds.coords:
             ds = _decode_time(ds, self.url)  # type: ignore[arg-type]  # only used in its messages
         ds = ds.rename({k: v for k, v in COORD_RENAMES.items() if k in ds.variables and v not in ds.variables})
         missing = [d for d in ("time", "latitude", "longitude") if d not in ds.dims]
         if missing:
-            raise ValueError(f"{self._what()} lacks dimensions {missing}")
+            raise SourceError(f"{self._what()} lacks dimensions {missing}")
         lat, lon = ds["latitude"].values, ds["longitude"].values
         check_global(lat, lon, self._what())
         self._ds = ds
@@ -109,7 +110,7 @@ class ZarrMirrorSource:
                 return candidate
         known = sorted(str(v) for v in ds.data_vars)
         shown = ", ".join(known[:12]) + (f" … ({len(known)} in all)" if len(known) > 12 else "")
-        raise ValueError(f"{self._what()} has no {variable!r} (nor {short!r}); it holds {shown}")
+        raise SourceError(f"{self._what()} has no {variable!r} (nor {short!r}); it holds {shown}")
 
     def _valid_window(self, ds: xr.Dataset) -> tuple[pd.Timestamp | None, pd.Timestamp | None, pd.Timestamp | None]:
         attrs = ds.attrs
@@ -125,14 +126,14 @@ class ZarrMirrorSource:
         start, _, last = self._valid_window(ds)
         outside = [t for t in stamps if (start is not None and t < start) or (last is not None and t > last)]
         if outside:
-            raise ValueError(f"time {outside[0]:%Y-%m-%dT%H} is outside the data of {self._what()} "
-                             f"(valid {start:%Y-%m-%d} … {last:%Y-%m-%dT%H}; the axis beyond is padding)")
+            raise SourceError(f"time {outside[0]:%Y-%m-%dT%H} is outside the data of {self._what()} "
+                              f"(valid {start:%Y-%m-%d} … {last:%Y-%m-%dT%H}; the axis beyond is padding)")
         pos = index.get_indexer(stamps)
         if np.any(pos < 0):
             missing = stamps[pos < 0]
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             span = f"{index.min():%Y-%m-%dT%H} … {index.max():%Y-%m-%dT%H}" if len(index) else "no times"
-            raise ValueError(f"time {missing[0]:%Y-%m-%dT%H}{more} is not in {self._what()} (it holds {span})")
+            raise SourceError(f"time {missing[0]:%Y-%m-%dT%H}{more} is not in {self._what()} (it holds {span})")
         return pos
 
     def _expver(self, ds: xr.Dataset, pos: np.ndarray, stamps: pd.DatetimeIndex) -> np.ndarray:
@@ -157,27 +158,27 @@ class ZarrMirrorSource:
         pos = self._time_positions(ds, stamps)
         if pressure:
             if "level" not in ds.dims:
-                raise ValueError(f"{self._what()} has no pressure levels but {pressure} were requested")
+                raise SourceError(f"{self._what()} has no pressure levels but {pressure} were requested")
             have = [int(v) for v in ds["level"].values]
             absent = [lv for lv in wanted_levels if lv not in have]
             if absent:
-                raise ValueError(f"{self._what()} has no pressure levels {absent} hPa (it has {have})")
+                raise SourceError(f"{self._what()} has no pressure levels {absent} hPa (it has {have})")
         out = {}
         for variable in variables:
             var, store_name = get_variable(variable), self._store_name(ds, variable)
             da = ds[store_name].isel(time=pos)
             units = da.attrs.get("units")
             if units is not None and not units_match(str(units), var.units):
-                raise ValueError(f"{self._what()}: {store_name!r} has units {units!r}, expected {var.units!r}")
+                raise SourceError(f"{self._what()}: {store_name!r} has units {units!r}, expected {var.units!r}")
             dims: tuple[str, ...] = ("time", "latitude", "longitude")
             if var.level_type == "pressure":
                 if "level" not in da.dims:
-                    raise ValueError(f"{self._what()}: {store_name!r} has no level dimension")
+                    raise SourceError(f"{self._what()}: {store_name!r} has no level dimension")
                 da = da.isel(level=[have.index(lv) for lv in wanted_levels])
                 dims = ("time", "level", "latitude", "longitude")
             extra = sorted(set(map(str, da.dims)) - set(dims))
             if extra:
-                raise ValueError(f"{self._what()}: {store_name!r} has unexpected dimensions {extra}")
+                raise SourceError(f"{self._what()}: {store_name!r} has unexpected dimensions {extra}")
             out[variable] = da.transpose(*dims).reset_coords(drop=True).astype(np.float32)
         slab = xr.Dataset(out).assign_coords(time=stamps.values)
         if wanted_levels:
@@ -190,7 +191,7 @@ class ZarrMirrorSource:
         try:
             slab = slab.load(scheduler="threads")
         except Exception as exc:  # network or damaged-chunk errors surface here
-            raise ValueError(f"reading {self._what()} failed ({type(exc).__name__}: {exc})") from exc
+            raise SourceError(f"reading {self._what()} failed ({type(exc).__name__}: {exc})") from exc
         for variable in variables:
             var = VARIABLES[variable]
             slab[variable].attrs = {"units": var.units, "long_name": var.long_name}

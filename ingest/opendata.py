@@ -30,6 +30,7 @@ import pandas as pd
 import xarray as xr
 
 from core.config import OpenDataConfig
+from core.errors import ConfigError, SourceError
 from core.grid import Grid
 from core.schema import EXPVER_FINAL
 from core.variables import get_variable
@@ -72,7 +73,7 @@ class CycleNotAvailable(LookupError):  # noqa: N818 - a state, not an error: the
     """The portal has not published this run (yet): HTTP 404 on its index or data file."""
 
 
-class OpenDataError(ValueError):
+class OpenDataError(SourceError):
     """A run the portal serves but that cannot be used: HTTP error, truncated or unexpected file."""
 
 
@@ -91,7 +92,7 @@ def portal_params(variables: Sequence[str]) -> dict[str, Param]:
         if name not in PARAMS:
             missing.append(name)
     if missing:
-        raise ValueError(f"ECMWF open data has no analysis of {missing}; it offers {', '.join(PARAMS)}")
+        raise ConfigError(f"ECMWF open data has no analysis of {missing}; it offers {', '.join(PARAMS)}")
     return {name: PARAMS[name] for name in variables}
 
 
@@ -220,7 +221,7 @@ class OpenDataSource:
         """Refuse variables the portal does not publish, before anything is fetched or created."""
         params = portal_params(variables)
         if any(p.levtype == "pl" for p in params.values()) and not levels:
-            raise ValueError("pressure-level variables asked for without task.levels")
+            raise ConfigError("pressure-level variables asked for without task.levels")
 
     def _client(self) -> Any:
         from ecmwf.opendata import Client
@@ -265,7 +266,7 @@ class OpenDataSource:
         """Download, check, convert and regrid one run's analysis (one time)."""
         cycle = pd.Timestamp(cycle)
         if cycle != cycle.floor("6h"):
-            raise ValueError(f"{cycle} is not a 00/06/12/18 UTC run")
+            raise ConfigError(f"{cycle} is not a 00/06/12/18 UTC run")
         params = portal_params(variables)
         base = {"date": f"{cycle:%Y%m%d}", "time": cycle.hour, "step": 0, "stream": "oper", "type": "fc"}
         pl = sorted({p.param for p in params.values() if p.levtype == "pl"})

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+from core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +75,8 @@ def _probe(address: str, timeout: float) -> None:
             pool.submit(asyncio.run, greet()).result()
         except (TimeoutError, OSError, ValueError, TypeError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise ValueError(f"cannot reach the Dask scheduler at {address!r} (ingest.scheduler_address, "
-                             f"e.g. tcp://host:8786) within {timeout:g} s: {reason}") from None
+            raise ConfigError(f"cannot reach the Dask scheduler at {address!r} (ingest.scheduler_address, "
+                              f"e.g. tcp://host:8786) within {timeout:g} s: {reason}") from None
 
 
 @contextmanager
@@ -87,7 +89,7 @@ def slab_executor(workers: int, scheduler_address: str | None = None) -> Iterato
         try:
             client = Client(scheduler_address, timeout=f"{SCHEDULER_TIMEOUT:g}s")
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot reach the Dask scheduler at {scheduler_address!r}: {exc}") from exc
+            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler_address!r}: {exc}") from exc
         with client:
             yield SlabExecutor(client)
         return

@@ -24,6 +24,7 @@ from itertools import product
 
 import pandas as pd
 
+from core.errors import ConfigError
 from core.variables import VARIABLES, check_level, get_variable
 
 log = logging.getLogger(__name__)
@@ -83,27 +84,27 @@ def _period(times: Sequence[pd.Timestamp]) -> str:
 
 def _check_times(times: Sequence[pd.Timestamp], now: pd.Timestamp | None) -> list[pd.Timestamp]:
     if len(times) == 0:
-        raise ValueError("no times to request (the list of times is empty)")
+        raise ConfigError("no times to request (the list of times is empty)")
     out = set()
     for raw in times:
         try:
             t = pd.Timestamp(raw)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"time {raw!r} is not a date/time") from exc
+            raise ConfigError(f"time {raw!r} is not a date/time") from exc
         if t is pd.NaT:
-            raise ValueError("time NaT is not a date/time")
+            raise ConfigError("time NaT is not a date/time")
         if t.tzinfo is not None:
             t = t.tz_convert("UTC").tz_localize(None)
         if t != t.floor("h"):
-            raise ValueError(f"time {t} is not on the hour (ERA5 is hourly)")
+            raise ConfigError(f"time {t} is not on the hour (ERA5 is hourly)")
         out.add(t)
     ordered = sorted(out)
     if ordered[0] < ERA5_FIRST_TIME:
-        raise ValueError(f"time {ordered[0]} is before ERA5's first time {ERA5_FIRST_TIME:%Y-%m-%dT%H}")
+        raise ConfigError(f"time {ordered[0]} is before ERA5's first time {ERA5_FIRST_TIME:%Y-%m-%dT%H}")
     latest = latest_available(now)
     if ordered[-1] > latest:
-        raise ValueError(f"time {ordered[-1]} is after the latest time CDS serves ({latest:%Y-%m-%dT%H}; "
-                         f"ERA5T arrives {ERA5T_LAG.days} days behind real time)")
+        raise ConfigError(f"time {ordered[-1]} is after the latest time CDS serves ({latest:%Y-%m-%dT%H}; "
+                          f"ERA5T arrives {ERA5T_LAG.days} days behind real time)")
     return ordered
 
 
@@ -206,7 +207,7 @@ def plan_requests(times: Sequence[pd.Timestamp], variables: Sequence[str], level
                   max_fields: int, data_format: str, *, now: pd.Timestamp | None = None) -> list[CdsRequest]:
     """Split a fetch into CDS requests covering every (time, variable, level) exactly once."""
     if data_format not in DATA_FORMATS:
-        raise ValueError(f"data_format {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
+        raise ConfigError(f"data_format {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
     if int(max_fields) < 1:
         raise ValueError(f"max_fields must be ≥ 1, got {max_fields}")
     if len(variables) == 0:
@@ -217,7 +218,7 @@ def plan_requests(times: Sequence[pd.Timestamp], variables: Sequence[str], level
     single = [v for v in names if VARIABLES[v].level_type == "single"]
     pressure = [v for v in names if VARIABLES[v].level_type == "pressure"]
     if pressure and not lv:
-        raise ValueError(f"pressure-level variables {', '.join(pressure)} need at least one level; none given")
+        raise ConfigError(f"pressure-level variables {', '.join(pressure)} need at least one level; none given")
     plan: list[CdsRequest] = []
     if pressure:
         plan += _plan_dataset("pressure", pressure, lv, stamps, int(max_fields), data_format)

@@ -33,6 +33,8 @@ from datetime import datetime
 
 import numpy as np
 
+from core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
@@ -75,7 +77,7 @@ class Planet:
         from torch_harmonics.examples.shallow_water_equations import ShallowWaterSolver
 
         if SAMPLE_SECONDS % dt:
-            raise ValueError(f"solver dt={dt}s must divide 6 h exactly")
+            raise ConfigError(f"solver dt={dt}s must divide 6 h exactly")
         self.seed, self.epoch, self.spinup_days = seed, epoch, spinup_days
         self.steps_per_sample = int(SAMPLE_SECONDS // dt)
         self._torch = torch
@@ -170,7 +172,7 @@ class Planet:
     def state_at(self, sample: int) -> PlanetState:
         """The state at a sample index ≥ 0, continuing from the cached state when possible."""
         if sample < 0:
-            raise ValueError(f"sample {sample} is before the planet's epoch {self.epoch}")
+            raise ConfigError(f"sample {sample} is before the planet's epoch {self.epoch}")
         with flushing_denormals():
             if self._state is None or self._state.sample > sample:
                 log.info("spinning up the planet (%.0f days, seed %d)", self.spinup_days, self.seed)
@@ -182,7 +184,7 @@ class Planet:
     def forecast_step(self, state: PlanetState, stir_seed: int | None) -> PlanetState:
         """One 6-hour segment from ``state`` stirred as a planet of ``stir_seed`` would be (None: unstirred)."""
         if stir_seed == self.seed:
-            raise ValueError(f"stir_seed {stir_seed} is the planet's own seed: that is the truth, not a forecast")
+            raise ConfigError(f"stir_seed {stir_seed} is the planet's own seed: that is the truth, not a forecast")
         kick = self._torch.zeros_like(self._stir_mask) if stir_seed is None else self._stir(state.sample, stir_seed)
         with flushing_denormals():
             return self._advance(state, kick)

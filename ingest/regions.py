@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
+from core.errors import DataContractError, SourceError
 from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, validate_analysis
 from ingest.chunkio import chunk_writer, map_parallel, run_all
 
@@ -38,7 +39,7 @@ def consolidate(path: Path) -> None:
 def open_store(path: Path) -> xr.Dataset:
     """Open an analysis store lazily and check it against the contract."""
     if not (Path(path) / "zarr.json").is_file():
-        raise ValueError(f"{path} is not an analysis store (no zarr.json)")
+        raise DataContractError(f"{path} is not an analysis store (no zarr.json)")
     ds = xr.open_zarr(path, consolidated=None, zarr_format=3)
     return validate_analysis(ds, what=f"analysis store {path}")
 
@@ -51,11 +52,11 @@ def encode_times(times: pd.DatetimeIndex, units: str, dtype: np.dtype, what: str
     """Times as the integers a CF ``<unit> since <reference>`` coordinate stores."""
     unit, sep, ref = units.partition(" since ")
     if not sep or unit.strip() not in _UNITS:
-        raise ValueError(f"{what}: time units {units!r} are not '<unit> since <date>'")
+        raise DataContractError(f"{what}: time units {units!r} are not '<unit> since <date>'")
     step = pd.Timedelta(1, unit=_UNITS[unit.strip()]).as_unit("ns").value
     offsets = (times.as_unit("ns") - pd.Timestamp(ref.strip()).as_unit("ns")).asi8
     if np.any(offsets % step):
-        raise ValueError(f"{what}: times are not whole multiples of {unit.strip()} since {ref.strip()}")
+        raise DataContractError(f"{what}: times are not whole multiples of {unit.strip()} since {ref.strip()}")
     return (offsets // step).astype(dtype)
 
 
@@ -63,7 +64,7 @@ def decode_times(raw: np.ndarray, units: str, what: str) -> pd.DatetimeIndex:
     """The datetimes a CF ``<unit> since <reference>`` integer coordinate stands for."""
     unit, sep, ref = units.partition(" since ")
     if not sep or unit.strip() not in _UNITS:
-        raise ValueError(f"{what}: time units {units!r} are not '<unit> since <date>'")
+        raise DataContractError(f"{what}: time units {units!r} are not '<unit> since <date>'")
     return pd.Timestamp(ref.strip()) + pd.to_timedelta(np.asarray(raw, dtype=np.int64), unit=_UNITS[unit.strip()])
 
 
@@ -72,7 +73,7 @@ def read_flags(path: Path) -> xr.Dataset:
     # Plain Zarr through the consolidated metadata: cheap enough to poll, and the length is the
     # published one even while an append is half done.
     if not (Path(path) / "zarr.json").is_file():
-        raise ValueError(f"{path} is not an analysis store (no zarr.json)")
+        raise DataContractError(f"{path} is not an analysis store (no zarr.json)")
     group = zarr.open_group(str(path), mode="r", use_consolidated=None)
     tarr = group["time"]
     n = tarr.shape[0]
@@ -84,7 +85,7 @@ def read_flags(path: Path) -> xr.Dataset:
         elif name == "replaced":
             flags[name] = ("time", np.zeros(n, np.uint8))
         else:
-            raise ValueError(f"analysis store {path}: missing per-time variable {name!r}(time)")
+            raise DataContractError(f"analysis store {path}: missing per-time variable {name!r}(time)")
     return xr.Dataset(flags, coords={"time": times.values.astype("datetime64[ns]")})
 
 
@@ -98,7 +99,7 @@ def store_slab_size(path: Path) -> int | None:
     try:
         meta = json.loads((Path(path) / "done" / "zarr.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"analysis store {path}: cannot read done/zarr.json ({exc})") from exc
+        raise DataContractError(f"analysis store {path}: cannot read done/zarr.json ({exc})") from exc
     if meta.get("codecs", [{}])[0].get("name") != "sharding_indexed":
         return None
     return int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
@@ -190,8 +191,8 @@ def slab_fields(store: xr.Dataset, slab: xr.Dataset, where: slice, expver: np.nd
         if not np.isfinite(totals[name]) and not np.isfinite(values).all():
             bad = ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
             first = pd.Timestamp(slab["time"].values[bad][0])
-            raise ValueError(f"slab {where.start}–{where.stop}: {name!r} has NaN or Inf "
-                             f"(first at {first:%Y-%m-%dT%H}); not written")
+            raise SourceError(f"slab {where.start}–{where.stop}: {name!r} has NaN or Inf "
+                              f"(first at {first:%Y-%m-%dT%H}); not written")
     return data
 
 
@@ -211,7 +212,7 @@ def write_region(path: Path, data: xr.Dataset, where: slice) -> None:
         group = group or zarr.open_group(str(path), mode="r+", use_consolidated=False)
         target = group[str(name)]
         if var.dims != tuple(target.metadata.dimension_names or ()):
-            raise ValueError(f"{path}: {name!r} has dims {var.dims}, store has {target.metadata.dimension_names}")
+            raise DataContractError(f"{path}: {name!r} has dims {var.dims}, store has {target.metadata.dimension_names}")
         target[where] = values.astype(target.dtype, copy=False)
     run_all(tasks)
 

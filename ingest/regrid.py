@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
+from core.errors import DataContractError
 from core.grid import Grid
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,17 @@ def check_global(lat: np.ndarray, lon: np.ndarray, what: str = "source grid") ->
     """Raise ``ValueError`` naming the extent unless (lat, lon) is a regular global grid."""
     lat, lon = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
     if lat.size < 2 or lon.size < 2:
-        raise ValueError(f"{what} is not global: only {lat.size}x{lon.size} points")
+        raise DataContractError(f"{what} is not global: only {lat.size}x{lon.size} points")
     s = np.sort(lat)[::-1]
     if np.any(np.diff(s) == 0):
-        raise ValueError(f"{what}: latitude has repeated values")
+        raise DataContractError(f"{what}: latitude has repeated values")
     # The outermost cells must reach the poles: a point on the pole, or half a spacing from it.
     top, bottom = s[0] + (s[0] - s[1]) / 2, s[-1] - (s[-2] - s[-1]) / 2
     reaches_poles = top >= 90 - _TOL and bottom <= -90 + _TOL and s[0] <= 90 + _TOL and s[-1] >= -90 - _TOL
     wraps = np.allclose(np.diff(np.sort(np.mod(lon, 360.0))), 360.0 / lon.size, atol=_TOL)
     if not (reaches_poles and wraps):
-        raise ValueError(f"{what} is not global ({_describe(lat, lon)}); conservative regridding needs "
-                         "a regular global grid whose cells reach both poles and wrap in longitude")
+        raise DataContractError(f"{what} is not global ({_describe(lat, lon)}); conservative regridding needs "
+                                "a regular global grid whose cells reach both poles and wrap in longitude")
 
 
 def _lat_bounds(lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +150,7 @@ def regrid(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
     """Conservatively remap every (latitude, longitude) variable of ``ds`` onto ``grid``."""
     missing = [d for d in SPATIAL if d not in ds.dims]
     if missing:
-        raise ValueError(f"regrid needs dimensions {SPATIAL}; the dataset lacks {missing}")
+        raise DataContractError(f"regrid needs dimensions {SPATIAL}; the dataset lacks {missing}")
     lat = np.asarray(ds["latitude"].values, dtype=float)
     lon = np.asarray(ds["longitude"].values, dtype=float)
     if _matches(lat, lon, grid):
@@ -164,7 +165,7 @@ def regrid(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
             out[name] = da
             continue
         if len(spatial) == 1:
-            raise ValueError(f"variable {name!r} has {spatial[0]!r} but not both latitude and longitude")
+            raise DataContractError(f"variable {name!r} has {spatial[0]!r} but not both latitude and longitude")
         if da.chunks is not None:
             da = da.chunk({"latitude": -1, "longitude": -1})
         dtype = da.dtype if np.issubdtype(da.dtype, np.floating) else np.dtype(np.float64)

@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from core.config import SyntheticConfig
+from core.errors import ConfigError
 from core.grid import Grid
 from core.schema import EXPVER_FINAL
 from core.variables import get_variable
@@ -102,7 +103,7 @@ class SyntheticSource:
         """The planet's 6-hourly sample index of time ``t``; ValueError off that axis or before the epoch."""
         offset = (t - pd.Timestamp(self.settings.epoch)) / pd.Timedelta(hours=6)
         if offset < 0 or offset != int(offset):
-            raise ValueError(f"time {t} is not on the planet's 6-hourly axis starting {self.settings.epoch}")
+            raise ConfigError(f"time {t} is not on the planet's 6-hourly axis starting {self.settings.epoch}")
         return int(offset)
 
     def fetch(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:
@@ -110,9 +111,9 @@ class SyntheticSource:
         for name in variables:
             get_variable(name)
             if name not in SYNTHETIC_VARIABLES:
-                raise ValueError(f"the synthetic planet has no {name!r}; it offers {', '.join(SYNTHETIC_VARIABLES)}")
+                raise ConfigError(f"the synthetic planet has no {name!r}; it offers {', '.join(SYNTHETIC_VARIABLES)}")
         if list(levels) != [SYNTHETIC_LEVEL]:
-            raise ValueError(f"the synthetic planet has one level, {SYNTHETIC_LEVEL} hPa; asked for {list(levels)}")
+            raise ConfigError(f"the synthetic planet has one level, {SYNTHETIC_LEVEL} hPa; asked for {list(levels)}")
         stamps = [pd.Timestamp(t) for t in times]
         indices = [self.sample_index(t) for t in stamps]
         self._ensure()

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import MissingInputError
 from core.fields import to_channels
 from core.grid import parse_grid_attr
 from core.schema import validate_stats
@@ -26,11 +27,11 @@ def compute_stats(store_path: Path, channels: list[str], start: datetime, end: d
     period = store.sel(time=slice(pd.Timestamp(start), pd.Timestamp(end)))
     n = period.sizes["time"]
     if n < 2:
-        raise ValueError(f"statistics period {start}..{end} holds {n} analysis times in {store_path}; need ≥ 2")
+        raise MissingInputError(f"statistics period {start}..{end} holds {n} analysis times in {store_path}; need ≥ 2")
     done = period["done"].values.astype(bool)
     if not done.all():
         missing = period["time"].values[~done]
-        raise ValueError(f"statistics period has {missing.size} times not yet ingested (first {missing[0]})")
+        raise MissingInputError(f"statistics period has {missing.size} times not yet ingested (first {missing[0]})")
     x = to_channels(period, channels).values.astype(np.float64)  # (time, channel, lat, lon)
     w = parse_grid_attr(store.attrs["grid"]).weights[None, None, :, None] / x.shape[-1]
     w = np.broadcast_to(w, (1,) + x.shape[1:])
@@ -66,6 +67,6 @@ def write_stats(ds: xr.Dataset, path: Path) -> Path:
 def read_stats(path: Path, channels: list[str] | None = None) -> xr.Dataset:
     """Load and validate statistics."""
     if not path.is_file():
-        raise ValueError(f"statistics file {path} does not exist; run `spherecast ingest` first")
+        raise MissingInputError(f"statistics file {path} does not exist; run `spherecast ingest` first")
     with xr.open_dataset(path) as ds:
         return validate_stats(ds.load(), channels, what=f"stats {path}")

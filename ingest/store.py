@@ -29,6 +29,7 @@ import pandas as pd
 import xarray as xr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from core.errors import ConfigError, DataContractError
 from core.grid import Grid
 from core.schema import SCHEMA_VERSION, validate_analysis
 from core.variables import get_variable
@@ -117,7 +118,7 @@ def _template(layout: StoreLayout, slab_size: int) -> xr.Dataset:
 def chunk_codecs(compression: Literal["zstd", "none"] = "zstd", checksum: bool = True) -> list:
     """The bytes-to-bytes codecs of field and flag chunks: zstd (or none), then a crc32c checksum."""
     if compression not in ("zstd", "none"):
-        raise ValueError(f"compression {compression!r} is not 'zstd' or 'none'")
+        raise ConfigError(f"compression {compression!r} is not 'zstd' or 'none'")
     codecs: list = [ZstdCodec(level=3)] if compression == "zstd" else []
     return codecs + ([Crc32cCodec()] if checksum else [])
 
@@ -127,7 +128,7 @@ def create_store(path: Path, layout: StoreLayout, *, slab_size: int = DEFAULT_SL
     """Pre-allocate an empty store for the layout's whole period (metadata only, atomically)."""
     path = Path(path)
     if path.exists():
-        raise ValueError(f"store {path} already exists")
+        raise ConfigError(f"store {path} already exists")
     if slab_size < 1:
         raise ValueError(f"slab_size {slab_size} must be ≥ 1")
     codecs = chunk_codecs(compression, checksum)
@@ -208,7 +209,7 @@ def check_layout(store: xr.Dataset, layout: StoreLayout, path: Path) -> int:
     if mismatch:
         problems.append(mismatch)
     if problems:
-        raise ValueError(f"store {path} does not match the request; nothing was modified: " + "; ".join(problems))
+        raise DataContractError(f"store {path} does not match the request; nothing was modified: " + "; ".join(problems))
     return int(len(layout.times) - store.sizes["time"])
 
 

@@ -28,6 +28,7 @@ import torch
 import xarray as xr
 
 from core.config import Config
+from core.errors import DataContractError, MissingInputError
 from core.grid import Grid, parse_grid_attr
 from core.schema import SCHEMA_VERSION, validate_checkpoint_meta
 from models.normalization import Normalized
@@ -126,13 +127,13 @@ def read_checkpoint(path: Path | str, weights_only: bool = True) -> dict[str, An
     """Load a checkpoint dict; ``ValueError`` naming the file if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise MissingInputError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError … on damage
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {exc}") from exc
+        raise DataContractError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict) or "meta" not in obj or "model" not in obj:
-        raise ValueError(f"checkpoint {path} lacks 'meta' or 'model'")
+        raise DataContractError(f"checkpoint {path} lacks 'meta' or 'model'")
     return obj
 
 
@@ -160,26 +161,26 @@ def load_for_inference(path: Path | str) -> tuple[Normalized, dict[str, Any]]:
     what = f"checkpoint {path}"
     validate_checkpoint_meta(meta, what=what)
     if "arch" not in meta:
-        raise ValueError(f"{what}: missing metadata 'arch'")
+        raise DataContractError(f"{what}: missing metadata 'arch'")
     state = obj["model"]
     digest = state_dict_sha256(state)
     if digest != meta["weights_sha256"]:
-        raise ValueError(f"{what}: weights_sha256 mismatch (meta {meta['weights_sha256'][:12]}…, "
-                         f"weights {digest[:12]}…): the weights are corrupt or were altered")
+        raise DataContractError(f"{what}: weights_sha256 mismatch (meta {meta['weights_sha256'][:12]}…, "
+                                f"weights {digest[:12]}…): the weights are corrupt or were altered")
     n = len(meta["channels"])
     history, names, clock = model_inputs(meta)
     if meta["arch"].get("in_channels") != history * n + 2 * len(clock) + len(names) or meta["arch"].get("out_channels") != n:
-        raise ValueError(f"{what}: {n} channels × history {history} + {2 * len(clock)} clock fields + {len(names)} "
-                         f"static fields in meta but the "
-                         f"network maps {meta['arch'].get('in_channels')} → {meta['arch'].get('out_channels')}")
+        raise DataContractError(f"{what}: {n} channels × history {history} + {2 * len(clock)} clock fields + {len(names)} "
+                                f"static fields in meta but the "
+                                f"network maps {meta['arch'].get('in_channels')} → {meta['arch'].get('out_channels')}")
     model = build_model(meta)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{what}: weights do not fit the described architecture: {exc}") from exc
+        raise DataContractError(f"{what}: weights do not fit the described architecture: {exc}") from exc
     for key in ("mean", "std", "diff_std"):
         if not np.allclose(getattr(model, key).numpy(), meta["stats"][key], rtol=1e-6):
-            raise ValueError(f"{what}: stats {key!r} in meta disagree with the weights' buffers")
+            raise DataContractError(f"{what}: stats {key!r} in meta disagree with the weights' buffers")
     model.eval()
     return model, meta
 

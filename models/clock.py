@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from core.config import TimeFeature
+from core.errors import ConfigError
 
 REFERENCE = np.datetime64("2000-01-01T00:00:00", "ns")
 TROPICAL_YEAR_HOURS = 365.2422 * 24.0
@@ -36,9 +37,9 @@ def check_time_features(names: Sequence[str]) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in PERIOD_HOURS]
     if unknown:
-        raise ValueError(f"unknown time feature(s) {unknown}: use {list(TIME_FEATURES)}")
+        raise ConfigError(f"unknown time feature(s) {unknown}: use {list(TIME_FEATURES)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"time features repeat: {names}")
+        raise ConfigError(f"time features repeat: {names}")
     return names
 
 

@@ -55,6 +55,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from core.errors import ConfigError
+
 if TYPE_CHECKING:
     from core.config import TrainConfig
 
@@ -265,16 +267,16 @@ for _hook in (signsgd_hook, _allreduce_counted, _powersgd_counted):
 
 def _check_options(kind: str, options: dict[str, Any]) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown communication hook {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown communication hook {kind!r}; expected one of {', '.join(KINDS)}")
     unknown = sorted(set(options) - _OPTIONS[kind])
     if unknown:
         allowed = ", ".join(sorted(_OPTIONS[kind])) or "none"
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for the {kind!r} hook (allowed: {allowed})")
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for the {kind!r} hook (allowed: {allowed})")
     if kind == "powersgd":
         if int(options.get("rank", 2)) < 1:
-            raise ValueError(f"PowerSGD rank {options['rank']} must be ≥ 1")
+            raise ConfigError(f"PowerSGD rank {options['rank']} must be ≥ 1")
         if int(options.get("start_iter", 10)) < 2:
-            raise ValueError(f"PowerSGD start_iter {options['start_iter']} must be ≥ 2 (DDP rebuilds buckets after step 1)")
+            raise ConfigError(f"PowerSGD start_iter {options['start_iter']} must be ≥ 2 (DDP rebuilds buckets after step 1)")
 
 
 def register_comm_hook(ddp_model: DistributedDataParallel, kind: HookKind, process_group: dist.ProcessGroup | None = None,

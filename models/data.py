@@ -21,6 +21,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from core.errors import ConfigError, DataContractError, MissingInputError
 from core.fields import to_channels
 from core.schema import FLAG_VARIABLES, validate_analysis
 from models.clock import check_time_features, clock_values
@@ -32,7 +33,7 @@ def open_analysis(path: Path | str) -> xr.Dataset:
     """Open the analysis store lazily (no dask) and check it against the contract."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"analysis store {path} does not exist; run `spherecast ingest` first")
+        raise MissingInputError(f"analysis store {path} does not exist; run `spherecast ingest` first")
     ds = xr.open_zarr(path, consolidated=False, chunks=None)
     return validate_analysis(ds, what=f"analysis store {path}")
 
@@ -41,11 +42,11 @@ def time_stride(analysis: xr.Dataset, time_step_hours: int) -> int:
     """How many analysis times make one model step; ``ValueError`` if it is not a whole number."""
     times = analysis["time"].values
     if times.size < 2:
-        raise ValueError("the analysis holds fewer than 2 times, so its time step is unknown")
+        raise DataContractError("the analysis holds fewer than 2 times, so its time step is unknown")
     store_h = (times[1] - times[0]) / np.timedelta64(1, "h")
     stride = time_step_hours / store_h
     if stride < 1 or stride != int(stride):
-        raise ValueError(f"model time step {time_step_hours} h is not a multiple of the analysis step {store_h:g} h")
+        raise ConfigError(f"model time step {time_step_hours} h is not a multiple of the analysis step {store_h:g} h")
     return int(stride)
 
 
@@ -72,7 +73,7 @@ class WindowDataset(Dataset):
         arr = to_channels(period[names], self.channels).values if len(self.times) else np.zeros((0,))
         self.data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         if self.data.numel() and not torch.isfinite(self.data[torch.from_numpy(self.done)]).all():
-            raise ValueError(f"analysis has non-finite values at done times in {start}..{end}")
+            raise DataContractError(f"analysis has non-finite values at done times in {start}..{end}")
         log.info("%d windows of %d steps in %s..%s (%d of %d times done)", len(self.index), steps,
                  pd.Timestamp(start), pd.Timestamp(end), int(self.done.sum()), len(self.times))
 
@@ -103,7 +104,7 @@ class WindowDataset(Dataset):
         """Mean state over the done times of the period (a climatology for relative errors)."""
         done = torch.from_numpy(self.done)
         if not done.any():
-            raise ValueError("no done times in the period")
+            raise MissingInputError("no done times in the period")
         return self.data[done].mean(dim=0)
 
 

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -57,15 +59,15 @@ def world_size_from_env() -> int:
 def per_rank_batch(global_batch: int, world_size: int) -> int:
     """Split the global batch over ranks; ``ValueError`` if it does not divide evenly."""
     if global_batch % world_size:
-        raise ValueError(f"train.batch_size {global_batch} is not divisible by the world size {world_size}; "
-                         f"use a multiple of {world_size}")
+        raise ConfigError(f"train.batch_size {global_batch} is not divisible by the world size {world_size}; "
+                          f"use a multiple of {world_size}")
     return global_batch // world_size
 
 
 def device_kind(requested: str = "auto") -> str:
     """``cuda`` or ``cpu`` for a ``train.device`` setting; ValueError for ``cuda`` where CUDA is absent."""
     if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device is {requested!r}; use auto, cpu or cuda")
+        raise ConfigError(f"train.device is {requested!r}; use auto, cpu or cuda")
     if requested == "cpu":
         return "cpu"  # even where CUDA exists: no CUDA call is made for this run
     if torch.cuda.is_available():
@@ -73,7 +75,7 @@ def device_kind(requested: str = "auto") -> str:
     if requested == "cuda":
         why = ("this torch build has no CUDA" if torch.version.cuda is None
                else f"torch (CUDA {torch.version.cuda}) sees no GPU (check the driver and CUDA_VISIBLE_DEVICES)")
-        raise ValueError(f"train.device is 'cuda' but {why}; use train.device cpu or auto (cuda where it exists)")
+        raise ConfigError(f"train.device is 'cuda' but {why}; use train.device cpu or auto (cuda where it exists)")
     return "cpu"
 
 
@@ -83,8 +85,8 @@ def check_gpu_ranks(ranks_per_node: int, setting: str = "train.nproc_per_node", 
         return  # CPU ranks: gloo runs any number of processes
     visible = torch.cuda.device_count()
     if ranks_per_node > visible:
-        raise ValueError(f"{setting} is {ranks_per_node} but {visible} GPU(s) are visible here (after "
-                         f"CUDA_VISIBLE_DEVICES); each rank trains on its own GPU, so use 1..{visible} ranks per node")
+        raise ConfigError(f"{setting} is {ranks_per_node} but {visible} GPU(s) are visible here (after "
+                          f"CUDA_VISIBLE_DEVICES); each rank trains on its own GPU, so use 1..{visible} ranks per node")
 
 
 def select_device(requested: str = "auto") -> torch.device:

@@ -39,6 +39,7 @@ import xarray as xr
 from torch import nn
 
 from core.config_ops import EnsembleConfig
+from core.errors import ConfigError, DataContractError
 from core.fields import from_channels
 from core.forecast_files import write_formats
 from core.grid import grid_for_shape, parse_grid_attr
@@ -77,7 +78,7 @@ def sh_noise(nlat: int, nlon: int, lmax: int, count: int, generator: torch.Gener
     from torch_harmonics import InverseRealSHT
 
     if lmax != effective_lmax(nlat, nlon, lmax):
-        raise ValueError(f"degree {lmax} is beyond what a {nlat}x{nlon} grid resolves")
+        raise ConfigError(f"degree {lmax} is beyond what a {nlat}x{nlon} grid resolves")
     size = lmax + 1
     re = torch.randn(count, size, size, generator=generator, dtype=torch.float64)
     im = torch.randn(count, size, size, generator=generator, dtype=torch.float64)
@@ -118,8 +119,8 @@ def residual_bank(model: Normalized, meta: Mapping[str, Any], analysis: xr.Datas
     """
     period = meta.get("stats_period")
     if not period:
-        raise ValueError("the checkpoint records no stats_period, so there are no known training windows "
-                         "to measure its residuals on")
+        raise DataContractError("the checkpoint records no stats_period, so there are no known training windows "
+                                "to measure its residuals on")
     nlat, nlon = analysis.sizes["latitude"], analysis.sizes["longitude"]
     cached = None
     if cache_dir is not None:
@@ -167,15 +168,15 @@ def ensemble_states(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
     """Each lead's states of all members ``(member, channel, lat, lon)`` float32, lead 0 first, as computed."""
     step_h = int(meta["task"]["time_step_hours"])
     if lead_hours < 0 or lead_hours % step_h:
-        raise ValueError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
+        raise ConfigError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
     n, channels = ensemble.members, list(meta["channels"])
     if ensemble.residual_scale > 0 and residual_bank is None and n > 1:
-        raise ValueError(f"forecast.ensemble.residual_scale is {ensemble.residual_scale} but no residual bank was "
-                         "given: pass one (models.ensemble.residual_bank) or set residual_scale 0")
+        raise ConfigError(f"forecast.ensemble.residual_scale is {ensemble.residual_scale} but no residual bank was "
+                          "given: pass one (models.ensemble.residual_bank) or set residual_scale 0")
     nlat, nlon = analysis.sizes["latitude"], analysis.sizes["longitude"]
     if residual_bank is not None and tuple(residual_bank.bank.shape[1:]) != (len(channels), nlat, nlon):
-        raise ValueError(f"residual bank is {tuple(residual_bank.bank.shape[1:])} (channel, lat, lon), the forecast "
-                         f"is {(len(channels), nlat, nlon)}: measure the bank on this grid and task")
+        raise DataContractError(f"residual bank is {tuple(residual_bank.bank.shape[1:])} (channel, lat, lon), the forecast "
+                                f"is {(len(channels), nlat, nlon)}: measure the bank on this grid and task")
     history = getattr(model, "history", 1)
     stack = torch.from_numpy(initial_stack(analysis, channels, init_time, history, step_h))
     perturb = torch.stack([ic_perturbation(meta, nlat, nlon, ensemble, init_time, m) for m in range(n)])
@@ -219,7 +220,7 @@ def stream_ensemble(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dat
     init = pd.Timestamp(init_time)
     step_h = int(meta["task"]["time_step_hours"])
     if lead_hours < 0 or lead_hours % step_h:
-        raise ValueError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
+        raise ConfigError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     channels = list(meta["channels"])

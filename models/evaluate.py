@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from core.errors import MissingInputError
 from models.data import WindowDataset
 from models.distributed import DistContext, all_reduce_sum
 from models.losses import latitude_weights
@@ -65,7 +66,7 @@ def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead
     if was_training:
         model.train()
     if count.item() == 0:
-        raise ValueError("no validation windows to evaluate")
+        raise MissingInputError("no validation windows to evaluate")
     rmse = (sums / count).sqrt().cpu()
     out: dict[str, Any] = {"windows": int(count.item()), "rmse": {}, "persistence_rmse": {}, "relative_error": {}}
     for j, k in enumerate(lead_steps):

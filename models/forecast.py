@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from core.errors import ConfigError, DataContractError, MissingInputError
 from core.fields import from_channels, to_channels
 from core.forecast_files import write_formats
 from core.grid import grid_for_shape, parse_grid_attr
@@ -59,13 +60,13 @@ def initial_state(analysis: xr.Dataset, channels: list[str], init_time: datetime
     t = pd.Timestamp(init_time)
     times = pd.DatetimeIndex(analysis["time"].values)
     if t not in times:
-        raise ValueError(f"init_time {t} is not an analysis time (store covers {times[0]} .. {times[-1]})")
+        raise ConfigError(f"init_time {t} is not an analysis time (store covers {times[0]} .. {times[-1]})")
     snap = analysis.sel(time=t)
     if "done" not in snap or int(snap["done"].values) != 1:
-        raise ValueError(f"analysis at init_time {t} is not complete (done flag unset)")
+        raise MissingInputError(f"analysis at init_time {t} is not complete (done flag unset)")
     arr = to_channels(snap, channels).values.astype(np.float32)
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"analysis at init_time {t} has non-finite values")
+        raise DataContractError(f"analysis at init_time {t} has non-finite values")
     return arr
 
 
@@ -81,15 +82,15 @@ def initial_stack(analysis: xr.Dataset, channels: list[str], init_time: datetime
         except ValueError as exc:
             if k == 0:
                 raise
-            raise ValueError(f"the model sees {history} states {step_h} h apart, so init_time {t} needs the "
-                             f"analysis at {when}: {exc}") from None
+            raise MissingInputError(f"the model sees {history} states {step_h} h apart, so init_time {t} needs the "
+                                    f"analysis at {when}: {exc}") from None
     return np.concatenate(out)
 
 
 def _lead_count(meta: Mapping[str, Any], lead_hours: int) -> tuple[int, int]:
     step_h = int(meta["task"]["time_step_hours"])
     if lead_hours < 0 or lead_hours % step_h:
-        raise ValueError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
+        raise ConfigError(f"lead_hours {lead_hours} is not a non-negative multiple of the model step {step_h} h")
     return step_h, lead_hours // step_h + 1
 
 

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from core.errors import ConfigError
 from models.distributed import DistContext
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class NonFiniteGuard:
 
     def __init__(self, limit: int, ctx: DistContext) -> None:
         if limit < 1:
-            raise ValueError(f"train.max_nonfinite_steps must be ≥ 1, got {limit}")
+            raise ConfigError(f"train.max_nonfinite_steps must be ≥ 1, got {limit}")
         self.limit, self.ctx = limit, ctx
         self.skipped = 0
         self.in_a_row = 0

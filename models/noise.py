@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.errors import DataContractError, MissingInputError
+
 
 class ResidualNoise:
     """A bank of one-step residuals ``(n, channel, lat, lon)`` in physical units, sampled with replacement."""
@@ -31,7 +33,7 @@ class ResidualNoise:
         if bank.ndim != 4 or bank.shape[0] == 0:
             raise ValueError(f"a residual bank is (n ≥ 1, channel, lat, lon); got shape {tuple(bank.shape)}")
         if not bool(torch.isfinite(bank).all()):
-            raise ValueError("the residual bank holds non-finite values: the model or its data is broken")
+            raise DataContractError("the residual bank holds non-finite values: the model or its data is broken")
         if not scale >= 0:
             raise ValueError(f"noise scale must be ≥ 0, got {scale}")
         self.bank = bank - bank.mean(dim=0, keepdim=True) if center else bank
@@ -43,7 +45,7 @@ class ResidualNoise:
             batch_size: int = 64, scale: float = 1.0, center: bool = True) -> ResidualNoise:
         """Residuals of ``model``'s first step on ``count`` random windows of ``dataset`` (training data)."""
         if len(dataset) == 0:
-            raise ValueError("no windows to measure the model's residuals on")
+            raise MissingInputError("no windows to measure the model's residuals on")
         if count < 1:
             raise ValueError(f"residual count must be ≥ 1, got {count}")
         picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.errors import ConfigError
 from core.grid import grid_for_shape
 from models.clock import advance_clock, check_time_features
 from models.statics import GRID_STATICS, grid_statics
@@ -106,8 +107,8 @@ class Normalized(nn.Module):
         if self.static_names:
             fixed = [n for n in self.static_names if n not in GRID_STATICS]
             if fixed and tuple(self.static.shape[-2:]) != (nlat, nlon):
-                raise ValueError(f"static fields {fixed} come from the training store's grid "
-                                 f"{tuple(self.static.shape[-2:])}; the model cannot run on {nlat}x{nlon}")
+                raise ConfigError(f"static fields {fixed} come from the training store's grid "
+                                  f"{tuple(self.static.shape[-2:])}; the model cannot run on {nlat}x{nlon}")
             if not fixed:
                 fields = grid_statics(grid_for_shape(nlat, nlon), self.static_names)
                 self.static = torch.from_numpy(fields).to(self.static.device)

@@ -18,6 +18,7 @@ import xarray as xr
 from torch.utils.data import Dataset
 
 from core.config import Config
+from core.errors import ConfigError, DataContractError, MissingInputError
 from core.grid import Grid, parse_grid_attr
 from models.checkpoint import build_meta
 from models.data import WindowDataset, open_analysis
@@ -67,7 +68,7 @@ def validation_steps(config: Config) -> list[int]:
     dt = config.task.time_step_hours
     odd = [h for h in config.train.val_lead_hours if h % dt]
     if odd:
-        raise ValueError(f"train.val_lead_hours {odd} are not multiples of the model step {dt} h")
+        raise ConfigError(f"train.val_lead_hours {odd} are not multiples of the model step {dt} h")
     return sorted({h // dt for h in config.train.val_lead_hours})
 
 
@@ -96,7 +97,7 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
     analysis = open_analysis(config.paths.analysis_store)
     grid = parse_grid_attr(str(analysis.attrs["grid"]))
     if grid.shape != config.grid.grid().shape:
-        raise ValueError(f"analysis store grid {grid.describe()} does not match config grid {config.grid.preset!r}")
+        raise DataContractError(f"analysis store grid {grid.describe()} does not match config grid {config.grid.preset!r}")
     channels = config.task.channels()
     dt = config.task.time_step_hours
     stats = load_stats(config.paths.stats_file, analysis, channels, dt, (t.val_start, t.val_end))
@@ -104,10 +105,10 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
     static = static_fields(analysis, config.task.static_fields) if config.task.static_fields else None
     train_ds, val_ds = training_windows(config, analysis)
     if len(train_ds) // ctx.world_size < batch:
-        raise ValueError(f"{len(train_ds)} complete training windows in {t.train_start}..{t.train_end} "
-                         f"cannot fill a batch of {t.batch_size} over {ctx.world_size} ranks")
+        raise MissingInputError(f"{len(train_ds)} complete training windows in {t.train_start}..{t.train_end} "
+                                f"cannot fill a batch of {t.batch_size} over {ctx.world_size} ranks")
     if len(val_ds) == 0:
-        raise ValueError(f"no complete validation windows of {max(lead_steps)} steps in {t.val_start}..{t.val_end}")
+        raise MissingInputError(f"no complete validation windows of {max(lead_steps)} steps in {t.val_start}..{t.val_end}")
     set_deterministic(t.deterministic)
     torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
     model = Normalized(build_sfno(config, grid.nlat, grid.nlon), stats["mean"].values, stats["std"].values,
@@ -139,8 +140,8 @@ def channel_loss_weights(config: Config) -> list[float]:
     given = config.train.channel_weights
     unknown = sorted(set(given) - set(channels))
     if unknown:
-        raise ValueError(f"train.channel_weights names {unknown}, not channels of this task: {channels}")
+        raise ConfigError(f"train.channel_weights names {unknown}, not channels of this task: {channels}")
     weights = [float(given.get(c, 1.0)) for c in channels]
     if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"train.channel_weights must be ≥ 0 with a positive sum, got {given}")
+        raise ConfigError(f"train.channel_weights must be ≥ 0 with a positive sum, got {given}")
     return weights

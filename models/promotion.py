@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.errors import ConfigError, DataContractError, MissingInputError
 from core.grid import parse_grid_attr
 from core.lineage import CURRENT, PROMOTIONS, read_current
 from core.runs import sha256_file
@@ -72,8 +73,8 @@ class Comparison:
 def _load(path: Path, grid_shape: tuple[int, int], what: str) -> tuple[Any, dict[str, Any]]:
     model, meta = load_for_inference(path)
     if parse_grid_attr(meta["grid"]).shape != grid_shape:
-        raise ValueError(f"{what} checkpoint {path} is for grid {meta['grid']}, the analysis store is "
-                         f"{grid_shape[0]}x{grid_shape[1]}: compare on the grid both were trained on")
+        raise DataContractError(f"{what} checkpoint {path} is for grid {meta['grid']}, the analysis store is "
+                                f"{grid_shape[0]}x{grid_shape[1]}: compare on the grid both were trained on")
     return model, meta
 
 
@@ -106,12 +107,12 @@ def compare_checkpoints(candidate: Path | str, current: Path | str | None, analy
                         device: str | torch.device = "cpu") -> Comparison:
     """Score ``candidate`` and ``current`` (None: no current model) on the same windows of ``period`` at ``leads`` h."""
     if not 0 <= margin < 1:
-        raise ValueError(f"promotion margin {margin} must be in [0, 1)")
+        raise ConfigError(f"promotion margin {margin} must be in [0, 1)")
     if not leads or min(leads) < 1:
-        raise ValueError(f"leads {leads} must list positive lead times in hours")
+        raise ConfigError(f"leads {leads} must list positive lead times in hours")
     start, end = pd.Timestamp(period[0]), pd.Timestamp(period[1])
     if end < start:
-        raise ValueError(f"comparison period ends ({end}) before it starts ({start})")
+        raise ConfigError(f"comparison period ends ({end}) before it starts ({start})")
     analysis = open_analysis(analysis_store)
     shape = (analysis.sizes["latitude"], analysis.sizes["longitude"])
     cand_path = Path(candidate)
@@ -119,7 +120,7 @@ def compare_checkpoints(candidate: Path | str, current: Path | str | None, analy
     step_h = int(cand_meta["task"]["time_step_hours"])
     odd = [h for h in leads if h % step_h]
     if odd:
-        raise ValueError(f"leads {odd} h are not multiples of the model step {step_h} h")
+        raise ConfigError(f"leads {odd} h are not multiples of the model step {step_h} h")
     steps = sorted({h // step_h for h in leads})
     cand_ds = _windows(analysis, cand_meta, cand_model, (start, end), max(steps))
     common = cand_ds.init_times
@@ -127,16 +128,16 @@ def compare_checkpoints(candidate: Path | str, current: Path | str | None, analy
     if current is not None:
         cur_model, cur_meta = _load(Path(current), shape, "current")
         if list(cur_meta["channels"]) != list(cand_meta["channels"]):
-            raise ValueError(f"candidate {cand_path} predicts {cand_meta['channels']} but the current model "
-                             f"{current} predicts {cur_meta['channels']}: their scores cannot be compared")
+            raise DataContractError(f"candidate {cand_path} predicts {cand_meta['channels']} but the current model "
+                                    f"{current} predicts {cur_meta['channels']}: their scores cannot be compared")
         if int(cur_meta["task"]["time_step_hours"]) != step_h:
-            raise ValueError(f"candidate steps {step_h} h but the current model {current} steps "
-                             f"{cur_meta['task']['time_step_hours']} h")
+            raise DataContractError(f"candidate steps {step_h} h but the current model {current} steps "
+                                    f"{cur_meta['task']['time_step_hours']} h")
         cur_ds = _windows(analysis, cur_meta, cur_model, (start, end), max(steps))
         common = np.intersect1d(common, cur_ds.init_times)
     if len(common) == 0:
-        raise ValueError(f"no initial time in {start}..{end} has complete analyses for {max(steps) * step_h} h "
-                         f"of leads{' for both models' if current is not None else ''}")
+        raise MissingInputError(f"no initial time in {start}..{end} has complete analyses for {max(steps) * step_h} h "
+                                f"of leads{' for both models' if current is not None else ''}")
     _restrict(cand_ds, common)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
     clim = cand_ds.time_mean()  # only for the relative errors evaluate also reports; the verdict uses RMSE
@@ -193,12 +194,12 @@ def promote(runs_dir: Path | str, candidate: Path | str, comparison: Comparison)
     with open(runs_dir / ".promotion.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if sha256_file(candidate) != comparison.candidate_sha256:
-            raise ValueError(f"candidate {candidate} changed since it was compared (sha256 differs): compare again")
+            raise DataContractError(f"candidate {candidate} changed since it was compared (sha256 differs): compare again")
         now = read_current(runs_dir)
         now_sha = now["checkpoint_sha256"] if now else None
         if now_sha != comparison.current_sha256:
-            raise ValueError(f"the current model is {now_sha or 'none'} but the comparison was made against "
-                             f"{comparison.current_sha256 or 'none'}: compare again with the current model")
+            raise DataContractError(f"the current model is {now_sha or 'none'} but the comparison was made against "
+                                    f"{comparison.current_sha256 or 'none'}: compare again with the current model")
         if now_sha == comparison.candidate_sha256:
             decision = "unchanged"  # the candidate already is the current model (a rerun of the same retrain)
         elif comparison.beats:

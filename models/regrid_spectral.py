@@ -16,6 +16,7 @@ import torch
 import torch_harmonics as th
 import xarray as xr
 
+from core.errors import DataContractError
 from core.grid import Grid
 
 SPATIAL = ("latitude", "longitude")
@@ -25,13 +26,13 @@ def spectral_regrid(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
     """Every (latitude, longitude) variable of ``ds`` moved to ``grid`` by truncated spherical-harmonic synthesis."""
     nlat, nlon = ds.sizes.get("latitude"), ds.sizes.get("longitude")
     if nlat is None or nlon is None:
-        raise ValueError("a resolution transfer needs latitude and longitude dimensions")
+        raise DataContractError("a resolution transfer needs latitude and longitude dimensions")
     if (nlat, nlon) == grid.shape:
         return ds.assign_coords(latitude=grid.latitudes, longitude=grid.longitudes)
     lat = np.asarray(ds["latitude"].values, dtype=float)
     if not (np.isclose(lat[0], 90.0) and np.isclose(lat[-1], -90.0)):
-        raise ValueError(f"a resolution transfer needs an equiangular grid from 90 to -90; latitude runs "
-                         f"{lat[0]} .. {lat[-1]}")
+        raise DataContractError(f"a resolution transfer needs an equiangular grid from 90 to -90; latitude runs "
+                                f"{lat[0]} .. {lat[-1]}")
     lmax = (min(nlat, grid.nlat) + 1) // 2
     mmax = min(nlon // 2 + 1, grid.nlon // 2 + 1, lmax)
     forward = th.RealSHT(nlat, nlon, lmax=lmax, mmax=mmax, grid="equiangular").double()
@@ -44,7 +45,7 @@ def spectral_regrid(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
         lead = [d for d in da.dims if d not in SPATIAL]
         values = da.transpose(*lead, *SPATIAL).values
         if not np.all(np.isfinite(values)):
-            raise ValueError(f"variable {name!r} holds non-finite values; it cannot be moved to {grid.name}")
+            raise DataContractError(f"variable {name!r} holds non-finite values; it cannot be moved to {grid.name}")
         with torch.no_grad():
             field = torch.from_numpy(values.reshape(-1, nlat, nlon).astype(np.float64))
             moved = inverse(forward(field)).numpy().astype(da.dtype)

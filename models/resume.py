@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from core.config import Config
 from core.config_model import ModelConfig
+from core.errors import ConfigError, DataContractError
 from core.schema import validate_checkpoint_meta
 from models.checkpoint import read_checkpoint, state_dict_sha256
 from models.ddp import is_ddp
@@ -150,8 +151,8 @@ def check_compatible(path: Path, meta: dict[str, Any], data: dict[str, Any], exp
     """ValueError naming the first field where the checkpoint and this run differ, with both values."""
     for name, old, new in _differences(meta, data, expected, signature):
         if not _same(old, new):
-            raise ValueError(f"cannot resume {path}: {name} is {_short(old)} in the checkpoint but {_short(new)} "
-                             f"in this run's config and data; {HINT}")
+            raise ConfigError(f"cannot resume {path}: {name} is {_short(old)} in the checkpoint but {_short(new)} "
+                              f"in this run's config and data; {HINT}")
 
 
 def read_resumable(path: Path, expected: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
@@ -161,17 +162,17 @@ def read_resumable(path: Path, expected: dict[str, Any], signature: dict[str, An
     except ValueError as exc:
         cause = exc.__cause__ if exc.__cause__ is not None else exc
         detail = f"{type(cause).__name__}: {str(cause).splitlines()[0][:120]}" if str(cause) else type(cause).__name__
-        raise ValueError(f"cannot resume {path}: the file is corrupt or unreadable ({detail}). Refusing to start "
-                         f"over on top of it: move it away, {HINT}") from exc
+        raise DataContractError(f"cannot resume {path}: the file is corrupt or unreadable ({detail}). Refusing to start "
+                                f"over on top of it: move it away, {HINT}") from exc
     training = obj.get("training")
     if not isinstance(training, dict) or training.get("format") != FORMAT:
         found = training.get("format") if isinstance(training, dict) else None
-        raise ValueError(f"cannot resume {path}: it holds no training state of format {FORMAT} (found {found!r}); "
-                         f"{HINT}")
+        raise DataContractError(f"cannot resume {path}: it holds no training state of format {FORMAT} (found {found!r}); "
+                                f"{HINT}")
     meta = dict(obj["meta"])
     validate_checkpoint_meta(meta, what=f"checkpoint {path}")
     if state_dict_sha256(obj["model"]) != meta["weights_sha256"]:
-        raise ValueError(f"cannot resume {path}: its weights do not match their weights_sha256 (corrupt); {HINT}")
+        raise DataContractError(f"cannot resume {path}: its weights do not match their weights_sha256 (corrupt); {HINT}")
     check_compatible(path, meta, training.get("data", {}), expected, signature)
     return obj
 
@@ -187,7 +188,7 @@ def load_resumable(path: Path, expected: dict[str, Any], signature: dict[str, An
             payload = ("error", str(exc))
     payload = broadcast_from_main(payload, ctx)
     if payload[0] == "error":
-        raise ValueError(payload[1])
+        raise DataContractError(payload[1])
     return payload[1]
 
 

@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from core.errors import ConfigError
 from models.distributed import backend_for, launched_by_torchrun
 from models.normalization import Normalized
 
@@ -36,14 +37,14 @@ GROUP_TIMEOUT = timedelta(minutes=10)
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``bf16``, ``fp16`` or ``fp32`` for ``train.precision`` on ``device``; ValueError for what the device cannot do."""
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs CUDA (fp16 autocast with a loss scale); on CPU use bf16 or fp32")
+        raise ConfigError("train.precision=fp16 needs CUDA (fp16 autocast with a loss scale); on CPU use bf16 or fp32")
     # Asked after select_device made ``device`` current: is_bf16_supported() looks at the current GPU.
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if precision == "auto":
         return "bf16" if device.type == "cuda" and bf16_ok else "fp32"
     if precision == "bf16" and not bf16_ok:
-        raise ValueError(f"train.precision=bf16 but the GPU {device} ({torch.cuda.get_device_name(device)}) does not "
-                         "support bfloat16; use train.precision fp16 (with a loss scale), fp32 or auto")
+        raise ConfigError(f"train.precision=bf16 but the GPU {device} ({torch.cuda.get_device_name(device)}) does not "
+                          "support bfloat16; use train.precision fp16 (with a loss scale), fp32 or auto")
     return precision
 
 
@@ -75,17 +76,17 @@ def check_compile(device: torch.device) -> None:
         from torch.utils._triton import has_triton
 
         if not has_triton():
-            raise ValueError("train.compile=true needs Triton for inductor on CUDA and it is not installed; "
-                             "install triton or set train.compile=false")
+            raise ConfigError("train.compile=true needs Triton for inductor on CUDA and it is not installed; "
+                              "install triton or set train.compile=false")
         return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
     except Exception as exc:  # inductor raises its own InvalidCxxCompiler, or import errors on odd builds
-        raise ValueError("train.compile=true: torch.compile's inductor backend compiles C++ kernels on CPU, and no "
-                         f"working C++ compiler was found ({type(exc).__name__}: {exc}); install g++ (or point CXX "
-                         "at one) or set train.compile=false") from exc
+        raise ConfigError("train.compile=true: torch.compile's inductor backend compiles C++ kernels on CPU, and no "
+                          f"working C++ compiler was found ({type(exc).__name__}: {exc}); install g++ (or point CXX "
+                          "at one) or set train.compile=false") from exc
 
 
 def training_model(model: Normalized, compile: bool) -> Normalized:

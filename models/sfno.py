@@ -43,6 +43,7 @@ from core.config_model import (
     preset_conflicts,
     rank_problem,
 )
+from core.errors import ConfigError
 from core.grid import check_scale_factor, latent_shape
 from models.sfno_factorized import resolve_rank
 from models.sfno_layers import MLP, Pointwise, SFNOBlock
@@ -102,7 +103,7 @@ def check_options(**options: Any) -> None:
         elif not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             bad.append(f"{name}={value!r} (expected an integer ≥ 1)")
     if bad:
-        raise ValueError("invalid SFNO options: " + "; ".join(bad))
+        raise ConfigError("invalid SFNO options: " + "; ".join(bad))
 
 
 class PositionEmbedding(nn.Module):
@@ -154,7 +155,7 @@ class SFNO(nn.Module):
             "big_skip": big_skip, "normalization": normalization, "operator_type": operator_type,
             "block_activation": block_activation, "activation": activation, "factorization": factorization})
         if conflicts:
-            raise ValueError("invalid SFNO options: " + "; ".join(conflicts))
+            raise ConfigError("invalid SFNO options: " + "; ".join(conflicts))
         self.lmax = lmax or default_lmax(nlat, nlon, scale_factor)
         check_options(factorization=factorization, rank=rank)
         if factorization != "dense":  # a rank larger than the full tensor fails here, before any weight is made

@@ -32,6 +32,8 @@ import math
 import torch
 from torch import nn
 
+from core.errors import ConfigError
+
 FACTORIZED = ("cp", "tucker")
 
 
@@ -78,21 +80,21 @@ def _fraction_ranks(kind: str, shape: tuple[int, ...], fraction: float) -> tuple
 def resolve_rank(kind: str, shape: tuple[int, ...], rank: float) -> tuple[int, ...]:
     """The CP rank ``(r,)`` or per-mode Tucker ranks that ``rank`` means for ``shape``; ValueError if too large."""
     if kind not in FACTORIZED:
-        raise ValueError(f"factorization={kind!r} (expected one of {', '.join(map(repr, FACTORIZED))})")
+        raise ConfigError(f"factorization={kind!r} (expected one of {', '.join(map(repr, FACTORIZED))})")
     largest = _largest_int_rank(kind, shape)
     allowed = (f"a fraction in (0, 1] of its {dense_size(shape)} complex entries, or an integer rank "
                f"from 1 to {largest}")
     if isinstance(rank, bool) or not isinstance(rank, int | float):
-        raise ValueError(f"rank={rank!r} for a {kind} weight of shape {shape}: expected {allowed}")
+        raise ConfigError(f"rank={rank!r} for a {kind} weight of shape {shape}: expected {allowed}")
     if isinstance(rank, float):
         if not 0.0 < rank <= 1.0:
-            raise ValueError(f"rank={rank!r} for a {kind} weight of shape {shape} is larger than the full tensor "
-                             f"or not positive: expected {allowed}")
+            raise ConfigError(f"rank={rank!r} for a {kind} weight of shape {shape} is larger than the full tensor "
+                              f"or not positive: expected {allowed}")
         return _fraction_ranks(kind, shape, rank)
     if not 1 <= rank <= largest:
         what = "holds more numbers than the dense tensor" + (" or exceeds a mode's size" if kind == "tucker" else "")
-        raise ValueError(f"rank={rank} for a {kind} weight of shape {shape} is larger than the full tensor (its "
-                         f"factors {what}): expected {allowed}")
+        raise ConfigError(f"rank={rank} for a {kind} weight of shape {shape} is larger than the full tensor (its "
+                          f"factors {what}): expected {allowed}")
     return (rank,) if kind == "cp" else (rank,) * len(shape)
 
 

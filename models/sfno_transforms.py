@@ -29,6 +29,8 @@ from torch import nn
 from torch_harmonics.legendre import legpoly
 from torch_harmonics.quadrature import precompute_latitudes
 
+from core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 GRIDS = ("equiangular", "legendre-gauss", "lobatto", "equiangular-trapezoidal")
@@ -75,9 +77,9 @@ class GridTransform(nn.Module):
     def __init__(self, nlat: int, nlon: int, lmax: int, grid: str) -> None:
         super().__init__()
         if grid not in GRIDS:
-            raise ValueError(f"unknown grid type {grid!r}; expected one of {', '.join(GRIDS)}")
+            raise ConfigError(f"unknown grid type {grid!r}; expected one of {', '.join(GRIDS)}")
         if lmax > nlon // 2:
-            raise ValueError(f"lmax {lmax} exceeds the longitude Nyquist limit {nlon // 2} of a {nlat}x{nlon} grid")
+            raise ConfigError(f"lmax {lmax} exceeds the longitude Nyquist limit {nlon // 2} of a {nlat}x{nlon} grid")
         self.nlat, self.nlon, self.lmax, self.grid = nlat, nlon, lmax, grid
         self.analysis_fft, self.synthesis_fft = nlon > DFT_MAX_NLON_ANALYSIS, nlon > DFT_MAX_NLON_SYNTHESIS
         analysis, synthesis = legendre_tables(nlat, lmax, grid)  # (m, l, k) and (m, k, l)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
+from core.errors import DataContractError, MissingInputError
 from core.grid import parse_grid_attr
 from core.schema import validate_stats
 
@@ -20,18 +21,18 @@ def load_stats(path: Path, analysis: xr.Dataset, channels: list[str], time_step_
     """Load stats for ``channels``; ``ValueError`` if missing or made for another dataset, grid or step."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"statistics file {path} does not exist; compute it with `spherecast ingest` first")
+        raise MissingInputError(f"statistics file {path} does not exist; compute it with `spherecast ingest` first")
     with xr.open_dataset(path) as ds:
         stats = validate_stats(ds.load(), channels, what=f"stats {path}")
     mine, theirs = str(stats.attrs["dataset_version"]), str(analysis.attrs["dataset_version"])
     if mine != theirs:
-        raise ValueError(f"stats {path} are for dataset_version {mine!r} but the analysis store is {theirs!r}; "
-                         "recompute the statistics")
+        raise DataContractError(f"stats {path} are for dataset_version {mine!r} but the analysis store is {theirs!r}; "
+                                "recompute the statistics")
     if parse_grid_attr(str(stats.attrs["grid"])).shape != parse_grid_attr(str(analysis.attrs["grid"])).shape:
-        raise ValueError(f"stats {path} are for grid {stats.attrs['grid']!r}, the store is {analysis.attrs['grid']!r}")
+        raise DataContractError(f"stats {path} are for grid {stats.attrs['grid']!r}, the store is {analysis.attrs['grid']!r}")
     if int(stats.attrs["time_step_hours"]) != time_step_hours:
-        raise ValueError(f"stats {path} describe {stats.attrs['time_step_hours']} h tendencies, "
-                         f"the task steps {time_step_hours} h")
+        raise DataContractError(f"stats {path} describe {stats.attrs['time_step_hours']} h tendencies, "
+                                f"the task steps {time_step_hours} h")
     if val_period is not None:
         start, end = pd.Timestamp(stats.attrs["period_start"]), pd.Timestamp(stats.attrs["period_end"])
         if start <= pd.Timestamp(val_period[1]) and end >= pd.Timestamp(val_period[0]):

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"
@@ -40,8 +42,8 @@ class MlflowSink:
         try:
             from mlflow.tracking import MlflowClient
         except ImportError as exc:
-            raise ValueError("train.mlflow_tracking_uri is set but mlflow is not installed "
-                             "(pip install mlflow-skinny)") from exc
+            raise ConfigError("train.mlflow_tracking_uri is set but mlflow is not installed "
+                              "(pip install mlflow-skinny)") from exc
         self.client = MlflowClient(tracking_uri)
         record = Path(run_dir) / RUN_FILE
         previous = json.loads(record.read_text()) if resume and record.is_file() else None

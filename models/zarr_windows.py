@@ -34,6 +34,7 @@ import xarray as xr
 import zarr
 from torch.utils.data import Dataset
 
+from core.errors import DataContractError, MissingInputError
 from core.variables import parse_channel
 from models.clock import check_time_features, clock_values
 from models.data import open_analysis, time_stride
@@ -82,9 +83,9 @@ class ZarrWindowDataset(Dataset):
         for ch in self.channels:
             name, level = parse_channel(ch)
             if name not in analysis.data_vars:
-                raise ValueError(f"analysis store {self.path} has no variable {name!r} (channel {ch!r})")
+                raise DataContractError(f"analysis store {self.path} has no variable {name!r} (channel {ch!r})")
             if level is not None and level not in levels:
-                raise ValueError(f"analysis store {self.path} has no level {level} for channel {ch!r}")
+                raise DataContractError(f"analysis store {self.path} has no level {level} for channel {ch!r}")
             out.append((name, levels.index(level) if level is not None else None))
         return out
 
@@ -121,7 +122,7 @@ class ZarrWindowDataset(Dataset):
         states = self.read_states(j + self.offsets)
         if not torch.isfinite(states).all():
             bad = pd.Timestamp(self.times[j])
-            raise ValueError(f"analysis store {self.path}: NaN/Inf in a done time of the window at {bad}")
+            raise DataContractError(f"analysis store {self.path}: NaN/Inf in a done time of the window at {bad}")
         x = states[: self.history].reshape(-1, *states.shape[-2:])
         if self.time_features:
             x = torch.cat([x, self.clock[j][:, None, None].expand(-1, *x.shape[-2:])])
@@ -144,7 +145,7 @@ class ZarrWindowDataset(Dataset):
         """Mean state over the period's done times (a climatology); above ``max_times`` over that many evenly spaced."""
         rows = self.done_rows
         if rows.size == 0:
-            raise ValueError(f"no done times in {self.path} to average")
+            raise MissingInputError(f"no done times in {self.path} to average")
         if rows.size > max_times:  # years of ERA5: a sample of the period, not all of it in memory
             rows = np.unique(rows[np.linspace(0, rows.size - 1, max_times).round().astype(int)])
         return self.read_states(rows).mean(dim=0)

@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from core.config import Config
+from core.errors import ConfigError, MissingInputError, StoreLockedError
 from core.ic_select import InitChoice, choose_init, latest_cycle
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ JOURNAL = "cycles.jsonl"
 LEASE_SECONDS = 60.0
 
 
-class CycleLockTimeout(TimeoutError):
+class CycleLockTimeout(StoreLockedError, TimeoutError):
     """Another forecast run or store append held the cycle lock for longer than this run may wait."""
 
 
@@ -77,17 +78,17 @@ def check_request(config: Config) -> None:
     """Refuse a forecast request that cannot run, before any waiting, reading or writing."""
     step = config.task.time_step_hours
     if config.forecast.lead_hours % step:
-        raise ValueError(f"forecast.lead_hours {config.forecast.lead_hours} is not a multiple of the time step "
-                         f"task.time_step_hours {step} h")
+        raise ConfigError(f"forecast.lead_hours {config.forecast.lead_hours} is not a multiple of the time step "
+                          f"task.time_step_hours {step} h")
 
 
 def cycle_times(start: pd.Timestamp | str, end: pd.Timestamp | str, step_hours: int) -> list[pd.Timestamp]:
     """Initial times from ``start`` to ``end`` inclusive every ``step_hours``; ``start`` must lie on a cycle."""
     start, end = _naive_utc(start), _naive_utc(end)
     if end < start:
-        raise ValueError(f"backfill end {end} is before its start {start}")
+        raise ConfigError(f"backfill end {end} is before its start {start}")
     if (start - start.normalize()) % pd.Timedelta(hours=step_hours):
-        raise ValueError(f"backfill start {start} is not on a {step_hours}-hourly cycle")
+        raise ConfigError(f"backfill start {start} is not on a {step_hours}-hourly cycle")
     return list(pd.date_range(start, end, freq=f"{step_hours}h"))
 
 
@@ -106,7 +107,7 @@ def wait_for_init(config: Config, init_time: pd.Timestamp | str, sleep: Callable
             last = exc
         if monotonic() + fc.poll_seconds > deadline:
             waited = f" after waiting {fc.wait_minutes:g} min ({attempt} checks)" if fc.wait_minutes else ""
-            raise ValueError(f"{last}{waited}") from None
+            raise MissingInputError(f"{last}{waited}") from None
         log.info("initial conditions for %s not complete yet (%s); next check in %g s", init_time, last,
                  fc.poll_seconds)
         sleep(fc.poll_seconds)

@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import Config, deep_merge, load_config
+from core.errors import ConfigError, MissingInputError
 from core.lineage import read_current
 from models.distributed import select_device
 from models.promotion import compare_checkpoints, promote
@@ -48,17 +49,17 @@ LIVE_WINDOW_DAYS = 30.0
 def check_live_request(config: Config, cycles: int | None, interval_seconds: float, retrain_every: int) -> None:
     """Refuse settings the live demo cannot run with, before anything is read or written."""
     if cycles is not None and cycles < 1:
-        raise ValueError(f"live demo: cycles must be ≥ 1 (or None to run until Ctrl-C), got {cycles}")
+        raise ConfigError(f"live demo: cycles must be ≥ 1 (or None to run until Ctrl-C), got {cycles}")
     if not interval_seconds >= 0:
-        raise ValueError(f"live demo: interval_seconds must be ≥ 0, got {interval_seconds}")
+        raise ConfigError(f"live demo: interval_seconds must be ≥ 0, got {interval_seconds}")
     if retrain_every < 1:
-        raise ValueError(f"live demo: retrain_every must be ≥ 1 cycle, got {retrain_every}")
+        raise ConfigError(f"live demo: retrain_every must be ≥ 1 cycle, got {retrain_every}")
     if config.ingest.source != "synthetic":
-        raise ValueError(f"the live demo feeds the shallow-water planet, but ingest.source is "
-                         f"{config.ingest.source!r}; use ingest.source: synthetic (the demo's default)")
+        raise ConfigError(f"the live demo feeds the shallow-water planet, but ingest.source is "
+                          f"{config.ingest.source!r}; use ingest.source: synthetic (the demo's default)")
     if not config.paths.analysis_store.exists():
-        raise ValueError(f"no analysis store at {config.paths.analysis_store}: run `spherecast demo` first "
-                         "(the live demo continues its planet)")
+        raise MissingInputError(f"no analysis store at {config.paths.analysis_store}: run `spherecast demo` first "
+                                "(the live demo continues its planet)")
 
 
 def retrain_overrides(config: Config, newest: pd.Timestamp) -> dict[str, Any]:
@@ -73,9 +74,9 @@ def retrain_overrides(config: Config, newest: pd.Timestamp) -> dict[str, Any]:
         val = max(shortest_val, min(t.val_days, held / 5))
         window = min(LIVE_WINDOW_DAYS, held - val)
     if window <= 0 or window + val > held:
-        raise ValueError(f"the analysis store holds {held:g} days up to {newest}, too few for a live retrain on "
-                         f"{window:g} days of training and {val:g} days of validation; set train.window_days "
-                         "and train.val_days to fit")
+        raise MissingInputError(f"the analysis store holds {held:g} days up to {newest}, too few for a live retrain on "
+                                f"{window:g} days of training and {val:g} days of validation; set train.window_days "
+                                "and train.val_days to fit")
     return {"train": {"window_days": window, "val_days": val,
                       "budget_minutes": min(t.budget_minutes, LIVE_RETRAIN_MINUTES)}}
 
@@ -88,7 +89,7 @@ def seed_current_task(config: Config) -> str | None:
         return None
     checkpoint = config.checkpoint_path()
     if not checkpoint.is_file():
-        raise ValueError(f"checkpoint {checkpoint} does not exist: run `spherecast demo` first")
+        raise MissingInputError(f"checkpoint {checkpoint} does not exist: run `spherecast demo` first")
     t = config.train
     comparison = compare_checkpoints(checkpoint, None, config.paths.analysis_store, (t.val_start, t.val_end),
                                      t.val_lead_hours, t.promotion_margin, select_device(t.device))

@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import Config, load_config
+from core.errors import MissingInputError
 from core.lineage import current_checkpoint, read_current, record_training_inputs, training_run
 from models.data import open_analysis
 from models.distributed import select_device
@@ -35,7 +36,7 @@ def newest_complete(config: Config) -> pd.Timestamp:
     analysis = open_analysis(config.paths.analysis_store)
     done = analysis["done"].values.astype(bool)
     if not done.any():
-        raise ValueError(f"no completed analysis time in {config.paths.analysis_store}: nothing to train on")
+        raise MissingInputError(f"no completed analysis time in {config.paths.analysis_store}: nothing to train on")
     return pd.Timestamp(analysis["time"].values[done][-1])
 
 

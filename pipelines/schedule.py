@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError
 from pipelines.cli import prefect_environment
 
 
@@ -55,7 +56,7 @@ def schedule(host: str, port: int) -> int:
                     break
             except OSError:
                 if procs[0].poll() is not None or time.monotonic() > deadline:
-                    raise ValueError(f"the Prefect server did not answer on {api} (is the port taken?)") from None
+                    raise ConfigError(f"the Prefect server did not answer on {api} (is the port taken?)") from None
                 time.sleep(1)
         pool = subprocess.run(prefect + ["work-pool", "create", "spherecast-local", "--type", "process"], env=env,
                               cwd=root, capture_output=True, text=True)

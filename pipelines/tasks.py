@@ -22,6 +22,7 @@ from prefect.exceptions import MissingContextError
 
 import models
 from core.config import Config, dump_config
+from core.errors import ConfigError, MissingInputError
 from core.fields import to_channels
 from core.grid import get_grid
 from core.ic_select import InitChoice, check_compatible, choose_init, latest_cycle
@@ -191,7 +192,7 @@ def produce_run(config: Config, choice: InitChoice, name: str, timings: dict[str
     began = time.perf_counter()
     checkpoint = config.checkpoint_path()
     if not checkpoint.is_file():
-        raise ValueError(f"checkpoint {checkpoint} does not exist; run `spherecast train` first")
+        raise MissingInputError(f"checkpoint {checkpoint} does not exist; run `spherecast train` first")
     model, meta = load_forecaster(checkpoint)
     initial = initial_state_for(config, choice, meta)
     ens = config.forecast.ensemble
@@ -237,8 +238,8 @@ def initial_state_for(config: Config, choice: InitChoice, meta: dict[str, Any]) 
         return analysis
     ens = config.forecast.ensemble
     if ens.members > 1 and ens.residual_scale > 0:
-        raise ValueError(f"forecast.grid {target.name} differs from the store's grid, and the ensemble's residuals are "
-                         "measured on the training grid; set forecast.ensemble.residual_scale: 0 for a transfer")
+        raise ConfigError(f"forecast.grid {target.name} differs from the store's grid, and the ensemble's residuals are "
+                          "measured on the training grid; set forecast.ensemble.residual_scale: 0 for a transfer")
     task = meta["task"]
     step, history = int(task["time_step_hours"]), int(task.get("history", 1))
     wanted = [choice.init_time - pd.Timedelta(hours=k * step) for k in range(history - 1, -1, -1)]
@@ -282,7 +283,7 @@ def rerender_task(config: Config, name: str) -> str:
 
     parse_run_name(name)
     if name not in list_runs(config.paths.forecasts):
-        raise ValueError(f"no published run {name!r} in {config.paths.forecasts}")
+        raise MissingInputError(f"no published run {name!r} in {config.paths.forecasts}")
     src = config.paths.forecasts / name
     staging = staging_dir(config.paths.forecasts, name)
     try:

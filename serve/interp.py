@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.errors import ConfigError
+
 # A fractional index this close to an integer is that node: grid latitudes come from linspace, and
 # (90 − lat)/Δ for a node's own latitude can land a few ulps below the integer.
 _SNAP = 1e-9
@@ -51,7 +53,7 @@ def check_points(lat: np.ndarray, lon: np.ndarray) -> None:
     for name, values, lo, hi in (("latitude", lat, -90.0, 90.0), ("longitude", lon, -180.0, 360.0)):
         bad = ~np.isfinite(values) | (values < lo) | (values > hi)
         if bad.any():
-            raise ValueError(f"{name} {float(values[bad][0]):g} is outside {lo:g} … {hi:g}")
+            raise ConfigError(f"{name} {float(values[bad][0]):g} is outside {lo:g} … {hi:g}")
 
 
 def _split(f: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
