@@ -38,6 +38,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from core.config import Config, dump_config, load_config
+from core.errors import SpherecastError
 from models import ddp
 from models.checkpoint import build_meta, code_version
 from models.data import training_loader
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
         path = train(load_config(args.config))
-    except ValueError as exc:
+    except SpherecastError as exc:  # what the user can fix; anything else is a bug and keeps its traceback
         log.error("%s", exc)
         return 2
     if rank == 0:

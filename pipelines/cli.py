@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError, SpherecastError
+
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
@@ -33,7 +35,7 @@ def prefect_environment() -> None:
 def _render_run(args: argparse.Namespace) -> str:
     run = args.run_name or args.run
     if not run or (args.run_name and args.run and args.run_name != args.run):
-        raise ValueError("render needs one run name: spherecast render RUN [--products …] [--regions …]")
+        raise ConfigError("render needs one run name: spherecast render RUN [--products …] [--regions …]")
     return run
 
 
@@ -42,6 +44,17 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"{text!r} names nothing: give comma-separated names, e.g. global,europe")
     return names
+
+
+def _moment(text: str) -> str:
+    """An argparse type: ``text`` unchanged if it reads as a date/time, else a usage error (exit 2)."""
+    import pandas as pd
+
+    try:
+        pd.Timestamp(text)
+    except ValueError as exc:  # pandas' own parse error, a bare ValueError, would otherwise be a traceback
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date/time (use e.g. 2000-01-05T18)") from exc
+    return text
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, help="ensemble members (forecast.ensemble.members; 1 = deterministic)")
     p.add_argument("--grid", help="grid preset to run on (forecast.grid): the same weights, the initial state moved there")
     p.add_argument("--force", action="store_true", help="replace a run already published for this initial time")
-    p.add_argument("--backfill", nargs=2, metavar=("START", "END"),
+    p.add_argument("--backfill", nargs=2, metavar=("START", "END"), type=_moment,
                    help="run every cycle from START to END (forecast.cycle_hours apart), skipping published ones")
     p = add("status", "Report the newest published run and its age against the schedule (exit 1 when late).")
     p = add("schedule", "Start a Prefect server, a worker and the deployments of flows.yaml; Ctrl-C stops them.")
@@ -317,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, help="ranks on this machine")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where each rank trains (train.device)")
     p = add("initial-conditions", "Fetch the newest live initial conditions (initial_conditions.source) into their store.")
-    p.add_argument("--now", help="the clock to judge which cycles exist (default: now, UTC)")
+    p.add_argument("--now", type=_moment, help="the clock to judge which cycles exist (default: now, UTC)")
     p = add("render", "Re-render the maps of a published run (republished by rename, maps/ replaced whole).")
     p.add_argument("run_name", nargs="?", metavar="RUN", help="run name, e.g. 20000320T00")
     p.add_argument("--run", help="the run name, as an option (older spelling)")
@@ -340,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's API chatter drowns the progress
     try:
         return run(args)
-    except ValueError as exc:
+    except SpherecastError as exc:  # what the user can fix; anything else is a bug and keeps its traceback
         print(f"spherecast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

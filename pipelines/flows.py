@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from tqdm import tqdm
 
 from core.config import Config, dump_config, load_config
+from core.errors import MissingInputError, SpherecastError
 from core.runs import list_runs
 from pipelines.cycles import CycleResult, check_request, cycle_times, exclusive_cycle, record
 from pipelines.retrain import retrain_weekly  # noqa: F401  (a flow of this module's deployments)
@@ -106,10 +107,12 @@ def backfill_forecasts(start: str, end: str, config_path: str | None = None,
         try:
             results.append(forecast_task(config, choose_init(config, init), force))
         except ValueError as exc:  # one cycle without data does not stop the others
+            if not isinstance(exc, SpherecastError):
+                raise  # a bug is no missing cycle: it keeps its traceback
             failed.append(f"{init.isoformat()}: {exc}")
             results.append(CycleResult("failed", init_time=init.isoformat(), reason=str(exc)).to_dict())
     if failed:
-        raise ValueError(f"backfill: {len(failed)} of {len(results)} cycles failed: " + "; ".join(failed))
+        raise MissingInputError(f"backfill: {len(failed)} of {len(results)} cycles failed: " + "; ".join(failed))
     return results
 
 
