@@ -27,6 +27,8 @@ LATTICE_COLUMNS = 97
 """Lattice nodes across the axes box (96 cells); rows follow the box's aspect ratio (about 55 on the global map)."""
 DECIMALS = 4
 """Degrees are rounded to 1e-4 (about 11 m): far below a map pixel, and it keeps the JSON small."""
+POLE_LAT = 89.999
+"""A lattice node this close to a pole is on it (its longitude says where along a pole line, not a direction)."""
 _PLATE_CARREE = ccrs.PlateCarree()
 _LAYOUT_DPI = 100  # any dpi gives the same fractions; this one only sizes the throwaway figure
 
@@ -93,14 +95,24 @@ def lonlat_at(ref: dict[str, Any], fx: float, fy: float) -> tuple[float, float] 
     gi, gj = u * (cols - 1), v * (rows - 1)
     i0, j0 = min(int(gi), cols - 2), min(int(gj), rows - 2)
     wi, wj = gi - i0, gj - j0
-    total, weight = np.zeros(3), 0.0
     nearest = (j0 + (wj >= 0.5)) * cols + i0 + (wi >= 0.5)
     if ref["lon"][nearest] is None:
         return None
+    corners = []
     for dj, di, w in ((0, 0, (1 - wi) * (1 - wj)), (0, 1, wi * (1 - wj)), (1, 0, (1 - wi) * wj), (1, 1, wi * wj)):
         k = (j0 + dj) * cols + i0 + di
         if ref["lon"][k] is not None and w > 0:
-            total += w * _unit(ref["lon"][k], ref["lat"][k])
-            weight += w
+            corners.append((ref["lon"][k], ref["lat"][k], w))
+    weight = sum(w for _, _, w in corners)
+    if any(abs(la) >= POLE_LAT for _, la, _ in corners):
+        # A pole drawn as a line (Robinson, PlateCarree): its nodes' longitudes are meaningful and a unit
+        # vector would lose them, so a cell that spans little longitude interpolates in lon/lat.
+        base = next((lo for lo, la, _ in corners if abs(la) < POLE_LAT), corners[0][0])
+        lons = [base + (lo - base + 180.0) % 360.0 - 180.0 for lo, _, _ in corners]
+        if max(lons) - min(lons) < 90.0:
+            lon = sum(lo * w for lo, (_, _, w) in zip(lons, corners, strict=True)) / weight
+            lat = sum(la * w for _, la, w in corners) / weight
+            return (lon + 180.0) % 360.0 - 180.0, lat
+    total = sum(w * _unit(lo, la) for lo, la, w in corners)
     x, y, z = total / np.linalg.norm(total)
     return math.degrees(math.atan2(y, x)), math.degrees(math.asin(max(-1.0, min(1.0, z))))

@@ -2,14 +2,13 @@
 // The state lives in the URL hash (#run=…&product=…&region=…&lead=…): links can be shared, and editing
 // the hash or going back/forward moves the view. Maps are `maps/<product>/<region>/<lead>.png` when the
 // catalog entry has `maps: {product: {region: [leads]}}`, else the older `maps/<channel>/<lead>.png`.
-// Values under the pointer and meteograms come from the EDR position query (docs/edr.md).
+// Values under the pointer and meteograms: readout.js (server georef per region, EDR position query).
 "use strict";
 
 // Where the map sits in a global PNG, as fractions of the image (left, top, right, bottom), and the
-// lon/lat it spans (west, east, south, north). serve/maps.py draws an 8 × 4.6 in figure with the axes at
-// (0.02, 0.2, 0.96, 0.73) in PlateCarree at equal aspect: the 360 × 180° map is height-bound and centred.
-// tests/serve/test_viewer.py checks these numbers against a rendered map. A catalog entry's
-// `map_geometry[region]` ({box, extent}, same meaning) overrides them.
+// lon/lat it spans (west, east, south, north): only the fallback while the server's georef of the global
+// region (maps/regions/global.json, used for every region) cannot be had. tests/serve/test_viewer.py
+// checks these numbers against a rendered map.
 const GLOBAL_MAP = { box: [0.08025, 0.07, 0.91975, 0.8], extent: [-180, 180, -90, 90] };
 const GLOBAL_REGION = "global";
 const HOVER_DELAY_MS = 150;
@@ -58,13 +57,6 @@ const leadsOf = (e, p, r) => (e.maps ? ((e.maps[p] || {})[r] || []) : e.lead_hou
 function mapUrl(e, p, r, lead) {
   const parts = e.maps ? [p, r, lead] : [p, lead];
   return `runs/${e.name}/maps/${parts.map((x) => encodeURIComponent(x)).join("/")}.png`;
-}
-
-function geometry() {
-  const e = state.entry;
-  const own = (state.details.get(e.name) || e).map_geometry || e.map_geometry;
-  if (own && own[state.region]) return own[state.region];
-  return !state.region || state.region === GLOBAL_REGION ? GLOBAL_MAP : null;
 }
 
 // --- URL <-> state.
@@ -145,6 +137,7 @@ function render(mode) {
     $("map").alt = `${productLabel(state.product)}${state.region ? ` (${state.region})` : ""} at +${lead} h from ${formatTime(init)}`;
   }
   showAnimations();
+  prefetchReadout(state.region || GLOBAL_REGION, state.product);
   writeUrl(mode);
 }
 
@@ -270,71 +263,31 @@ function showDownloads(entry) {
   $("downloads").replaceChildren(...items);
 }
 
-// --- Point values: the product's variable (and level) at a lon/lat, from the EDR position query.
-function variableOf(product) {
-  const detail = state.details.get(state.entry.name);
-  if (!detail) return null;
-  const declared = detail.products && detail.products[product];
-  const vars = detail.variables || [];
-  if (declared && declared.variable) {
-    const v = vars.find((x) => x.name === declared.variable) || { name: declared.variable };
-    return { ...v, level: declared.level ?? null };
-  }
-  let best = null;
-  for (const v of vars) {
-    if (product === v.name && !v.levels) best = { ...v, level: null };
-    const m = product.startsWith(`${v.name}_`) && /^\d+$/.exec(product.slice(v.name.length + 1));
-    if (m && (v.levels || []).includes(Number(m[0])) && (!best || v.name.length > best.name.length)) {
-      best = { ...v, level: Number(m[0]) };
-    }
-  }
-  return best;
-}
-
-function lonLatAt(event) {
-  const g = geometry();
-  if (!g || !$("map").naturalWidth) return null;
-  const img = $("map"), rect = img.getBoundingClientRect(); // the image box inside its border
-  const fx = (event.clientX - rect.left - img.clientLeft) / img.clientWidth;
-  const fy = (event.clientY - rect.top - img.clientTop) / img.clientHeight;
-  const u = (fx - g.box[0]) / (g.box[2] - g.box[0]), v = (fy - g.box[1]) / (g.box[3] - g.box[1]);
-  if (u < 0 || u > 1 || v < 0 || v > 1) return null;
-  const [west, east, south, north] = g.extent;
-  return { lon: west + u * (east - west), lat: north - v * (north - south) };
-}
-
-function positionUrl(variable, point, datetime) {
-  const q = new URLSearchParams({ coords: `POINT(${point.lon.toFixed(3)} ${point.lat.toFixed(3)})`, "parameter-name": variable.name });
-  if (variable.level !== null) q.set("z", variable.level);
-  if (datetime) q.set("datetime", datetime);
-  return `collections/${state.entry.name}/position?${q}`;
-}
-
+// --- Point values: pixel → lon/lat and the product's fields come from readout.js (server georef, EDR).
 const where = (p) => `${Math.abs(p.lat).toFixed(1)}°${p.lat >= 0 ? "N" : "S"} ${Math.abs(p.lon).toFixed(1)}°${p.lon >= 0 ? "E" : "W"}`;
 
 function onHover(event) {
   clearTimeout(state.hoverTimer);
-  const point = lonLatAt(event);
-  if (!point) {
-    $("readout").textContent = geometry() ? "Outside the map." : "Values under the pointer: global region only.";
-    return;
-  }
-  const variable = variableOf(state.product);
-  if (!variable) {
-    $("readout").textContent = `${where(point)} · no data variable for ${productLabel(state.product)}`;
-    return;
-  }
-  $("readout").textContent = `${where(point)} · …`;
+  const place = pointerPlace(event);
   const seq = ++state.hoverSeq;
+  if (!place.point) {
+    $("readout").textContent = place.outside ? "Outside the map." : "…";
+    // The region's georef is still on its way: read this pointer position again once it is here.
+    if (place.pending) georefOf(state.region || GLOBAL_REGION).then(() => seq === state.hoverSeq && onHover(event), () => {});
+    return;
+  }
+  const point = place.point;
+  $("readout").textContent = `${where(point)} · …`;
   const valid = isoZ(new Date(parseUtc(state.entry.init_time).getTime() + state.leads[state.index] * 3600e3));
   state.hoverTimer = setTimeout(async () => {
     try {
-      const cov = await getJson(positionUrl(variable, point, valid));
+      const got = await readoutAt(point, valid);
       if (seq !== state.hoverSeq) return; // the pointer has moved on
-      const value = cov.ranges[variable.name].values[0];
-      // The exact point and value asked, for scripts and tests; the text is rounded for reading.
-      Object.assign($("readout").dataset, { lon: point.lon.toFixed(3), lat: point.lat.toFixed(3), value: String(value) });
-      $("readout").textContent = `${where(point)} · ${productLabel(state.product)} = ${formatValue(value)} ${prettyUnits(variable.units)}`;
+      // The exact point and values asked, for scripts and tests; the text is rounded for reading.
+      const el = $("readout");
+      for (const k of ["value", "values", "raw", "direction"]) delete el.dataset[k];
+      Object.assign(el.dataset, { lon: point.lon.toFixed(3), lat: point.lat.toFixed(3), ...got.data });
+      el.textContent = `${where(point)} · ${got.text}`;
     } catch (err) {
       if (seq === state.hoverSeq) $("readout").textContent = `${where(point)} · ${err.message}`;
     }
@@ -348,15 +301,13 @@ function hideMeteogram() {
 }
 
 async function onClick(event) {
-  const point = lonLatAt(event);
-  const variable = point && variableOf(state.product);
-  if (!variable) return;
+  const place = pointerPlace(event);
+  if (!place.point) return;
   const seq = ++state.meteoSeq;
   try {
-    const cov = await getJson(positionUrl(variable, point, null));
-    if (seq !== state.meteoSeq) return;
-    const times = cov.domain.axes.t.values.map(parseUtc);
-    drawMeteogram(times, cov.ranges[variable.name].values, variable, point);
+    const got = await meteogramAt(place.point);
+    if (!got || seq !== state.meteoSeq) return;
+    drawMeteogram(got.times, got.fields, place.point);
   } catch (err) {
     setStatus(`Meteogram: ${err.message}`, true);
   }

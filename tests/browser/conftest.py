@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 # The first run starts from the synthetic planet, as the live pipeline records it (core.ic_select).
 SYNTHETIC = {**PROVENANCE, "init_source": "synthetic-shallow-water", "init_store_kind": "initial_conditions",
              "init_dataset_version": "swe-0123456789ab"}
+# Map regions of both runs: the global map, a conic one and a polar one (values under the pointer on each).
+REGIONS = ("global", "europe", "arctic")
+DERIVED = "spread_geopotential_500"
 
 
 def chromium_binary() -> str | None:
@@ -55,15 +58,18 @@ class Site:
 # stops, and every later test that calls asyncio.run (Prefect, anyio) would fail inside it.
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    """Two published runs (the older one synthetic and scored) behind a real server process."""
+    """Two published runs (the older one synthetic and scored; maps of :data:`REGIONS`) behind a real server."""
     if chromium_binary() is None:
         pytest.skip("no chromium binary on PATH (install Debian's chromium: apt-get install -y chromium)")
     root = tmp_path_factory.mktemp("browser-site")
     forecasts = root / "forecasts"
     older = make_forecast()
-    run_dir = publish_run(forecasts, older)
+    run_dir = publish_run(forecasts, older, regions=REGIONS)
+    # A derived product's maps (ensemble spread), as an ensemble run publishes them: the readout must say that
+    # values under the pointer are for forecast products. The pixels are a copy; only the name matters here.
+    shutil.copytree(run_dir / "maps" / "geopotential_500", run_dir / "maps" / DERIVED)
     write_manifest(run_dir, pd.Timestamp(INIT), SYNTHETIC)  # same files, the provenance the live pipeline writes
-    publish_run(forecasts, make_forecast(init=LATER_INIT, leads=3, seed=1))
+    publish_run(forecasts, make_forecast(init=LATER_INIT, leads=3, seed=1), regions=REGIONS)
     # Real scores of the older run, as deferred verification writes them.
     store = analysis_dataset(grid="tiny", start="1999-12-25", periods=40, step_hours=6, seed=3)
     clim = cached_climatology(store, pd.Timestamp("1999-12-25"), pd.Timestamp("2000-01-04"), 5, root / "verification")

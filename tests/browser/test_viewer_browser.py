@@ -6,13 +6,13 @@ Works with either map layout the catalog may describe: ``maps: {product: {region
 
 from __future__ import annotations
 
-import re
 import urllib.request
 from typing import Any
 
 import numpy as np
 import pytest
 
+from serve.products import products_for
 from tests.browser.conftest import Site, Watched
 from tests.serve.conftest import make_forecast
 
@@ -136,7 +136,7 @@ def test_pointer_value_and_meteogram(site: Site, desktop: Watched) -> None:
     page, older = desktop.page, site.runs[1]
     product, name, level = _mappable(site, older)
     region = default_region(layout(older)[product])
-    assert region in (None, "global"), "values under the pointer need the global map"
+    assert region in (None, "global"), "this test reads the global map's linear layout"
     leads = layout(older)[product][region]
     page.goto(site.base + "/" + hash_of(older, product, region, leads[2]))
     shows(page, src(older, product, region, leads[2]))
@@ -160,10 +160,10 @@ def test_pointer_value_and_meteogram(site: Site, desktop: Watched) -> None:
     if level is not None:
         field = field.sel(level=level)
     expected = float(field.interp(latitude=got_lat, longitude=got_lon % 360).values)
-    assert value == pytest.approx(expected, rel=1e-5, abs=1e-3)
-    units = site.json(f"/runs/{older['name']}")["variables"]
-    units = next(v["units"] for v in units if v["name"] == name)
-    pretty = re.sub(r"\*\*(-?\d+)", lambda m: m[1].translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")), units)
+    # Shown in the map's display units: the product's own conversion of the stored value.
+    convert = products_for([product], [product])[0].convert
+    assert value == pytest.approx(expected * convert.scale + convert.offset, rel=1e-5, abs=1e-3)
+    pretty = convert.units
     assert data["text"].endswith(pretty) and "°S" in data["text"] and "°W" in data["text"], data["text"]
 
     page.mouse.click(x, y)

@@ -40,16 +40,16 @@ def test_viewer_page_has_the_controls(client: TestClient) -> None:
 def test_viewer_loads_nothing_from_elsewhere(client: TestClient) -> None:
     html = client.get("/viewer").text
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
-    assert len(refs) == 4 and all(not re.match(r"^[a-z]+:|^//|^/", ref) for ref in refs), refs
+    assert len(refs) == 5 and all(not re.match(r"^[a-z]+:|^//|^/", ref) for ref in refs), refs
     for ref in refs:
         response = client.get("/" + ref)
         assert response.status_code == 200, ref
         assert set(re.findall(r"https?://[^\s\"'`<>)]+", response.text)) <= {SVG_NS}, ref
-    js = client.get("/static/viewer.js").text
-    # Every fetch and every URL the script builds is relative to the page.
+    js = "\n".join(client.get("/" + ref).text for ref in refs if ref.endswith(".js"))
+    # Every fetch and every URL the scripts build is relative to the page.
     assert re.findall(r"fetch\(([^)]*)\)", js) == ["url"]
-    assert set(re.findall(r"`(runs|collections)/", js)) == {"runs", "collections"}
-    assert not re.search(r"`/|\"/(runs|collections|static)", js)
+    assert set(re.findall(r"`(runs|collections|maps)/", js)) == {"runs", "collections", "maps"}
+    assert not re.search(r"`/|\"/(runs|collections|static|maps)", js)
 
 
 def test_favicon_is_linked_and_served(client: TestClient) -> None:
