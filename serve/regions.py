@@ -26,7 +26,7 @@ class Region:
     """(lon_min, lon_max, lat_min, lat_max) in degrees; None: the whole globe."""
     figsize: tuple[float, float]
     coastlines: str = "110m"
-    """Natural Earth scale of coastlines (borders are 110m: the only scale shipped)."""
+    """Natural Earth scale of coastlines and borders (110m or 50m, both shipped in serve/naturalearth)."""
     projection_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def crs(self) -> ccrs.Projection:

@@ -194,7 +194,7 @@ class MapRenderer:
             coast = (_layer("physical", "coastline", region.coastlines))
             self.coastlines = self._static(self._project(coast), "coastlines", 0.6, "black")
             if borders:
-                lines = (_layer("cultural", "admin_0_boundary_lines_land", "110m"))
+                lines = (_layer("cultural", "admin_0_boundary_lines_land", self.region.coastlines))
                 self.borders = self._static(self._project(lines), "borders", 0.4, "#333333")
         self._graticule_lines = self._static(self._project(_graticule()), "graticule", 0.3, "#808080", alpha=0.6)
         cax = self.fig.add_axes(_CBAR_RECT)

@@ -204,3 +204,22 @@ def test_map_routes_by_region_legacy_and_animation(client: TestClient, run_dir: 
     assert "arctic, global" in missing.json()["detail"]
     assert client.get(f"/runs/{run}/maps/wind500/arctic/7.png").status_code == 404
     assert client.get(f"/runs/{run}/maps/wind500/arctic/animation.webm").status_code in (404, 422)
+
+
+def test_regional_maps_draw_fifty_metre_borders_from_the_shipped_files(forecast: xr.Dataset) -> None:
+    from dataclasses import replace
+
+    from serve.cartopy_offline import offline_natural_earth
+    from serve.products import fallback
+    from serve.render import MapRenderer
+
+    lat, lon = forecast["latitude"].values, forecast["longitude"].values
+    vertices = {}
+    with offline_natural_earth(None):
+        for scale in ("50m", "110m"):
+            region = replace(REGIONS["europe"], coastlines=scale)
+            renderer = MapRenderer(fallback("geopotential_500"), region, lat, lon, DPI)
+            assert renderer.borders is not None
+            vertices[scale] = sum(len(p) for p in renderer.borders.get_segments())
+            renderer.close()
+    assert REGIONS["europe"].coastlines == "50m" and vertices["50m"] > 2 * vertices["110m"]
