@@ -45,8 +45,13 @@ browser:
 	fi
 
 # pytest exits 5 when it collected nothing: that is a failure here, never a silent pass.
+# Two pytest-xdist workers, a test file each at a time (its module fixtures built once): one process
+# leaves a core idle most of the time (subprocess, server and I/O waits), two take the suite on a
+# 2-core machine from 19 to 12 minutes (docs/benchmarks.md). PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 test: setup lint browser
-	rc=0; $(BIN)/pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	rc=0; $(BIN)/pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) \
+	  $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: setup
