@@ -1,0 +1,148 @@
+"""Per-time moments of the analysis channels, read from the store in blocks of bounded bytes.
+
+Each analysis time ``t`` contributes one unit of weight to the statistics: its area-weighted mean
+``m_t = Σ w_ij x_tij`` and its area-weighted sum of squared deviations ``M2_t = Σ w_ij (x_tij − m_t)²``
+(``w`` sums to 1 over the sphere). The tendency between consecutive times ``t−1, t`` contributes the
+same two numbers for ``x_t − x_{t−1}``. Those per-time numbers (``(time, channel)`` float64) are all
+the statistics need: :func:`combine` merges them with the parallel-variance formula of Chan, Golub
+& LeVeque (1979), so the fields themselves are never held for more than one block of times.
+
+:func:`read_moments` reads runs of store indices in blocks of at most ``budget_bytes`` of float32
+fields, converts one time at a time to float64 (never a float64 copy of a block), and counts every
+time it reads in :data:`READS` (tests assert an incremental update reads only what changed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from core.errors import DataContractError
+from core.variables import parse_channel
+
+DEFAULT_BUDGET = 256 * 2**20  # bytes of float32 fields one block may hold
+
+
+@dataclass
+class ReadCounter:
+    """How many analysis times the statistics have read from stores (for tests and logs)."""
+
+    times: int = 0
+    calls: int = 0
+
+
+READS = ReadCounter()
+
+
+@dataclass
+class Moments:
+    """Per-time moments aligned to store indices: ``mean``/``m2`` of the fields and ``dmean``/``dm2`` of the
+    tendency ending at each time (NaN where not computed)."""
+
+    mean: np.ndarray  # (n, channel)
+    m2: np.ndarray
+    dmean: np.ndarray
+    dm2: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, channels: int) -> Moments:
+        """``n`` times with nothing computed yet."""
+        return cls(*(np.full((n, channels), np.nan) for _ in range(4)))
+
+
+def combine(mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ``k`` parts of unit weight each (``(k, channel)``) into the mean and variance of their union.
+
+    Chan et al.'s pairwise update ``M2 = M2_a + M2_b + δ² n_a n_b / (n_a + n_b)``, applied to all ``k`` parts
+    at once, is ``M2 = Σ M2_i + Σ n_i (m_i − m)²`` with ``m = Σ n_i m_i / n``; here every ``n_i`` is 1.
+    """
+    if mean.shape[0] == 0:
+        raise ValueError("no parts to combine")
+    total = mean.mean(axis=0)
+    m2_total = m2.sum(axis=0) + ((mean - total) ** 2).sum(axis=0)
+    return total, m2_total / mean.shape[0]
+
+
+def channel_sources(group: zarr.Group, channels: list[str], what: str) -> list[tuple[str, int | None]]:
+    """For each channel, the store array it is read from and its level index (None for a surface field)."""
+    levels = [int(v) for v in group["level"][:]] if "level" in group else []
+    out = []
+    for ch in channels:
+        name, level = parse_channel(ch)
+        if name not in group:
+            raise DataContractError(f"{what} has no variable {name!r} (needed for channel {ch!r})")
+        if level is not None and level not in levels:
+            raise DataContractError(f"{what} has no level {level} for {name!r} (needed for channel {ch!r})")
+        out.append((name, levels.index(level) if level is not None else None))
+    return out
+
+
+def contiguous(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted indices as half-open runs ``(start, stop)`` of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(int(i) for i in indices)):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+class BlockReader:
+    """Reads ``(times, channel, lat, lon)`` float32 blocks of a store's channels, one array read per variable."""
+
+    def __init__(self, path: Path, channels: list[str], weights: np.ndarray, budget_bytes: int = DEFAULT_BUDGET):
+        group = zarr.open_group(str(path), mode="r", use_consolidated=None)
+        self.sources = channel_sources(group, channels, f"analysis store {path}")
+        self.arrays = {name: group[name] for name, _ in self.sources}
+        nlat, nlon = self.arrays[self.sources[0][0]].shape[-2:]
+        self.nc = len(channels)
+        self.block = max(1, int(budget_bytes) // (self.nc * nlat * nlon * 4))  # times per block
+        self.w = np.asarray(weights, dtype=np.float64) / nlon  # per row; each time's weights sum to 1
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Store times ``lo:hi`` of every channel, float32 ``(hi−lo, channel, lat, lon)``."""
+        first = self.arrays[self.sources[0][0]]
+        out = np.empty((hi - lo, self.nc, *first.shape[-2:]), dtype=np.float32)
+        by_var: dict[str, list[tuple[int, int | None]]] = {}
+        for c, (name, level) in enumerate(self.sources):
+            by_var.setdefault(name, []).append((c, level))
+        for name, targets in by_var.items():
+            arr = self.arrays[name]
+            levels = [lv for _, lv in targets if lv is not None]
+            if levels:  # only the levels asked for: a block of one level of a 37-level variable stays small
+                values = arr.get_orthogonal_selection((slice(lo, hi), levels))
+                for k, (c, _) in enumerate(targets):
+                    out[:, c] = values[:, k]
+            else:
+                out[:, targets[0][0]] = arr[lo:hi]
+        READS.times += hi - lo
+        READS.calls += 1
+        return out
+
+    def moments_of(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Area-weighted mean and sum of squared deviations per channel of one float64 ``(channel, lat, lon)`` field."""
+        m = np.einsum("cij,i->c", x, self.w)
+        d = x - m[:, None, None]
+        return m, np.einsum("cij,cij,i->c", d, d, self.w)
+
+
+def read_moments(reader: BlockReader, runs: list[tuple[int, int]], out: Moments, offset: int) -> None:
+    """Fill ``out`` (row ``k`` = store index ``offset + k``) for every index in ``runs``, tendencies where the
+    previous index is in the same run; one block of ``reader.block`` times in memory at a time."""
+    for lo, hi in runs:
+        prev: np.ndarray | None = None
+        for b in range(lo, hi, reader.block):
+            block = reader.read(b, min(b + reader.block, hi))
+            for k in range(block.shape[0]):
+                row = b + k - offset
+                x = block[k].astype(np.float64)
+                out.mean[row], out.m2[row] = reader.moments_of(x)
+                if prev is not None:
+                    out.dmean[row], out.dm2[row] = reader.moments_of(x - prev)
+                prev = x
+            del block
