@@ -8,7 +8,7 @@ the statistics need: :func:`combine` merges them with the parallel-variance form
 & LeVeque (1979), so the fields themselves are never held for more than one block of times.
 
 :func:`read_moments` reads runs of store indices in blocks of at most ``budget_bytes`` of float32
-fields, converts one time at a time to float64 (never a float64 copy of a block), and counts every
+fields (and the variables they are read from), converts one time at a time to float64 (never a float64 copy of a block), and counts every
 time it reads in :data:`READS` (tests assert an incremental update reads only what changed).
 """
 
@@ -101,7 +101,10 @@ class BlockReader:
         self.arrays = {name: group[name] for name, _ in self.sources}
         nlat, nlon = self.arrays[self.sources[0][0]].shape[-2:]
         self.nc = len(channels)
-        self.block = max(1, int(budget_bytes) // (self.nc * nlat * nlon * 4))  # times per block
+        # A time costs its channels' stack plus every variable it is read from, all levels: a chunk holds
+        # one time of all levels, so reading a variable whole decodes each chunk once.
+        per_time = 4 * (self.nc * nlat * nlon + sum(int(np.prod(a.shape[1:])) for a in self.arrays.values()))
+        self.block = max(1, int(budget_bytes) // per_time)  # times per block
         self.w = np.asarray(weights, dtype=np.float64) / nlon  # per row; each time's weights sum to 1
 
     def read(self, lo: int, hi: int) -> np.ndarray:
@@ -112,14 +115,12 @@ class BlockReader:
         for c, (name, level) in enumerate(self.sources):
             by_var.setdefault(name, []).append((c, level))
         for name, targets in by_var.items():
-            arr = self.arrays[name]
-            levels = [lv for _, lv in targets if lv is not None]
-            if levels:  # only the levels asked for: a block of one level of a 37-level variable stays small
-                values = arr.get_orthogonal_selection((slice(lo, hi), levels))
-                for k, (c, _) in enumerate(targets):
-                    out[:, c] = values[:, k]
-            else:
-                out[:, targets[0][0]] = arr[lo:hi]
+            # A plain slice, not an orthogonal selection of levels: Zarr builds an int64 index per selected
+            # element for the latter (twice the block's bytes), which measured as the pass's peak memory.
+            values = self.arrays[name][lo:hi]
+            for c, level in targets:
+                out[:, c] = values[:, level] if level is not None else values
+            del values
         READS.times += hi - lo
         READS.calls += 1
         return out
