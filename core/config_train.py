@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import NonNegativeFloat, model_validator
 
 from core.config_base import Moment, _Section
 from core.errors import ConfigError
@@ -68,8 +68,13 @@ class TrainConfig(_Section):
     """Seed of weights and data order."""
     threads: int = 0
     """torch intra-op threads per rank (0 = cores / ranks)."""
-    loader: Literal["memory", "zarr"] = "memory"
-    """Training windows held in memory (small periods), or read from the store per item (years of ERA5)."""
+    loader: Literal["auto", "memory", "zarr"] = "auto"
+    """Where training and validation windows come from: ``memory`` — both periods loaded into every rank's memory
+    (small periods); ``zarr`` — each window read from the store when it is drawn (years of ERA5); ``auto`` —
+    ``memory`` while the two periods' fields (times × channels × grid × 4 bytes) stay below ``loader_memory_gib``,
+    else ``zarr`` (the choice is logged)."""
+    loader_memory_gib: NonNegativeFloat = 2.0
+    """With ``loader: auto``, the largest training + validation field volume (GiB per rank) held in memory."""
     num_workers: int = 0
     """DataLoader worker processes prefetching windows (spawned; useful with ``loader: zarr``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -80,8 +85,15 @@ class TrainConfig(_Section):
     """Ranks torchrun starts on this machine (GPUs per node, or CPU processes)."""
     nnodes: int = 1
     """Number of nodes in the torchrun rendezvous."""
+    node_rank: int = 0
+    """This node's index in a multi-node run, 0..nnodes-1 (``--node-rank``; Slurm ``$SLURM_NODEID``). Node 0 runs on
+    the ``rdzv_endpoint`` host and hosts the rendezvous store; torchrun's c10d rendezvous assigns the ranks."""
     rdzv_endpoint: str | None = None
-    """host:port of the rendezvous for multi-node runs (None = standalone on this machine)."""
+    """host:port of the rendezvous for multi-node runs (None = standalone on this machine); every node gives the same
+    one, the host of node 0. Needed when ``nnodes > 1``."""
+    rdzv_timeout_s: int = 600
+    """Seconds a node waits for the rendezvous endpoint to answer and for every node to join
+    (torchrun ``--rdzv-conf join_timeout=…,read_timeout=…``)."""
     max_nonfinite_steps: int = 5
     """Steps with a NaN/Inf loss or gradient are skipped and counted; this many in a row stop the run."""
     comm_hook: Literal["none", "powersgd", "signsgd"] = "none"
@@ -154,6 +166,7 @@ class TrainConfig(_Section):
             raise ConfigError(f"input_noise {self.input_noise} must be in [0, 1) (a fraction of each channel's std)")
         if self.max_restarts < 0:
             raise ConfigError(f"max_restarts {self.max_restarts} must be ≥ 0")
+        self._check_nodes()
         if self.num_workers < 0:
             raise ConfigError(f"num_workers {self.num_workers} must be ≥ 0")
         if self.max_steps is not None and self.max_steps < 1:
@@ -171,6 +184,21 @@ class TrainConfig(_Section):
             raise ConfigError(f"powersgd_start_iter {self.powersgd_start_iter} must be ≥ 2 (DDP rebuilds its "
                               "gradient buckets after the first step)")
         return self
+
+    def _check_nodes(self) -> None:
+        """One-line errors for the multi-node settings (node rank, rendezvous endpoint, timeout)."""
+        if self.nnodes < 1 or self.nproc_per_node < 1:
+            raise ConfigError(f"nnodes {self.nnodes} and nproc_per_node {self.nproc_per_node} must be ≥ 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank {self.node_rank} must be in 0..{self.nnodes - 1} (nnodes {self.nnodes})")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"nnodes {self.nnodes} needs rdzv_endpoint (host:port of node 0, the same on every node)")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or host.startswith(":") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port (e.g. node0:29400)")
+        if self.rdzv_timeout_s < 1:
+            raise ConfigError(f"rdzv_timeout_s {self.rdzv_timeout_s} must be ≥ 1")
 
     def rolling(self, newest: datetime, time_step_hours: int) -> TrainConfig:
         """This section for a weekly retrain: run ``<run_name>-YYYYMMDDTHH`` (newest analysis), periods rolled to it."""

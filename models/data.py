@@ -4,7 +4,8 @@ A window starting at analysis time ``t`` is ``(x(t), [x(t+Δ), …, x(t+KΔ)])``
 step; with a history of h states the input is the stack ``x(t−(h−1)Δ), …, x(t)`` (oldest first,
 channels concatenated). It exists only if every one of those times lies inside the requested
 period and is marked done in the store (completeness comes from the ``done`` flags, never from the values).
-The selected period is small, so it is loaded once into memory as float32; the dataset is a plain
+The selected period is small, so it is loaded once into memory as float32 (for large periods
+``train.loader`` picks :class:`models.zarr_windows.ZarrWindowDataset`, which reads windows per item); the dataset is a plain
 map-style dataset and works with ``DistributedSampler``. :func:`training_loader` batches it for one rank.
 """
 

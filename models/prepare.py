@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pandas as pd
 import torch
 import xarray as xr
-from torch.utils.data import Dataset
 
 from core.config import Config
 from core.errors import ConfigError, DataContractError, MissingInputError
@@ -34,6 +35,8 @@ from models.zarr_windows import ZarrWindowDataset
 
 log = logging.getLogger(__name__)
 
+Windows = WindowDataset | ZarrWindowDataset
+
 
 @dataclass
 class Setup:
@@ -45,8 +48,8 @@ class Setup:
     grid: Grid
     stats: xr.Dataset
     dataset_version: str
-    train_ds: WindowDataset | ZarrWindowDataset
-    val_ds: WindowDataset
+    train_ds: Windows
+    val_ds: Windows
     lead_steps: list[int]
     model: Normalized
     run_dir: Path
@@ -72,17 +75,40 @@ def validation_steps(config: Config) -> list[int]:
     return sorted({h // dt for h in config.train.val_lead_hours})
 
 
-def training_windows(config: Config, analysis: xr.Dataset) -> tuple[Dataset, WindowDataset]:
-    """The training windows (in memory, or read from the store per item) and the validation windows."""
+def window_bytes(config: Config, analysis: xr.Dataset) -> int:
+    """Bytes the ``memory`` loader would hold per rank: the training and validation periods' fields as float32."""
+    t = config.train
+    times = pd.DatetimeIndex(analysis["time"].values)
+    n = sum(int(times.searchsorted(pd.Timestamp(b), side="right") - times.searchsorted(pd.Timestamp(a)))
+            for a, b in ((t.train_start, t.train_end), (t.val_start, t.val_end)))
+    return n * len(config.task.channels()) * analysis.sizes["latitude"] * analysis.sizes["longitude"] * 4
+
+
+def choose_loader(config: Config, analysis: xr.Dataset) -> Literal["memory", "zarr"]:
+    """The loader a run uses: ``train.loader``, or for ``auto`` memory below ``train.loader_memory_gib``, else zarr."""
+    t = config.train
+    if t.loader != "auto":
+        return t.loader
+    nbytes = window_bytes(config, analysis)
+    chosen: Literal["memory", "zarr"] = "memory" if nbytes < t.loader_memory_gib * 2**30 else "zarr"
+    log.info("train.loader auto: training + validation fields are %.3f GiB per rank (limit %g GiB): loader %s",
+             nbytes / 2**30, t.loader_memory_gib, chosen)
+    return chosen
+
+
+def training_windows(config: Config, analysis: xr.Dataset) -> tuple[Windows, Windows]:
+    """The training and validation windows: both in memory, or both read from the store per item (``choose_loader``)."""
     t, task = config.train, config.task
     channels, dt = task.channels(), task.time_step_hours
     lead_steps = max(validation_steps(config))
-    if t.loader == "zarr":
-        train_ds: Dataset = ZarrWindowDataset(config.paths.analysis_store, channels, t.train_start, t.train_end,
-                                              t.rollout_steps, dt, task.history, time_features=task.time_features)
-    else:
-        train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt, task.history,
-                                 task.time_features)
+    if choose_loader(config, analysis) == "zarr":
+        def from_store(start: datetime, end: datetime, steps: int) -> Windows:
+            return ZarrWindowDataset(config.paths.analysis_store, channels, start, end, steps, dt, task.history,
+                                     time_features=task.time_features)
+        # Validation windows too: holding the validation period on every rank is what the store loader avoids.
+        return from_store(t.train_start, t.train_end, t.rollout_steps), from_store(t.val_start, t.val_end, lead_steps)
+    train_ds = WindowDataset(analysis, channels, t.train_start, t.train_end, t.rollout_steps, dt, task.history,
+                             task.time_features)
     val_ds = WindowDataset(analysis, channels, t.val_start, t.val_end, lead_steps, dt, task.history, task.time_features)
     return train_ds, val_ds
 

@@ -1,7 +1,8 @@
 """Train the SFNO: ``torchrun --nproc_per_node=N -m models.train --config cfg.yaml`` (or ``train(config)``).
 
-Each rank loads the training and validation periods of the analysis store into memory, takes an
-equal share of every global batch (``DistributedSampler``), and DDP averages the gradients. The
+Each rank holds the training and validation periods of the analysis store in memory, or reads each
+window from the store as it is drawn (``train.loader``; ``auto`` picks by size, see
+:func:`models.prepare.choose_loader`), takes an equal share of every global batch (``DistributedSampler``), and DDP averages the gradients. The
 loss is the area-weighted MSE of normalized tendencies over a multistep rollout whose length grows
 from ``train.rollout_start`` by ``train.rollout_increment`` to ``train.rollout_steps`` over
 ``train.rollout_ramp`` of the run (curriculum). Adam with warm-up and cosine decay.
@@ -338,7 +339,7 @@ def train(config: Config) -> Path:
     batch = per_rank_batch(config.train.batch_size, world_size_from_env())  # fail before joining a group
     device = select_device(config.train.device)  # also fails before joining: more local ranks than GPUs, no CUDA
     deterministic = torch.are_deterministic_algorithms_enabled()
-    join_attempt_group(device)  # before init_distributed, which then finds the group joined
+    join_attempt_group(device, config.train.rdzv_endpoint)  # before init_distributed, which then finds it joined
     ctx = init_distributed(device)
     try:
         path = fit(prepare(config, ctx, batch))
