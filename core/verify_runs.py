@@ -27,6 +27,7 @@ import xarray as xr
 
 from core.climatology import cached_climatology, channel_array, climatology_at, climatology_key, store_channels
 from core.config import Config
+from core.errors import DataContractError, MissingInputError
 from core.metrics import CRPS_METHOD
 from core.runs import list_runs, read_manifest
 from core.schema import validate_analysis, validate_forecast
@@ -58,7 +59,7 @@ class VerifyReport:
 def open_store(path: Path) -> xr.Dataset:
     """Open the analysis store lazily and check its contract."""
     if not Path(path).exists():
-        raise ValueError(f"analysis store {path} does not exist; nothing can be verified before ingest")
+        raise MissingInputError(f"analysis store {path} does not exist; nothing can be verified before ingest")
     return validate_analysis(xr.open_zarr(path, consolidated=False, chunks=None), what=f"analysis store {path}")
 
 
@@ -145,7 +146,7 @@ def score_run(name: str, fc: xr.Dataset, store: xr.Dataset, state: list[dict[str
     have = set(store_channels(store))
     channels = [c for c in store_channels(fc) if c in have]
     if not channels:
-        raise ValueError(f"run {name}: none of its channels {store_channels(fc)} is in the analysis store")
+        raise DataContractError(f"run {name}: none of its channels {store_channels(fc)} is in the analysis store")
     init = pd.Timestamp(fc["init_time"].values[0])
     persistence = _persistence(fc, channels, store)
     scored_at = pd.Timestamp.now(tz="UTC").tz_localize(None).floor("s")

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.config import Config, load_config
+from core.errors import DataContractError
 from core.runs import read_manifest
 from core.verify_runs import AGGREGATE_JSON, SCORES_JSON, VerifyReport, open_store, verified_leads, verify_runs
 from serve.layout import ERROR_MAPS_INDEX
@@ -87,5 +88,5 @@ def verify_forecasts(config_path: str | None = None, overrides: dict[str, Any] |
                "aggregate": str(Path(report.verification_dir) / AGGREGATE_JSON) if report.aggregate else None}
     if report.failed:
         # Every other run was scored and drawn first; the flow still fails so the operator sees it.
-        raise ValueError(f"runs that could not be scored: {report.failed}")
+        raise DataContractError(f"runs that could not be scored: {report.failed}")
     return summary

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.errors import DataContractError
 from core.runs import MANIFEST, RUN_NAME_RE, list_runs, parse_run_name, read_manifest, sha256_file
 from serve.layout import ERROR_MAPS_INDEX, MAPS_DIR, animation_index, animation_relpath, map_index, map_relpath
 from serve.products_derived import ERROR_PREFIX
@@ -68,7 +69,7 @@ def _load_error_index(path: str, inode: int, mtime_ns: int, size: int) -> dict[s
     # Keyed like the manifest: a re-verification swaps a new maps/ (new inode) in.
     files = json.loads(Path(path).read_text())["files"]
     if not isinstance(files, dict):
-        raise ValueError("'files' is not an object")
+        raise DataContractError("'files' is not an object")
     # Only error maps: the index can never shadow or add a forecast map of the run.
     return {k: v for k, v in files.items() if k.startswith(f"{MAPS_DIR}/{ERROR_PREFIX}")}
 

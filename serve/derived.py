@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from core.errors import DataContractError
 from core.variables import parse_channel
 from serve.products import Product
 from serve.products_derived import Threshold, contour_key, shade_key
@@ -23,7 +24,7 @@ def channel_field(ds: xr.Dataset, channel: str, **index: int) -> np.ndarray:
     """float32 values of one channel of ``ds.isel(**index)``, latitude and longitude last."""
     name, level = parse_channel(channel)
     if name not in ds.data_vars:
-        raise ValueError(f"dataset has no variable {name!r} (needed for channel {channel!r})")
+        raise DataContractError(f"dataset has no variable {name!r} (needed for channel {channel!r})")
     da = ds[name].isel({k: v for k, v in index.items() if k in ds[name].dims})
     if level is not None:
         da = da.sel(level=level)

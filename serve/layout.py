@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from core.errors import ConfigError
+
 MAPS_DIR = "maps"
 ERROR_MAPS_INDEX = "maps/index.json"
 """Under ``<verification>/<run>/``: every error map's size and sha256 (:mod:`serve.maps_error`)."""
@@ -31,7 +33,7 @@ def map_relpath(product: str, region: str, lead_hours: int) -> str:
 def animation_relpath(product: str, region: str, fmt: str) -> str:
     """Run-relative path of a product's animation over a region: ``maps/<product>/<region>/animation.<fmt>``."""
     if fmt not in ANIMATION_FORMATS:
-        raise ValueError(f"animation format {fmt!r} is not one of {', '.join(ANIMATION_FORMATS)}")
+        raise ConfigError(f"animation format {fmt!r} is not one of {', '.join(ANIMATION_FORMATS)}")
     return f"{MAPS_DIR}/{product}/{region}/animation.{fmt}"
 
 

@@ -26,6 +26,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from core.config import MapBox
+from core.errors import ConfigError, DataContractError
 from core.variables import VARIABLES, parse_channel
 from serve.cartopy_offline import check_natural_earth_dir, offline_natural_earth
 from serve.derived import LeadArrays, channel_field, fill_ensemble
@@ -72,7 +73,7 @@ def lead_hours(forecast: xr.Dataset) -> list[int]:
     """Lead times of a forecast in whole hours; ``ValueError`` if one is not a whole hour."""
     hours = forecast["lead_time"].values / np.timedelta64(1, "h")
     if not np.allclose(hours, np.round(hours)):
-        raise ValueError(f"forecast lead_time {hours.tolist()} h are not whole hours (map names need them)")
+        raise DataContractError(f"forecast lead_time {hours.tolist()} h are not whole hours (map names need them)")
     return [int(h) for h in np.round(hours)]
 
 
@@ -226,19 +227,19 @@ def choose_products(channels: Sequence[str], requested: Sequence[str] | None, en
     probs = [n for n in requested if n.startswith(PROB_PREFIX)]
     errors = [n for n in requested if n.startswith(ERROR_PREFIX)]
     if errors:
-        raise ValueError(f"map products {', '.join(errors)} are error maps: verification draws them once the "
+        raise ConfigError(f"map products {', '.join(errors)} are error maps: verification draws them once the "
                          "analysis of each lead exists (spherecast verify), not the forecast's rendering")
     if (spreads or probs) and not ensemble:
-        raise ValueError(f"map products {', '.join([SPREAD_PREFIX + s for s in spreads] + probs)} need an "
+        raise ConfigError(f"map products {', '.join([SPREAD_PREFIX + s for s in spreads] + probs)} need an "
                          "ensemble run (forecast.ensemble.members > 1); this run has one member")
     known = {row.name: row for row in PROBABILITIES}
     rows = []
     for name in probs:
         if name not in known:
-            raise ValueError(f"unknown probability product {name!r}; known: {', '.join(known)}")
+            raise ConfigError(f"unknown probability product {name!r}; known: {', '.join(known)}")
         missing = sorted(set(known[name].field) - set(channels))
         if missing:
-            raise ValueError(f"map product {name!r} needs {', '.join(missing)}, which the run does not hold")
+            raise ConfigError(f"map product {name!r} needs {', '.join(missing)}, which the run does not hold")
         rows.append(known[name])
     return products_for(channels, plain), products_for(channels, spreads), rows
 
@@ -256,10 +257,10 @@ def render_run_maps(forecast: xr.Dataset, out_dir: Path, dpi: int = 80, natural_
     per core). ``stats`` (if given) gains wall and CPU seconds, frames and CPU utilisation of the batch.
     """
     if forecast.sizes.get("init_time") != 1:
-        raise ValueError(f"forecast has init_time of size {forecast.sizes.get('init_time')}, expected 1")
+        raise DataContractError(f"forecast has init_time of size {forecast.sizes.get('init_time')}, expected 1")
     channels = forecast_channels(forecast)
     if not channels:
-        raise ValueError("forecast holds no variables from the vocabulary to map")
+        raise DataContractError("forecast holds no variables from the vocabulary to map")
     ensemble = "member" in forecast.dims
     # Every request is checked before the first file is written.
     bases, spread_bases, rows = choose_products(channels, products, ensemble)
@@ -300,7 +301,7 @@ def render_map_png(field: xr.DataArray, channel: str | None = None, title: str |
     if channel is None:
         if name in VARIABLES and VARIABLES[name].level_type == "pressure":
             if "level" not in field.coords or field["level"].size != 1:
-                raise ValueError(f"field {name!r} needs a single 'level' coordinate to be mapped")
+                raise ConfigError(f"field {name!r} needs a single 'level' coordinate to be mapped")
             channel = f"{name}_{int(field['level'].values)}"
         else:
             channel = name
@@ -310,7 +311,7 @@ def render_map_png(field: xr.DataArray, channel: str | None = None, title: str |
         raise ValueError(f"render_map_png needs a (latitude, longitude) field, got dims {field.dims}")
     field = field.transpose("latitude", "longitude")
     if region not in REGIONS:
-        raise ValueError(f"unknown map region {region!r}; known: {', '.join(REGIONS)}")
+        raise ConfigError(f"unknown map region {region!r}; known: {', '.join(REGIONS)}")
     area: Region = REGIONS[region]
     with offline_natural_earth(natural_earth_dir):
         renderer = MapRenderer(product, area, np.asarray(field["latitude"].values, dtype=float),

@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from core.config import MapBox
+from core.errors import ConfigError, DataContractError, MissingInputError
 from core.runs import sha256_file
 from serve.derived import LeadArrays, channel_field, fill_errors
 from serve.layout import ERROR_MAPS_INDEX, MAPS_DIR
@@ -40,7 +41,7 @@ def _base_names(products: Sequence[str] | None) -> list[str] | None:
             continue
         base = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else name
         if is_derived(base):
-            raise ValueError(f"map product {name!r} has no error map: errors are drawn for forecast products only")
+            raise ConfigError(f"map product {name!r} has no error map: errors are drawn for forecast products only")
         out.append(base)
     return out
 
@@ -49,7 +50,7 @@ def _same_grid(forecast: xr.Dataset, analysis: xr.Dataset) -> None:
     for axis in ("latitude", "longitude"):
         a, b = forecast[axis].values, analysis[axis].values
         if a.shape != b.shape or not np.allclose(a, b):
-            raise ValueError(f"forecast {axis} ({a.size} points) differs from the analysis store's ({b.size}); "
+            raise DataContractError(f"forecast {axis} ({a.size} points) differs from the analysis store's ({b.size}); "
                              "error maps need both on one grid")
 
 
@@ -75,14 +76,14 @@ def render_error_maps(forecast: xr.Dataset, analysis: xr.Dataset, truth_leads: S
     are the run's forecast products whose channels the analysis also holds (or those named).
     """
     if forecast.sizes.get("init_time") != 1:
-        raise ValueError(f"forecast has init_time of size {forecast.sizes.get('init_time')}, expected 1")
+        raise DataContractError(f"forecast has init_time of size {forecast.sizes.get('init_time')}, expected 1")
     if not truth_leads:
-        raise ValueError("no lead of this run has its analysis yet: there is no error to map")
+        raise MissingInputError("no lead of this run has its analysis yet: there is no error to map")
     mean, prefix = reduce_members(forecast)
     have = set(forecast_channels(analysis))
     channels = [ch for ch in forecast_channels(mean) if ch in have]
     if not channels:
-        raise ValueError("the analysis store holds none of the forecast's channels: there is no error to map")
+        raise DataContractError("the analysis store holds none of the forecast's channels: there is no error to map")
     bases = products_for(channels, _base_names(products))
     _same_grid(mean, analysis)
     leads = [int(k) for k, _ in truth_leads]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from core.errors import ConfigError
 from core.variables import VARIABLES, parse_channel
 
 G0 = 9.80665  # m s-2: geopotential / (10 g) is geopotential height in decametres
@@ -174,15 +175,15 @@ def products_for(channels: Sequence[str], requested: Sequence[str] | None = None
         known = {p.name: p for p in candidates(levels or [500])}
         if name in known:
             missing = sorted(set(known[name].channels) - have)
-            raise ValueError(f"map product {name!r} needs {', '.join(missing)}, which the run does not hold")
+            raise ConfigError(f"map product {name!r} needs {', '.join(missing)}, which the run does not hold")
         if "{level}" not in name and _template_name(name) is not None:
-            raise ValueError(f"map product {name!r} needs a pressure level the run does not hold "
+            raise ConfigError(f"map product {name!r} needs a pressure level the run does not hold "
                              f"(levels: {levels or 'none'})")
         try:
             parse_channel(name)
         except ValueError:
-            raise ValueError(f"unknown map product {name!r}; this run offers {', '.join(by_name) or 'none'}") from None
-        raise ValueError(f"map product {name!r} needs {name}, which the run does not hold")
+            raise ConfigError(f"unknown map product {name!r}; this run offers {', '.join(by_name) or 'none'}") from None
+        raise ConfigError(f"map product {name!r} needs {name}, which the run does not hold")
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import cartopy.crs as ccrs
 
 from core.config import MapBox, check_map_box
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def box_region(box: MapBox) -> Region:
                       {"central_longitude": ((central + 180) % 360) - 180})
     mid_lat = (box.lat_min + box.lat_max) / 2
     if abs(mid_lat) < 5:
-        raise ValueError(f"map region {box.name!r}: a LambertConformal box needs its centre away from the equator "
+        raise ConfigError(f"map region {box.name!r}: a LambertConformal box needs its centre away from the equator "
                          f"(centre latitude {mid_lat}); use PlateCarree")
     parallels = (box.lat_min + height / 6, box.lat_max - height / 6)
     if mid_lat < 0:
@@ -75,16 +76,16 @@ def resolve_regions(names: Sequence[str] | None, boxes: Sequence[MapBox] = ()) -
     table = dict(REGIONS)
     for box in boxes:
         if box.name in REGIONS:
-            raise ValueError(f"map region box {box.name!r} has the name of a built-in region")
+            raise ConfigError(f"map region box {box.name!r} has the name of a built-in region")
         table[box.name] = box_region(box)
     if names is None:
         names = list(REGIONS) + [b.name for b in boxes]
     out = []
     for name in names:
         if name not in table:
-            raise ValueError(f"unknown map region {name!r}; known: {', '.join(table)} "
+            raise ConfigError(f"unknown map region {name!r}; known: {', '.join(table)} "
                              "(add a lon/lat box under render.boxes)")
         out.append(table[name])
     if len({r.name for r in out}) != len(out):
-        raise ValueError(f"map regions {list(names)} name a region twice")
+        raise ConfigError(f"map regions {list(names)} name a region twice")
     return out

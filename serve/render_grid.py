@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import cartopy.crs as ccrs
 import numpy as np
 
+from core.errors import DataContractError
+
 _PLATE_CARREE = ccrs.PlateCarree()
 
 
@@ -64,7 +66,7 @@ def pixel_grid(crs: ccrs.Projection, xlim: tuple[float, float], ylim: tuple[floa
     lat, lon = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
     steps = np.diff(lon)
     if lon.size < 2 or not np.allclose(steps, 360.0 / lon.size, rtol=1e-6, atol=1e-9):
-        raise ValueError(f"map grid longitudes must be regular and cover 360° ({lon.size} values)")
+        raise DataContractError(f"map grid longitudes must be regular and cover 360° ({lon.size} values)")
     xs = xlim[0] + (np.arange(nx) + 0.5) * (xlim[1] - xlim[0]) / nx
     ys = ylim[0] + (np.arange(ny) + 0.5) * (ylim[1] - ylim[0]) / ny
     gx, gy = np.meshgrid(xs, ys)

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from core.errors import DataContractError
 from core.verify_runs import scorecard_grid
 
 SKILL_LIMIT = 50.0  # % beyond which the colour saturates
@@ -50,7 +51,7 @@ def render_scorecard(payload: dict[str, Any], path: Path, title: str | None = No
     """Draw the scorecard of a run's or an aggregate's score payload to the PNG ``path``."""
     channels, hours, rmse = scorecard_grid(payload, "rmse")
     if not channels or not hours or "model" not in rmse:
-        raise ValueError("the score payload has no model RMSE to draw a scorecard from")
+        raise DataContractError("the score payload has no model RMSE to draw a scorecard from")
     _, _, acc = scorecard_grid(payload, "acc")
     panels = []
     for ref in ("persistence", "climatology"):
