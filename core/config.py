@@ -35,7 +35,7 @@ from core.variables import channel_names, check_level, get_variable
 __all__ = ["CdsConfig", "Config", "EnsembleConfig", "FilesConfig", "ForecastConfig", "IngestConfig",
            "InitialConditionsConfig", "MirrorConfig", "ModelConfig", "OpenDataConfig", "SyntheticConfig", "TrainConfig",
            "VerifyConfig", "Moment",
-           "config_from_dict", "deep_merge", "load_config", "dump_config", "channels_of"]
+           "absolute_paths", "config_from_dict", "deep_merge", "load_config", "dump_config", "channels_of"]
 
 ENV_PREFIX = "SPHERECAST_"
 TimeFeature = Literal["day_of_year", "hour_of_day"]  # models.clock computes them
@@ -387,3 +387,31 @@ def dump_config(config: Config) -> dict[str, Any]:
 def channels_of(config: Config) -> list[str]:
     """Ordered channels of a config's task (shortcut used by every stage)."""
     return config.task.channels()
+
+
+def _absolute(path: Path, cwd: Path) -> Path:
+    # ``absolute``, not ``resolve``: a symlinked data directory keeps the name an operator gave it.
+    path = path.expanduser()
+    return path if path.is_absolute() else cwd / path
+
+
+def _absolute_glob(value: str, cwd: Path) -> str:
+    return value if "://" in value else str(_absolute(Path(value), cwd))
+
+
+def absolute_paths(config: Config, cwd: Path | None = None) -> Config:
+    """The config with every relative filesystem path made absolute against ``cwd`` (default: this process's)."""
+    # A job sent to a Dask worker runs in the worker's own working directory, on its own host:
+    # a relative path there names another place. URLs (``gs://…``) are left as they are.
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    p, ing = config.paths, config.ingest
+    paths = p.model_copy(update={name: _absolute(getattr(p, name), cwd)
+                                 for name in ("root", "data_dir", "runs_dir", "forecasts_dir")
+                                 if getattr(p, name) is not None})
+    ingest = ing.model_copy(update={
+        "files": ing.files.model_copy(update={"paths": [_absolute_glob(v, cwd) for v in ing.files.paths]}),
+        "cds": ing.cds.model_copy(update={"download_dir": None if ing.cds.download_dir is None
+                                           else _absolute(ing.cds.download_dir, cwd)}),
+        "mirror": ing.mirror.model_copy(update={"url": _absolute_glob(ing.mirror.url, cwd)}),
+    })
+    return config.model_copy(update={"paths": paths, "ingest": ingest})

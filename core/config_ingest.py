@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +11,9 @@ from pydantic import model_validator
 
 from core.config_base import Moment, _Section
 from core.errors import ConfigError
+
+# What Dask's own comm layer connects to; an http:// address (a dashboard URL, a common mix-up) is refused.
+_SCHEDULER_RE = re.compile(r"((tcp|tls|ucx)://)?[^\s/]+\Z|inproc://\S+\Z")
 
 
 class SyntheticConfig(_Section):
@@ -84,7 +88,8 @@ class IngestConfig(_Section):
     workers: int = 1
     """Dask workers fetching/regridding/writing slabs in parallel (1 = in this process)."""
     scheduler_address: str | None = None
-    """Address of an existing Dask scheduler to use instead of a LocalCluster."""
+    """Address of an existing Dask scheduler (``tcp://host:8786``) to use instead of a LocalCluster; its workers
+    must see ``paths`` at the same absolute paths (a shared filesystem)."""
     retries: int = 2
     """Prefect retries of a failed slab task (a retry re-fetches and rewrites that slab only)."""
     retry_delay_seconds: float = 10.0
@@ -115,6 +120,9 @@ class IngestConfig(_Section):
             raise ConfigError("ingest.slab_size and ingest.workers must be ≥ 1")
         if self.recheck_days < 0 or self.retries < 0 or self.retry_delay_seconds < 0:
             raise ConfigError("ingest.recheck_days, ingest.retries and ingest.retry_delay_seconds must be ≥ 0")
+        if self.scheduler_address and not _SCHEDULER_RE.match(self.scheduler_address):
+            raise ConfigError(f"ingest.scheduler_address {self.scheduler_address!r} is not a Dask scheduler address: "
+                              "use tcp://host:port (or tls://host:port), e.g. tcp://10.0.0.5:8786")
         if self.source == "files" and not self.files.paths:
             raise ConfigError("ingest.source is 'files' but ingest.files.paths is empty")
         return self

@@ -1,10 +1,12 @@
-"""Ingest entry points used by the CLI and flows: config in, analysis store and stats out.
+"""The one ingest path (CLI, Prefect flow, demo and tests): config in, analysis store and stats out.
 
-One ingest is: take the store's single-writer lock; create the store (or extend its period for an
-append); write every slab that is not done, in parallel on Dask; re-fetch done slabs that still
-hold preliminary (ERA5T) times and replace them where final ERA5 has arrived; refresh the
-consolidated metadata; recompute the statistics over the training period. Each step is idempotent
-by slab (done flags on disk, not a cache), so a rerun after a crash does only what is left.
+One ingest is: make the config's paths absolute (jobs run in other processes, maybe on other
+hosts); check that the executor's workers see the store's directory; take the store's
+single-writer lock; create the store (or extend its period for an append); run every slab that
+is not done through the executor passed in (inline, Dask, or Prefect tasks); re-fetch done slabs
+that still hold preliminary (ERA5T) times and replace them where final ERA5 has arrived; refresh
+the consolidated metadata; recompute the statistics over the training period. Each step is
+idempotent by slab (done flags on disk, not a cache), so a rerun after a crash does only what is left.
 """
 
 from __future__ import annotations
@@ -12,33 +14,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core.config import Config, config_from_dict, dump_config
-from ingest.append import extend_store, group_fetcher, recheck_region, recheck_regions, store_lock
-from ingest.parallel import slab_executor
-from ingest.regions import (
-    consolidate,
-    contiguous_runs,
-    done_flags,
-    done_in,
-    open_store,
-    preliminary_times,
-    remove_partial_files,
-    store_slab_size,
-    write_slab,
-)
+from core.config import Config, absolute_paths, config_from_dict, dump_config
+from ingest.append import group_fetcher, recheck_region
+from ingest.orchestrate import IngestPlan, StoreRequest, plan_store, run_slabs, write_missing
+from ingest.parallel import Executor, SlabExecutor, slab_executor
+from ingest.regions import open_store, preliminary_times, store_slab_size
 from ingest.sources import Source, shared_planet
 from ingest.stats import compute_stats, write_stats
-from ingest.store import BuildReport, StoreLayout, check_layout, create_store, slabs_to_do
+from ingest.store import BuildReport, StoreLayout
+
+__all__ = ["IngestPlan", "executor_for", "finish_ingest", "ingest", "ingest_slab", "layout_for", "plan_ingest", "source_for",
+           "store_request", "target_end"]
 
 log = logging.getLogger(__name__)
 
@@ -84,65 +78,29 @@ def target_end(config: Config, source: Source, append: bool) -> pd.Timestamp:
     return max(newest, pd.Timestamp(config.ingest.end))
 
 
-@dataclass
-class IngestPlan:
-    """What one ingest will do to the store (computed before any write)."""
-
-    path: Path
-    layout: StoreLayout
-    exists: bool
-    extend_to: pd.Timestamp | None
-    slab_size: int
-    todo: list[slice] = field(default_factory=list)
-    recheck: list[slice] = field(default_factory=list)
-    requests: str = ""
-
-    def describe(self) -> str:
-        """A readable summary (what ``spherecast ingest --plan`` prints)."""
-        t = self.layout.times
-        lines = [f"store {self.path} ({'exists' if self.exists else 'new'}), source {self.layout.source}",
-                 f"period {t[0]:%Y-%m-%dT%H} .. {t[-1]:%Y-%m-%dT%H}, {len(t)} times, slabs of {self.slab_size}"]
-        if self.extend_to is not None:
-            lines.append(f"append: extend the period to {self.extend_to:%Y-%m-%dT%H}")
-        n_todo = sum(s.stop - s.start for s in self.todo)
-        lines.append(f"to write: {len(self.todo)} slabs ({n_todo} times); "
-                     f"preliminary to re-check: {len(self.recheck)} regions (only their preliminary times are fetched)")
-        if self.requests:
-            lines += ["source requests:", self.requests]
-        return "\n".join(lines)
+def store_request(config: Config, append: bool = False, source: Source | None = None) -> StoreRequest:
+    """The store a config asks for: its path, layout (period extended by an append), slabs and encoding."""
+    source = source or source_for(config)
+    path = config.paths.analysis_store
+    end = target_end(config, source, append)
+    if path.exists():
+        stored = pd.DatetimeIndex(open_store(path)["time"].values)
+        if stored.size and stored[-1] > end:
+            end = stored[-1]  # appended past the config's end: keep that period
+    ing = config.ingest
+    return StoreRequest(path, layout_for(config, source.dataset_version(), source.name, end), ing.slab_size,
+                        ing.compression, ing.checksum, ing.recheck_days)
 
 
 def plan_ingest(config: Config, append: bool = False, source: Source | None = None) -> IngestPlan:
     """Work out what an ingest would do, without writing anything."""
+    config = absolute_paths(config)
     source = source or source_for(config)
-    path = config.paths.analysis_store
-    end = target_end(config, source, append)
-    store = open_store(path) if path.exists() else None
-    if store is not None and store.sizes["time"] and pd.Timestamp(store["time"].values[-1]) > end:
-        end = pd.Timestamp(store["time"].values[-1])  # appended past the config's end: keep that period
-    layout = layout_for(config, source.dataset_version(), source.name, end)
-    plan = IngestPlan(path, layout, store is not None, None, config.ingest.slab_size)
-    if store is not None:
-        # Slabs follow the store's shard files, whatever the config says now: a slab that straddles
-        # two files would rewrite both of them.
-        stored = store_slab_size(path)
-        if stored is not None and stored != plan.slab_size:
-            log.info("store %s holds slabs of %d times (ingest.slab_size is %d): using %d", path, stored,
-                     plan.slab_size, stored)
-            plan.slab_size = stored
-        added = check_layout(store, layout, path)  # a prefix of the requested period is fine: it is extended
-        done = np.zeros(len(layout.times), dtype=bool)
-        done[: store.sizes["time"]] = done_flags(path)
-        if added:
-            plan.extend_to = layout.times[-1]
-        plan.todo = slabs_to_do(done, plan.slab_size)
-        since = layout.times[-1] - pd.Timedelta(days=config.ingest.recheck_days)
-        plan.recheck = recheck_regions(path, plan.slab_size, since, busy=plan.todo)
-    else:
-        plan.todo = slabs_to_do(np.zeros(len(layout.times), dtype=bool), plan.slab_size)
+    plan = plan_store(store_request(config, append, source))
     describe = getattr(source, "describe_requests", None)
     if describe is not None and plan.todo:
-        prelim = preliminary_times(path) if plan.recheck else pd.DatetimeIndex([])
+        prelim = preliminary_times(plan.path) if plan.recheck else pd.DatetimeIndex([])
+        layout = plan.layout
         slabs = [list(layout.times[s]) for s in plan.todo]
         slabs += [list(prelim[(prelim >= layout.times[s.start]) & (prelim <= layout.times[s.stop - 1])])
                   for s in plan.recheck]
@@ -194,51 +152,13 @@ def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: boo
     variables, levels = list(config.task.variables), list(config.task.levels)
     began = time.perf_counter()
     replaced = 0
-    try:
-        if replace:  # only the region's preliminary times, never whole slabs
-            fetch = group_fetcher(source, variables, levels)
-            replaced = recheck_region(path, store, fetch, slice(start, stop), store_slab_size(path),
-                                      probe_oldest=config.ingest.recheck_probe_oldest)
-        else:  # only the times not yet done: a missing date costs one small request, not its whole slab
-            done = done_in(path, slice(start, stop))
-            for r in contiguous_runs(~done):
-                times = list(pd.DatetimeIndex(store["time"].values[start + r.start:start + r.stop]))
-                write_slab(path, store, source.fetch(times, variables, levels), start + r.start)
-    except OSError as exc:  # disk full, quota, read-only mount: say where, and that a rerun resumes
-        t = pd.DatetimeIndex(store["time"].values[start:stop])
-        raise OSError(exc.errno, f"writing {t[0]:%Y-%m-%dT%H}..{t[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
-                                 f"into store {path} failed: {exc.strerror or exc}; slabs already done are "
-                                 "intact, free space and rerun the ingest to resume") from exc
+    if replace:  # only the region's preliminary times, never whole slabs
+        fetch = group_fetcher(source, variables, levels)
+        replaced = recheck_region(path, store, fetch, slice(start, stop), store_slab_size(path),
+                                  probe_oldest=config.ingest.recheck_probe_oldest)
+    else:
+        write_missing(path, store, lambda times: source.fetch(times, variables, levels), start, stop)
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "replaced": int(replaced)}
-
-
-@contextmanager
-def ingest_session(config: Config, append: bool = False) -> Iterator[IngestPlan]:
-    """Hold the store's writer lock; create or extend the store; yield the plan; consolidate at the end."""
-    path = config.paths.analysis_store
-    source = source_for(config)  # one source for both plans: a FileSource scans its files once
-    plan_ingest(config, append, source)  # refuse a bad request before creating any file (it is read-only)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with store_lock(path):
-        plan = plan_ingest(config, append, source)  # again under the lock: another writer may have moved on
-        if not plan.exists:
-            create_store(path, plan.layout, slab_size=plan.slab_size, compression=config.ingest.compression,
-                         checksum=config.ingest.checksum)
-        else:
-            removed = remove_partial_files(path)
-            if removed:
-                log.warning("removed %d half-written chunk files left by an interrupted writer", removed)
-            if plan.extend_to is not None:
-                extend_store(path, plan.extend_to)
-        try:
-            yield plan
-        except BaseException:
-            try:
-                consolidate(path)  # publish what was done; never hide the original error
-            except OSError as exc:
-                log.warning("could not refresh consolidated metadata of %s: %s", path, exc)
-            raise
-        consolidate(path)
 
 
 def finish_ingest(config: Config) -> Path | None:
@@ -252,27 +172,47 @@ def finish_ingest(config: Config) -> Path | None:
     return write_stats(stats, config.paths.stats_file)
 
 
-def ingest(config: Config, progress: bool = True, append: bool = False) -> BuildReport:
-    """Build, resume or append to the analysis store for ``config.ingest``, then write the statistics."""
-    data = dump_config(config)
+def executor_for(config: Config) -> AbstractContextManager[SlabExecutor]:
+    """The executor ``config.ingest`` asks for: an existing scheduler, a LocalCluster of ``workers``, or inline."""
     ing = config.ingest
     # The planet is one continuous simulation: it is fastest run in order in one process.
     workers = 1 if ing.source == "synthetic" else ing.workers
-    replaced = 0
-    # The executor first: an unreachable scheduler is reported before the store is touched.
-    with slab_executor(workers, ing.scheduler_address) as executor, ingest_session(config, append) as plan:
-        total = len(plan.todo) + len(plan.recheck)
-        with tqdm(total=total, desc="ingest slabs", unit="slab", disable=not progress) as bar:
-            log.info("ingest %s: %d slabs to write, %d to re-check, %s", plan.path, len(plan.todo),
-                     len(plan.recheck), executor.description)
-            jobs = [(data, s.start, s.stop, False) for s in plan.todo]
-            jobs += [(data, s.start, s.stop, True) for s in plan.recheck]
-            for result in executor.map_unordered(ingest_slab, jobs):
-                replaced += result["replaced"]
-                bar.update(1)
+    return slab_executor(workers, ing.scheduler_address)
+
+
+def ingest(config: Config, progress: bool = True, append: bool = False, *, executor: Executor | None = None,
+           finish: Callable[[Config], Path | None] | None = None,
+           on_plan: Callable[[IngestPlan], None] | None = None) -> BuildReport:
+    """Plan, create or check the store, run its slabs through ``executor``, then refresh the statistics.
+
+    The one ingest path (CLI, Prefect flow, demo, tests). ``executor`` defaults to the one
+    ``config.ingest`` asks for (inline, a LocalCluster or ``scheduler_address``); the flow passes one
+    that runs each slab as a Prefect task. ``finish`` (default :func:`finish_ingest`) writes the stats.
+    """
+    config = absolute_paths(config)  # before any job leaves this process: a worker has its own cwd
+    data = dump_config(config)
+    source = source_for(config)  # one source for both plans: a FileSource scans its files once
+    path = config.paths.analysis_store
+    bar: list[tqdm] = []
+
+    def advance(k: int, n: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=n, desc="ingest slabs", unit="slab", disable=not progress))
+        bar[0].update(1)
+
+    with ExitStack() as stack:
+        if executor is None:  # first: an unreachable scheduler is reported before the store is touched
+            executor = stack.enter_context(executor_for(config))
+        try:
+            plan, replaced = run_slabs(path, lambda: plan_store(store_request(config, append, source)), executor,
+                                       ingest_slab, lambda s, replace: (data, s.start, s.stop, replace),
+                                       advance, on_plan)
+        finally:
+            if bar:
+                bar[0].close()
     n_slabs = -(-len(plan.layout.times) // plan.slab_size)
-    report = BuildReport(plan.path, len(plan.todo), n_slabs - len(plan.todo), n_slabs)
+    report = BuildReport(plan.path, len(plan.todo), n_slabs - len(plan.todo), n_slabs, len(plan.recheck), replaced)
     log.info("store %s: %d slabs written, %d already done, %d preliminary times replaced by final",
              plan.path, report.written, report.skipped, replaced)
-    finish_ingest(config)
+    (finish or finish_ingest)(config)
     return report

@@ -1,23 +1,61 @@
-"""Run slab jobs in parallel on Dask: a LocalCluster by default, or an existing scheduler.
+"""Executors that run slab jobs: inline, on a Dask LocalCluster, or on an existing Dask scheduler.
 
 Slabs are independent regions of the store (chunks are one time each), so workers may write them
 concurrently without coordination; the single-writer lock is held by the coordinating process for
 the whole run. Each job is a plain picklable call (function + arguments), so a worker in another
-process or on another machine (with spherecast installed and the store on a shared filesystem)
-runs it the same way.
+process or on another machine runs it the same way, provided it has spherecast installed and sees
+the store at the same absolute path (a shared filesystem: the orchestrator makes every path in the
+config absolute before a job leaves it, and :meth:`SlabExecutor.check_sees` proves the sharing).
+
+The orchestrator (``ingest.build.ingest``) takes any object with this class's three members
+(``description``, ``check_sees``, ``map_unordered``): the Prefect flow passes one that submits each
+slab as a Prefect task around a SlabExecutor, so retries stay per slab.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+SCHEDULER_TIMEOUT = 30.0  # seconds to connect to and greet an existing scheduler, and to wait for a worker
+
+
+class Executor(Protocol):
+    """What the ingest orchestrator needs of an executor."""
+
+    @property
+    def description(self) -> str: ...
+
+    def check_sees(self, directory: Path) -> None: ...
+
+    def map_unordered(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -> Iterator[Any]: ...
+
+
+def _read_probe(path: str) -> str | None:
+    """On a worker: the text of the probe file, or None where this worker cannot read it."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (where a probe file can be written)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 class SlabExecutor:
@@ -32,6 +70,35 @@ class SlabExecutor:
         if self.client is None:
             return "in this process"
         return f"dask scheduler {self.client.scheduler.address} ({len(self.client.scheduler_info()['workers'])} workers)"
+
+    def check_sees(self, directory: Path) -> None:
+        """Raise ConfigError unless every Dask worker reads what this process writes under ``directory``."""
+        if self.client is None:
+            return
+        address = self.client.scheduler.address
+        try:
+            self.client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT)
+        except TimeoutError:
+            raise ConfigError(f"the Dask scheduler at {address!r} (ingest.scheduler_address) has no workers "
+                              f"after {SCHEDULER_TIMEOUT:g} s: start some (dask worker {address})") from None
+        # A file written here and read back by every worker: same path, same bytes, or no shared filesystem.
+        # It goes in the closest existing ancestor and is removed at once, so nothing on disk changes.
+        where = nearest_existing(directory)
+        probe = where / f".spherecast-probe-{uuid.uuid4().hex}"
+        token = f"{socket.gethostname()} {uuid.uuid4().hex}"
+        try:
+            probe.write_text(token)
+        except OSError as exc:
+            raise ConfigError(f"cannot write under {where} (the store's directory): {exc.strerror or exc}") from None
+        try:
+            seen = self.client.run(_read_probe, str(probe))
+        finally:
+            probe.unlink(missing_ok=True)
+        blind = sorted(worker for worker, text in seen.items() if text != token)
+        if blind:
+            raise ConfigError(f"{len(blind)} of {len(seen)} Dask workers of {address!r} cannot see {directory} "
+                              f"({', '.join(blind)}): a file written in {where} here is not there for them. Workers "
+                              "need the store on a shared filesystem at the same absolute path; nothing was written")
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one job and return its result (blocking); exceptions propagate unchanged."""
@@ -56,27 +123,42 @@ class SlabExecutor:
             self.client.cancel([f for f in futures if not f.done()])
 
 
-SCHEDULER_TIMEOUT = 30.0  # seconds to connect to and greet an existing scheduler
+def _unreachable(address: str, why: str) -> ConfigError:
+    return ConfigError(f"cannot reach the Dask scheduler at {address!r} (ingest.scheduler_address, "
+                       f"e.g. tcp://host:8786): {why}")
 
 
 def _probe(address: str, timeout: float) -> None:
-    """Connect and handshake with a scheduler within ``timeout``, or raise a ValueError naming it."""
+    """Connect to a scheduler and ask its identity within ``timeout``, or raise a ConfigError naming it."""
     import asyncio
 
-    from distributed.comm import connect
+    from distributed.core import rpc
 
-    async def greet() -> None:
-        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout)
-        await comm.close()
+    # First plain TCP: "nothing there" and "something there that is not a scheduler" are different mistakes.
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme in ("tcp", "tls") and parts.hostname and parts.port:
+        try:
+            socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+        except OSError as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise _unreachable(address, f"nothing answers there within {timeout:g} s ({reason})") from None
+
+    async def identity() -> dict:
+        async with rpc(address, timeout=timeout) as scheduler:
+            return await asyncio.wait_for(scheduler.identity(), timeout)
 
     # In a thread of its own: the caller may already run an event loop (Prefect flows do).
     with ThreadPoolExecutor(1) as pool:
         try:
-            pool.submit(asyncio.run, greet()).result()
-        except (TimeoutError, OSError, ValueError, TypeError) as exc:
+            info = pool.submit(asyncio.run, identity()).result()
+        except Exception as exc:  # noqa: BLE001  (any failure of the greeting means "not a scheduler")
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise ConfigError(f"cannot reach the Dask scheduler at {address!r} (ingest.scheduler_address, "
-                              f"e.g. tcp://host:8786) within {timeout:g} s: {reason}") from None
+            raise _unreachable(address, f"something answers there, but not as a Dask scheduler within {timeout:g} s "
+                                        f"({reason}); is it the dashboard's or another service's port? "
+                                        "A scheduler listens on 8786 by default") from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        kind = info.get("type") if isinstance(info, dict) else type(info).__name__
+        raise _unreachable(address, f"a Dask {kind} answers there, not a scheduler")
 
 
 @contextmanager
@@ -89,7 +171,7 @@ def slab_executor(workers: int, scheduler_address: str | None = None) -> Iterato
         try:
             client = Client(scheduler_address, timeout=f"{SCHEDULER_TIMEOUT:g}s")
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler_address!r}: {exc}") from exc
+            raise _unreachable(scheduler_address, str(exc)) from exc
         with client:
             yield SlabExecutor(client)
         return

@@ -173,8 +173,14 @@ class BuildReport:
 
     path: Path
     written: int
+    """Slabs that were not done and have been written."""
     skipped: int
+    """Slabs already done."""
     total: int
+    rechecked: int = 0
+    """Slabs whose preliminary (ERA5T) times were fetched again."""
+    replaced: int = 0
+    """Preliminary times replaced by final ERA5."""
 
 
 def _period_mismatch(have: pd.DatetimeIndex, want: pd.DatetimeIndex) -> str | None:
@@ -217,30 +223,23 @@ def build_store(path: Path, layout: StoreLayout,
                 fetch: Callable[[Sequence[pd.Timestamp]], xr.Dataset],
                 slab_size: int, progress: Callable[[int, int], None] | None = None, *,
                 compression: Literal["zstd", "none"] = "zstd", checksum: bool = True) -> BuildReport:
-    """Create, resume or extend a store under its writer lock and write every time not done."""
+    """Create, resume or extend a store from a fetch callable, in this process, through the one ingest path."""
+    # A test helper: the same orchestration as ``ingest.build.ingest`` (lock, plan, create, slabs, consolidate),
+    # with the fetch run inline instead of a source rebuilt from a config on a worker.
+    from ingest.orchestrate import StoreRequest, plan_store, run_slabs, write_missing
+    from ingest.parallel import SlabExecutor
+
     path = Path(path)
-    with store_lock(path):
-        if path.exists():
-            extra = check_layout(open_store(path), layout, path)
-            removed = remove_partial_files(path)
-            if removed:
-                log.warning("removed %d half-written chunk files left by an interrupted writer", removed)
-            if extra:
-                extend_store(path, layout.times[-1])
-        else:
-            create_store(path, layout, slab_size=slab_size, compression=compression, checksum=checksum)
-        store = open_store(path)
-        done = done_flags(path)
-        todo = slabs_to_do(done, slab_size)
-        skipped = -(-done.size // slab_size) - len(todo)
-        for k, where in enumerate(todo):
-            # Only the times not done: a partially done slab is completed, its done times untouched.
-            for run in contiguous_runs(~done[where]):
-                part = slice(where.start + run.start, where.start + run.stop)
-                times = list(pd.DatetimeIndex(store["time"].values[part]))
-                write_slab(path, store, fetch(times), part.start)
-                log.debug("wrote times %s..%s", times[0], times[-1])
-            if progress is not None:
-                progress(k + 1, len(todo))
-        consolidate(path)
-    return BuildReport(path, len(todo), skipped, len(todo) + skipped)
+    request = StoreRequest(path, layout, slab_size, compression, checksum)
+    opened: list[xr.Dataset] = []
+
+    def job(start: int, stop: int, replace: bool) -> dict:
+        if not opened:  # the store exists once the session has begun
+            opened.append(open_store(path))
+        write_missing(path, opened[0], fetch, start, stop)
+        return {"replaced": 0}
+
+    plan, _ = run_slabs(path, lambda: plan_store(request), SlabExecutor(None), job,
+                        lambda s, replace: (s.start, s.stop, replace), progress)
+    n_slabs = -(-len(plan.layout.times) // plan.slab_size)
+    return BuildReport(path, len(plan.todo), n_slabs - len(plan.todo), n_slabs)

@@ -2,23 +2,73 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from tqdm import tqdm
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from core.config import Config, dump_config, load_config
+from core.config import Config, load_config
 from core.errors import MissingInputError, SpherecastError
 from core.runs import list_runs
+from ingest.parallel import SlabExecutor
 from pipelines.cycles import CycleResult, check_request, cycle_times, exclusive_cycle, record
 from pipelines.retrain import retrain_weekly  # noqa: F401  (a flow of this module's deployments)
-from pipelines.tasks import forecast_task, ingest_task, score_task, slab_task, stats_task, train_task, wait_task
+from pipelines.tasks import forecast_task, ingest_task, score_task, stats_task, train_task, wait_task
 from pipelines.verify import verify_forecasts
 
 
 def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config:
     return load_config(config_path, overrides=overrides)
+
+
+@task(name="ingest-slab", cache_policy=NO_CACHE)
+def slab_task(executor: SlabExecutor, fn: Callable[..., dict[str, Any]], config_data: dict[str, Any], start: int,
+              stop: int, replace: bool = False) -> dict[str, Any]:
+    """Fetch, regrid and write (or re-check) one slab on ``executor`` (inline or a Dask worker)."""
+    # The executor is a parameter, not a global: Prefect records only task inputs' references, and
+    # NO_CACHE keeps it from hashing them.
+    result = executor.run(fn, config_data, start, stop, replace)
+    get_run_logger().info("slab %d–%d %s in %.1f s", start, stop, "re-checked" if replace else "written",
+                          result["seconds"])
+    return result
+
+
+class PrefectSlabs:
+    """An ingest executor that runs each slab job as a Prefect task (its own state and retries) on ``inner``."""
+
+    def __init__(self, inner: SlabExecutor, retries: int, retry_delay_seconds: float) -> None:
+        self.inner = inner
+        self.slab = slab_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+
+    @property
+    def description(self) -> str:
+        """Where jobs run, for logs."""
+        return f"one Prefect task per slab, {self.inner.description}"
+
+    def check_sees(self, directory: Path) -> None:
+        """Raise unless the inner executor's workers see ``directory``."""
+        self.inner.check_sees(directory)
+
+    def map_unordered(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
+        """Run every job as a task, yielding results; every slab gets its chance (and retries) before a failure is raised."""
+        states = []
+        if self.inner.client is None:
+            for args in jobs:
+                states.append(self.slab(self.inner, fn, *args, return_state=True))
+                if states[-1].is_completed():
+                    yield states[-1].result()
+        else:
+            futures = [self.slab.submit(self.inner, fn, *args) for args in jobs]
+            for future in futures:
+                future.wait()
+                states.append(future.state)
+                if future.state.is_completed():
+                    yield future.state.result()
+        for state in states:
+            if not state.is_completed():
+                state.result()  # raises the first failure
 
 
 @flow(name="ingest_era5", log_prints=True)
@@ -28,46 +78,25 @@ def ingest_era5(config_path: str | None = None, overrides: dict[str, Any] | None
 
     With ``verify`` (the default) published runs are scored afterwards when the ingest wrote or replaced times.
     """
-    from ingest.build import ingest_session
-    from ingest.parallel import slab_executor
-    from pipelines import ingest_context
+    from ingest.build import executor_for, ingest
 
     config = _config(config_path, overrides)
     logger = get_run_logger()
-    data, ing = dump_config(config), config.ingest
-    slab = slab_task.with_options(retries=ing.retries, retry_delay_seconds=ing.retry_delay_seconds)
-    # The planet is one continuous simulation: its slabs run in order in this process.
-    workers = 1 if ing.source == "synthetic" else ing.workers
+    ing = config.ingest
     # The cycle lock first: a forecast run never reads the store while it is being appended to.
     # Then the executor: an unreachable scheduler is reported before the store is touched.
-    with (exclusive_cycle(config), slab_executor(workers, ing.scheduler_address) as executor,
-          ingest_session(config, append) as plan):
-        logger.info("%s", plan.describe())
-        jobs = [(s, False) for s in plan.todo] + [(s, True) for s in plan.recheck]
-        with ingest_context.installed(executor), tqdm(total=len(jobs), desc="ingest slabs", unit="slab") as bar:
-            # Every slab gets its chance (and its retries) before the first failure is raised.
-            states = []
-            if executor.client is None:
-                for w, replace in jobs:
-                    states.append(slab(data, w.start, w.stop, replace, return_state=True))
-                    bar.update(1)
-            else:
-                futures = [slab.submit(data, w.start, w.stop, replace) for w, replace in jobs]
-                for future in futures:
-                    future.wait()
-                    bar.update(1)
-                states = [future.state for future in futures]
-            for state in states:
-                state.result()  # raises the first failure
-    stats_task(config)
-    if verify and (plan.todo or plan.recheck) and list_runs(config.paths.forecasts):
+    with exclusive_cycle(config), executor_for(config) as inner:
+        report = ingest(config, progress=True, append=append,
+                        executor=PrefectSlabs(inner, ing.retries, ing.retry_delay_seconds),
+                        finish=stats_task, on_plan=lambda plan: logger.info("%s", plan.describe()))
+    if verify and (report.written or report.rechecked) and list_runs(config.paths.forecasts):
         # New truth (and final ERA5 replacing ERA5T) is what published runs wait for: score them now.
         # A scoring failure is verification's to report; the append itself has succeeded.
         try:
             verify_forecasts(config_path, overrides)
         except Exception as exc:  # noqa: BLE001  (any failure of the subflow, logged, never undoes the append)
             logger.error("verification after the append failed: %s", exc)
-    return str(plan.path)
+    return str(report.path)
 
 
 @flow(name="train_sfno", log_prints=True)
