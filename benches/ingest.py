@@ -164,7 +164,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--page-cache", action="store_true",
                         help="stop each clock when the writes return (page cache), not after a sync to the disk")
+    parser.add_argument("--writer", choices=["chunkio", "zarr"], default="chunkio",
+                        help="zarr: every write through zarr-python's own sharded region writes (the hand encoder off)")
+    parser.add_argument("--skip-build", action="store_true", help="slab writes only (no whole build, no scaling)")
     args = parser.parse_args()
+    if args.writer == "zarr":
+        # Without the direct writer every chunk and shard goes through zarr.Array's own (async, concurrent) writes.
+        import ingest.regions
+
+        ingest.regions.chunk_writer = lambda path: None  # type: ignore[assignment]
     global DURABLE
     DURABLE = not args.page_cache
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.dir or Path.cwd()))
@@ -190,6 +198,9 @@ def main() -> None:
         raw = statistics.median(raw_all)
         print(f"numpy.save per slab: median {raw:.3f} s ({nbytes / raw / 1e6:.1f} MB/s) over {len(raw_all)} runs, "
               f"range {min(raw_all):.3f}–{max(raw_all):.3f} s")
+        print(f"writer: {args.writer}")
+        if args.skip_build:
+            return
         print("whole build (pre-allocate + slabs + consolidate):")
         for compression, checksum, label in (("none", False, "uncompressed        "),
                                              ("zstd", True, "zstd + crc32c       ")):
