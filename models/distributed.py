@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -87,6 +89,22 @@ def check_gpu_ranks(ranks_per_node: int, setting: str = "train.nproc_per_node", 
     if ranks_per_node > visible:
         raise ConfigError(f"{setting} is {ranks_per_node} but {visible} GPU(s) are visible here (after "
                           f"CUDA_VISIBLE_DEVICES); each rank trains on its own GPU, so use 1..{visible} ranks per node")
+
+
+def wait_for_endpoint(endpoint: str, timeout_s: float) -> None:
+    """Return once ``endpoint`` (host:port) accepts a TCP connection; ConfigError naming it after ``timeout_s``."""
+    host, _, port = endpoint.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"rendezvous endpoint {endpoint} (train.rdzv_endpoint) did not answer within "
+                                  f"{timeout_s:g} s (train.rdzv_timeout_s): {exc.strerror or exc}; start node 0 "
+                                  "(--node-rank 0) on that host first, or fix the host:port") from None
+        time.sleep(0.5)
 
 
 def select_device(requested: str = "auto") -> torch.device:

@@ -9,9 +9,11 @@ listening address there under the same keys each attempt, so after a ``--max-res
 rank can read an address a dead rank of the previous attempt published and fail with
 "connectFullMesh … Connection refused" (measured with torch 2.13, a 2-rank ``--standalone`` run
 whose rank 1 is killed: 1 of 4 restarts connected). :func:`join_attempt_group` namespaces the store
-by ``TORCHELASTIC_RESTART_COUNT`` so every attempt has fresh keys (6 of 6 connected). Every agent
-restarts its workers together after a failure, so all ranks agree on the count; a node replaced by a
-fresh agent (count 0) would not, which the fixed ``--nnodes`` runs here do not do.
+by ``TORCHELASTIC_RESTART_COUNT`` so every attempt has fresh keys (6 of 6 connected). On one node
+every rank agrees on that count; across nodes it does not (a node lost and replaced by a fresh agent
+counts 0, the survivors 1). Multi-node runs therefore opt out of the shared agent store
+(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, see pipelines.tasks.torchrun_environment): every rendezvous
+round then publishes a new port, rank 0 hosts a new, empty store there, and one fixed namespace fits.
 """
 
 from __future__ import annotations
@@ -105,8 +107,12 @@ def training_model(model: Normalized, compile: bool) -> Normalized:
     return twin.to(model.mean.device)
 
 
-def join_attempt_group(device: torch.device) -> bool:
-    """Under torchrun (any world size), join the process group in a store namespace of this attempt; True if joined."""
+def join_attempt_group(device: torch.device, rdzv_endpoint: str | None = None) -> bool:
+    """Under torchrun (any world size), join the process group in a store namespace of this attempt; True if joined.
+
+    ``rdzv_endpoint`` (``train.rdzv_endpoint``) marks a multi-node run, which should come without the shared
+    agent store: with it, a warning says that a replaced node cannot rejoin.
+    """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or not launched_by_torchrun() or dist.is_initialized():
         return False
@@ -117,7 +123,15 @@ def join_attempt_group(device: torch.device) -> bool:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=GROUP_TIMEOUT)
     backend = backend_for(device)  # the device is already current (select_device)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"spherecast/attempt_{attempt}", store), rank=rank,
-                            world_size=world, timeout=GROUP_TIMEOUT)
-    log.info("rank %d/%d joined the %s process group (torchrun attempt %s)", rank, world, backend, attempt)
+    if rdzv_endpoint and agent_store and rank == 0:
+        log.warning("multi-node run (rendezvous %s) on torchrun's shared agent store: a node lost and restarted will "
+                    "wait for the rendezvous until it times out; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                    "(spherecast train does)", rdzv_endpoint)
+    # The agent's store outlives attempts, so each attempt gets keys of its own; a store hosted by this
+    # attempt's rank 0 (multi-node runs) is new and empty, and the nodes' restart counts may differ.
+    namespace = f"spherecast/attempt_{attempt}" if agent_store else "spherecast/own_store"
+    dist.init_process_group(backend, store=dist.PrefixStore(namespace, store), rank=rank, world_size=world,
+                            timeout=GROUP_TIMEOUT)
+    log.info("rank %d/%d joined the %s process group (torchrun attempt %s%s)", rank, world, backend, attempt,
+             "" if agent_store else " on this node, store of rank 0")
     return True

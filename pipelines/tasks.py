@@ -34,7 +34,7 @@ from core.verification import score_forecast
 from ingest.build import finish_ingest, ingest, ingest_slab
 from models.checkpoint import code_version, register_checkpoint
 from models.data import open_analysis
-from models.distributed import check_gpu_ranks
+from models.distributed import check_gpu_ranks, wait_for_endpoint
 from models.ensemble import residual_bank, stream_ensemble
 from models.forecast import load_forecaster
 from models.regrid_spectral import spectral_regrid
@@ -79,34 +79,72 @@ def stats_task(config: Config) -> str | None:
 
 
 def torchrun_command(config: Config, config_file: Path) -> list[str]:
-    """The torchrun invocation for a training config (standalone or multi-node rendezvous, with restarts)."""
+    """The torchrun invocation of this node for a training config (standalone, or a c10d rendezvous with restarts)."""
     t = config.train
     # After a rank dies torchrun restarts every rank up to max_restarts times; they resume from last.pt.
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}", f"--nnodes={t.nnodes}",
            f"--max-restarts={t.max_restarts}"]
     if t.rdzv_endpoint:
-        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={t.rdzv_endpoint}", f"--rdzv_id={t.run_name}"]
+        # torchrun ignores --node-rank under c10d (it ranks nodes itself, by their sorted host and pid), so the node
+        # rank says who hosts the rendezvous store: node 0, on the endpoint's host. Every node uses the run name as
+        # the rendezvous id, so all join the same run; the timeouts bound the wait for the endpoint and the nodes.
+        conf = f"join_timeout={t.rdzv_timeout_s},read_timeout={t.rdzv_timeout_s},is_host={int(t.node_rank == 0)}"
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={t.rdzv_endpoint}", f"--rdzv_id={t.run_name}",
+                f"--rdzv_conf={conf}"]
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "models.train", "--config", str(config_file)]
 
 
+def torchrun_environment(config: Config, base: dict[str, str]) -> dict[str, str]:
+    """The environment of this node's torchrun agent: ``base`` plus the project on the path and multi-node settings."""
+    env = dict(base)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    if config.train.rdzv_endpoint:
+        # torch 2.13's shared store breaks a replaced node: the surviving rank-0 agent keeps its bootstrap address
+        # and never republishes it in the new round, so the newcomer waits for MASTER_ADDR until read_timeout
+        # (measured: docs/operations-training.md). Without sharing, every round publishes a fresh address.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
+
+
+def rendezvous_failure(config: Config, tail: list[str]) -> str | None:
+    """A one-line reason when torchrun's log ``tail`` shows this node never joined its rendezvous; None otherwise."""
+    t = config.train
+    text = "\n".join(tail)
+    if not t.rdzv_endpoint or not any(k in text for k in ("RendezvousConnectionError", "RendezvousTimeoutError",
+                                                             "RendezvousClosedError")):
+        return None
+    return (f"node {t.node_rank} of {t.nnodes} could not join the rendezvous at {t.rdzv_endpoint} (run {t.run_name!r}) "
+            f"within train.rdzv_timeout_s={t.rdzv_timeout_s} s: start every node with the same --nnodes, "
+            "--rdzv-endpoint and run name, node 0 on the endpoint's host")
+
+
 @task(name="train-torchrun", cache_policy=NO_CACHE)
 def train_task(config: Config) -> str:
-    """Run ``torchrun … -m models.train`` as a subprocess, streaming its log; return the checkpoint."""
+    """Run this node's ``torchrun … -m models.train`` as a subprocess, streaming its log; return the checkpoint.
+
+    Node 0 (the head) writes ``config.yaml``, records the training inputs and registers the checkpoint;
+    another node (``train.node_rank`` > 0) first waits for the head's rendezvous endpoint, then writes only
+    ``config.node<R>.yaml`` for its own agent. The run directory must be shared by every node.
+    """
+    t = config.train
     # Before the run directory is made: too many GPU ranks, or train.device cuda without CUDA.
-    check_gpu_ranks(config.train.nproc_per_node, "train.nproc_per_node", config.train.device)
+    check_gpu_ranks(t.nproc_per_node, "train.nproc_per_node", t.device)
+    head = t.node_rank == 0
+    if not head and t.rdzv_endpoint:  # node 0 hosts the endpoint; the others fail here, naming it, when it is silent
+        wait_for_endpoint(t.rdzv_endpoint, t.rdzv_timeout_s)
     logger = get_run_logger()
-    run_dir = config.paths.runs / config.train.run_name
+    run_dir = config.paths.runs / t.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / "config.yaml"
+    config_file = run_dir / ("config.yaml" if head else f"config.node{t.node_rank}.yaml")
     config_file.write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
-    record_training_inputs(config)  # lineage: the dataset version and stats this run starts from
+    if head:
+        record_training_inputs(config)  # lineage: the dataset version and stats this run starts from
     cmd = torchrun_command(config, config_file)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env = torchrun_environment(config, dict(os.environ))
     env.setdefault("TQDM_MININTERVAL", "20")  # a bar redraw per 20 s keeps the streamed log readable
-    logger.info("launching: %s", " ".join(cmd))
+    logger.info("launching node %d of %d: %s", t.node_rank, t.nnodes, " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     tail: list[str] = []
     buffer = b""
@@ -118,11 +156,15 @@ def train_task(config: Config) -> str:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 logger.info("%s", line)
-                tail = (tail + [line])[-20:]
+                tail = (tail + [line])[-40:]
     code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"torchrun exited with code {code}; last lines:\n" + "\n".join(tail))
+        if reason := rendezvous_failure(config, tail):
+            raise ConfigError(reason)
+        raise RuntimeError(f"torchrun exited with code {code}; last lines:\n" + "\n".join(tail[-20:]))
     checkpoint = run_dir / "checkpoint.pt"
+    if not head:  # the head registers the run's one checkpoint
+        return str(checkpoint)
     entry = register_checkpoint(checkpoint, config.paths.runs / "registry.jsonl")
     logger.info("registered checkpoint %s sha256 %s (dataset %s, code %s)", checkpoint, entry["sha256"],
                 entry["dataset_version"], entry["code_version"])

@@ -37,6 +37,37 @@ def launch(config_path: Path, nproc: int, max_restarts: int = 0) -> subprocess.P
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous endpoint)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Dead-node detection after 1 s × 3 missed heartbeats instead of torchrun's 5 s × 3: the test waits less.
+FAST_HEARTBEAT = "keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+def launch_node(config: Config, config_path: Path) -> subprocess.Popen:
+    """Start this node's torchrun agent — the product's ``torchrun_command`` — in its own session.
+
+    The log goes to ``<config>.log``; the monitor polls every 0.1 s and heartbeats come every second.
+    """
+    from pipelines.tasks import torchrun_command, torchrun_environment
+
+    cmd = torchrun_command(config, config_path)
+    at = cmd.index("-m", 3)  # the module of the workers: agent options go before it
+    conf = next(i for i, a in enumerate(cmd) if a.startswith("--rdzv_conf="))
+    cmd[conf] += "," + FAST_HEARTBEAT
+    cmd[at:at] = ["--monitor-interval=0.1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPHERECAST_", "WORLD_SIZE", "RANK", "LOCAL_"))}
+    env = torchrun_environment(config, env)
+    log = open(config_path.with_suffix(".log"), "a")  # noqa: SIM115 - the child owns it until it exits
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def log_tail(config_path: Path, chars: int = 3000) -> str:
     """The end of a launch's log, for assertion messages."""
     path = config_path.with_suffix(".log")
