@@ -8,7 +8,7 @@ Store: 1.5° (121 × 240 = 29,040 points), 3 channels, 360 times (90 days at 6 h
   they are read from, ≤ 16 MiB: 24 times) plus Zarr's decode buffers, a few float64 fields of one time
   (3 · 29,040 · 8 B = 0.7 MB each) and ``(360, 3)`` moments; it passed here under a 40 MiB cap.
 
-The child process imports everything and reads one time through both code paths (so that Zarr's threads
+The child process imports everything and reads two times through both code paths (so that Zarr's threads
 and pools exist), then caps its address space (``RLIMIT_AS``) at its current size + 96 MiB: more than twice
 what the streaming pass needed, and less than the old approach's float32 load plus its float64 copy.
 Under that cap the streaming pass succeeds and gives the uncapped result; the old load fails with
