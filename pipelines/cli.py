@@ -63,6 +63,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "start": ("ingest", "start"), "end": ("ingest", "end"), "workers": ("ingest", "workers"),
         "scheduler_address": ("ingest", "scheduler_address"),
         "budget_minutes": ("train", "budget_minutes"), "nproc_per_node": ("train", "nproc_per_node"),
+        "nnodes": ("train", "nnodes"), "node_rank": ("train", "node_rank"), "rdzv_endpoint": ("train", "rdzv_endpoint"),
+        "max_restarts": ("train", "max_restarts"),
         "device": ("train", "device"),
         "init_time": ("forecast", "init_time"), "lead_hours": ("forecast", "lead_hours"), "grid": ("forecast", "grid"),
         "host": ("serve", "host"), "port": ("serve", "port"), "serve_workers": ("serve", "workers"),
@@ -307,9 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["inspect", "check"], help="inspect: summary; check: exit 1 on any problem")
     p.add_argument("--store", help="store path (default: the config's analysis store)")
     p.add_argument("--quick", action="store_true", help="check: skip decoding every chunk")
-    p = add("train", "Train the SFNO under torchrun.")
+    p = add("train", "Train the SFNO under torchrun (on each node of a multi-node run: docs/operations-training.md).")
     p.add_argument("--budget-minutes", type=float, help="training budget")
     p.add_argument("--nproc-per-node", type=int, help="ranks on this machine")
+    p.add_argument("--nnodes", type=int, help="nodes in the run (train.nnodes); the same on every node")
+    p.add_argument("--node-rank", type=int, help="this node's index 0..nnodes-1 (train.node_rank); 0 on the endpoint host")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="rendezvous of a multi-node run (train.rdzv_endpoint): node 0's host and a free port")
+    p.add_argument("--max-restarts", type=int,
+                   help="restarts of all ranks after a failure or a lost node (train.max_restarts); they resume")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="where each rank trains (train.device): auto = cuda where it exists, else cpu")
     p = add("forecast", "Run and publish a forecast.")

@@ -17,9 +17,15 @@ def test_torchrun_command_standalone_and_rendezvous(tmp_path: Path) -> None:
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc_per_node=2" in cmd
     assert cmd[-4:] == ["-m", "models.train", "--config", str(tmp_path / "c.yaml")]
-    multi = load_config(env={}, overrides={"train": {"nnodes": 2, "rdzv_endpoint": "node0:29400"}})
+    multi = load_config(env={}, overrides={"train": {"nnodes": 2, "rdzv_endpoint": "node0:29400", "run_name": "r1"}})
     cmd = torchrun_command(multi, tmp_path / "c.yaml")
     assert "--rdzv_endpoint=node0:29400" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
+    assert "--rdzv_backend=c10d" in cmd and "--rdzv_id=r1" in cmd  # every node joins the run of the same name
+    # Node 0 hosts the rendezvous store; the timeout bounds the wait for the endpoint and for every node.
+    assert "--rdzv_conf=join_timeout=600,read_timeout=600,is_host=1" in cmd
+    other = load_config(env={}, overrides={"train": {"nnodes": 2, "node_rank": 1, "rdzv_endpoint": "node0:29400",
+                                                     "rdzv_timeout_s": 30}})
+    assert "--rdzv_conf=join_timeout=30,read_timeout=30,is_host=0" in torchrun_command(other, tmp_path / "c.yaml")
     # torchrun restarts every rank after one fails, train.max_restarts times (0 by default); they resume from last.pt.
     assert "--max-restarts=0" in cmd
     again = load_config(env={}, overrides={"train": {"max_restarts": 3}})
@@ -178,3 +184,41 @@ def test_device_cpu_launches_more_cpu_ranks_than_gpus(tmp_path: Path, two_fake_g
     assert launched == [{"train": {"nproc_per_node": 4, "device": "cpu"}}]
     assert main(["train", "--config", str(cfg), "--nproc-per-node", "4"]) == 2  # auto: the 2 GPUs, refused
     assert len(launched) == 1
+
+
+def test_train_takes_the_node_and_rendezvous_options(tmp_path: Path, monkeypatch) -> None:
+    from pipelines import cli, flows
+
+    launched = []
+    monkeypatch.setattr(cli, "prefect_environment", lambda: None)
+    monkeypatch.setattr(flows, "train_sfno", lambda path, overrides: launched.append(overrides) or "checkpoint.pt")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths: {{root: {tmp_path / 'out'}}}\ntrain: {{device: cpu}}\n")
+    args = ["train", "--config", str(cfg), "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29400",
+            "--nproc-per-node", "2", "--max-restarts", "3"]
+    assert main(args) == 0
+    assert launched == [{"train": {"nproc_per_node": 2, "nnodes": 2, "node_rank": 1, "rdzv_endpoint": "node0:29400",
+                                   "max_restarts": 3}}]
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "node0:29400"], "node_rank 2 must be in 0..1 (nnodes 2)"),
+        (["--nnodes", "2", "--node-rank", "-1", "--rdzv-endpoint", "node0:29400"], "node_rank -1 must be in 0..1"),
+        (["--nnodes", "2"], "nnodes 2 needs rdzv_endpoint (host:port of node 0"),
+        (["--nnodes", "2", "--rdzv-endpoint", "node0"], "rdzv_endpoint 'node0' is not host:port"),
+        (["--nnodes", "2", "--rdzv-endpoint", "node0:http"], "rdzv_endpoint 'node0:http' is not host:port"),
+        (["--nnodes", "2", "--rdzv-endpoint", "node0:70000"], "rdzv_endpoint 'node0:70000' is not host:port"),
+        (["--nnodes", "0"], "nnodes 0 and nproc_per_node 1 must be ≥ 1"),
+    ],
+)
+def test_bad_node_options_are_one_line_errors_before_any_work(tmp_path: Path, capsys, options: list[str],
+                                                              needle: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths: {{root: {tmp_path / 'out'}}}\n")
+    assert main(["train", "--config", str(cfg), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spherecast: error: invalid config") and needle in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
