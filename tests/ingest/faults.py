@@ -165,9 +165,9 @@ def main(argv: list[str]) -> int:
         case "mid-chunk":
             armed = on_replace(_kill_mid_chunk(config.paths.analysis_store, set(config.task.variables), nth))
         case "before-consolidate":
-            import ingest.build as build
+            import ingest.orchestrate as orchestrate  # the one ingest path's session consolidates at its end
 
-            build.consolidate = lambda path: die()
+            orchestrate.consolidate = lambda path: die()
     with armed:
         ingest(config, progress=False)
     print(f"kill point {point} #{nth} was never reached", file=sys.stderr)
