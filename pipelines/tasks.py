@@ -31,7 +31,7 @@ from core.redact import redact
 from core.retention import apply_retention, sweep_leftovers
 from core.runs import MANIFEST, publish, run_name, sha256_file, staging_dir, write_manifest
 from core.verification import score_forecast
-from ingest.build import finish_ingest, ingest, ingest_slab
+from ingest.build import finish_ingest, ingest
 from models.checkpoint import code_version, register_checkpoint
 from models.data import open_analysis
 from models.distributed import check_gpu_ranks, wait_for_endpoint
@@ -58,17 +58,6 @@ def ingest_task(config: Config) -> str:
     get_run_logger().info("analysis store %s: %d slabs written, %d already done", report.path, report.written,
                           report.skipped)
     return str(report.path)
-
-
-@task(name="ingest-slab", cache_policy=NO_CACHE)
-def slab_task(config_data: dict[str, Any], start: int, stop: int, replace: bool = False) -> dict[str, Any]:
-    """Fetch, regrid and write (or re-check) one slab, on the flow's Dask executor if it has one."""
-    from pipelines import ingest_context
-
-    result = ingest_context.run(ingest_slab, config_data, start, stop, replace)
-    get_run_logger().info("slab %d–%d %s in %.1f s", start, stop, "re-checked" if replace else "written",
-                          result["seconds"])
-    return result
 
 
 @task(name="ingest-statistics", cache_policy=NO_CACHE)
