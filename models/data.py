@@ -12,7 +12,7 @@ map-style dataset and works with ``DistributedSampler``. :func:`training_loader`
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -103,10 +103,28 @@ class WindowDataset(Dataset):
 
     def time_mean(self) -> torch.Tensor:
         """Mean state over the done times of the period (a climatology for relative errors)."""
-        done = torch.from_numpy(self.done)
-        if not done.any():
+        rows = np.flatnonzero(self.done)
+        if rows.size == 0:
             raise MissingInputError("no done times in the period")
-        return self.data[done].mean(dim=0)
+        return streamed_mean(lambda r: self.data[torch.from_numpy(r)], rows)
+
+
+MEAN_GROUP = 8  # states read and summed at once by streamed_mean
+
+
+def streamed_mean(read: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+    """Mean over ``rows`` of the states ``read(rows)`` returns, read ``MEAN_GROUP`` at a time, summed in float64.
+
+    Both loaders' climatologies go through here in the same order, so they are bit for bit equal, and the store
+    loader never holds more than a group of states (a float32 mean of all rows at once would read them all).
+    """
+    if rows.size == 0:
+        raise MissingInputError("no done times to average")
+    total: torch.Tensor | None = None
+    for start in range(0, rows.size, MEAN_GROUP):
+        part = read(rows[start:start + MEAN_GROUP]).double().sum(dim=0)
+        total = part if total is None else total + part
+    return (total / rows.size).float()  # type: ignore[operator]
 
 
 def training_loader(dataset: Dataset, sampler: Sampler, per_rank_batch: int, workers: int,

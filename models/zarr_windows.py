@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from core.errors import DataContractError, MissingInputError
 from core.variables import parse_channel
 from models.clock import check_time_features, clock_values
-from models.data import open_analysis, time_stride
+from models.data import open_analysis, streamed_mean, time_stride
 from models.statics import GRID_STATICS, static_fields
 
 __all__ = ["GRID_STATICS", "ZarrWindowDataset", "static_fields"]
@@ -146,9 +146,9 @@ class ZarrWindowDataset(Dataset):
         rows = self.done_rows
         if rows.size == 0:
             raise MissingInputError(f"no done times in {self.path} to average")
-        if rows.size > max_times:  # years of ERA5: a sample of the period, not all of it in memory
+        if rows.size > max_times:  # years of ERA5: a sample of the period
             rows = np.unique(rows[np.linspace(0, rows.size - 1, max_times).round().astype(int)])
-        return self.read_states(rows).mean(dim=0)
+        return streamed_mean(self.read_states, rows)  # a few states in memory at a time, never the period
 
     @property
     def in_channels(self) -> int:

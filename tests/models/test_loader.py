@@ -50,6 +50,8 @@ def test_validation_from_the_store_scores_like_validation_in_memory(root: Path) 
             for ch in CHANNELS:
                 assert b[key][lead][ch] == pytest.approx(a[key][lead][ch], rel=1e-6, abs=0)
     assert b["score"] == pytest.approx(a["score"], rel=1e-6)
+    # The climatology is streamed from the store a few states at a time, and equals the in-memory one exactly.
+    assert torch.equal(mem.train_ds.time_mean(), store.train_ds.time_mean())
     x_mem, y_mem = mem.val_ds[3]
     x_zarr, y_zarr = store.val_ds[3]
     assert torch.equal(x_mem, x_zarr) and torch.equal(y_mem, y_zarr)
