@@ -25,7 +25,7 @@ import zarr
 from core.errors import DataContractError
 from core.variables import parse_channel
 
-DEFAULT_BUDGET = 256 * 2**20  # bytes of float32 fields one block may hold
+DEFAULT_BUDGET = 64 * 2**20  # bytes of float32 fields one block may hold (at 0.25°, 70 channels: one time)
 
 
 @dataclass
