@@ -193,3 +193,17 @@ def test_time_ranges_are_compressed() -> None:
     t = pd.DatetimeIndex(["2000-01-01T00", "2000-01-01T06", "2000-01-01T12", "2000-01-02T00"])
     assert format_time_ranges(t, pd.Timedelta(hours=6)) == "2000-01-01T00 .. 2000-01-01T12 (3 times), 2000-01-02T00"
     assert format_time_ranges(t[:0], pd.Timedelta(hours=6)) == "none"
+
+
+def test_the_cli_check_fails_an_incomplete_store_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipelines.cli import main
+
+    path = make_store(tmp_path / "a.zarr", upto=3)
+    assert main(["data", "check", "--store", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"store {path}: 1 problem(s)") and "5 of 8 times not done" in out
+    assert main(["data", "check", "--store", str(path), "--allow-incomplete"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"store {path}: OK") and "5 of 8 times not done" in out
+    complete = make_store(tmp_path / "b.zarr")
+    assert main(["data", "check", "--store", str(complete)]) == 0
