@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.processes import die_with_parent
 from pipelines.cli import prefect_environment
 
 
@@ -15,8 +16,9 @@ def _start(cmd: list[str], env: dict[str, str], cwd: Path) -> Any:
     import subprocess
 
     print("starting:", " ".join(cmd), flush=True)
-    # Own process group: Ctrl-C reaches this process alone, and each child is stopped in order.
-    return subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    # Own process group: Ctrl-C reaches this process alone, and each child is stopped in order; and if this
+    # process is killed hard, the kernel stops them (no server or worker left holding the port).
+    return subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, preexec_fn=die_with_parent())
 
 
 def _stop(procs: list[Any], grace_s: float = 20.0) -> None:

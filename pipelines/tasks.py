@@ -27,6 +27,7 @@ from core.fields import to_channels
 from core.grid import get_grid
 from core.ic_select import InitChoice, check_compatible, choose_init, latest_cycle
 from core.lineage import record_training_inputs
+from core.processes import die_with_parent
 from core.redact import redact
 from core.retention import apply_retention, sweep_leftovers
 from core.runs import MANIFEST, publish, run_name, sha256_file, staging_dir, write_manifest
@@ -134,7 +135,9 @@ def train_task(config: Config) -> str:
     env = torchrun_environment(config, dict(os.environ))
     env.setdefault("TQDM_MININTERVAL", "20")  # a bar redraw per 20 s keeps the streamed log readable
     logger.info("launching node %d of %d: %s", t.node_rank, t.nnodes, " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    # torchrun (and its ranks, which it stops) must not outlive this task if the worker is killed hard.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=die_with_parent())
     tail: list[str] = []
     buffer = b""
     assert proc.stdout is not None
