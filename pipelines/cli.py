@@ -152,6 +152,18 @@ def _data(config: Any, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _ingest_without_prefect(config: Any, append: bool) -> int:
+    """The one ingest path with its executor and the cycle lock, but no Prefect: print what it did."""
+    from ingest.build import executor_for, ingest
+    from pipelines.cycles import exclusive_cycle
+
+    with exclusive_cycle(config), executor_for(config) as executor:
+        report = ingest(config, progress=True, append=append, executor=executor)
+    print(f"{report.path}: {report.written} slabs written, {report.skipped} already done, {report.rechecked} "
+          f"re-checked, {report.replaced} preliminary times replaced")
+    return 0
+
+
 def _describe_cycle(result: dict[str, Any]) -> str:
     """One line per cycle: what the trigger did."""
     match result["action"]:
@@ -223,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         if args.plan:
             print(plan.describe())
             return 0
+        if args.no_prefect:
+            return _ingest_without_prefect(config, args.append)
     prefect_environment()
     from pipelines import flows
 
@@ -304,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true",
                    help="extend the store to the newest time the source serves and re-check preliminary (ERA5T) times")
     p.add_argument("--plan", action="store_true", help="print what would be fetched and written, then stop")
+    p.add_argument("--no-prefect", action="store_true",
+                   help="run the same ingest in this process, without a Prefect server or flow run (no per-slab "
+                        "task retries, no verification afterwards): for scripts and one-off builds")
     p.add_argument("--workers", type=int, help="Dask LocalCluster workers")
     p.add_argument("--scheduler-address", help="use an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     p = add("data", "Inspect or check the analysis store.")

@@ -112,6 +112,22 @@ def test_plan_prints_the_cds_request_table_and_writes_nothing(server: CdsServer,
     assert server.received[mark:] == []  # planning never talks to CDS
 
 
+def test_no_prefect_builds_the_same_store_in_process(server: CdsServer, reference, tmp_path: Path, capsys,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.cli as cli
+
+    monkeypatch.setattr(cli, "prefect_environment", lambda: pytest.fail("--no-prefect must not set up Prefect"))
+    cfg, path = cds_config(tmp_path / "run")
+    assert main(["ingest", "--no-prefect", "--config", str(path)]) == 0
+    assert f"{cfg.paths.analysis_store}: 4 slabs written, 0 already done" in capsys.readouterr().out
+    assert tree_digest(cfg.paths.analysis_store) == reference[1]  # byte for byte the one path's store
+    assert cfg.paths.stats_file.is_file()
+    mark = len(server.received)
+    assert main(["ingest", "--no-prefect", "--config", str(path)]) == 0
+    assert "0 slabs written, 4 already done" in capsys.readouterr().out
+    assert submitted_since(server, mark) == []
+
+
 def test_data_inspect_and_check_a_healthy_then_damaged_store(reference, tmp_path: Path, capsys) -> None:
     cfg, _ = reference
     store = tmp_path / "analysis.zarr"
