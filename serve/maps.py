@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from core.config import MapBox
 from core.errors import ConfigError, DataContractError
-from core.variables import VARIABLES, parse_channel
+from core.variables import VARIABLES
 from serve.cartopy_offline import check_natural_earth_dir, offline_natural_earth
 from serve.derived import LeadArrays, channel_field, fill_ensemble
 from serve.layout import MAPS_DIR
@@ -108,15 +108,6 @@ def reduce_members(forecast: xr.Dataset) -> tuple[xr.Dataset, str]:
     if "member" in forecast.dims:
         return forecast.mean("member", keep_attrs=True), "Ensemble mean: "
     return forecast, ""
-
-
-def _channel_values(forecast: xr.Dataset, channel: str) -> np.ndarray:
-    """(lead, lat, lon) float32 values of one channel, selected directly (no stacking copy of the whole run)."""
-    name, level = parse_channel(channel)
-    da = forecast[name].isel(init_time=0)
-    if level is not None:
-        da = da.sel(level=level)
-    return np.ascontiguousarray(da.transpose("lead_time", "latitude", "longitude").values, dtype=np.float32)
 
 
 def _swap_in(stage_maps: Path, final: Path) -> None:
@@ -271,7 +262,7 @@ def render_run_maps(forecast: xr.Dataset, out_dir: Path, dpi: int = 80, natural_
     def build(stage: Path) -> list[Job]:
         needed = list(dict.fromkeys(ch for p in bases for ch in p.channels))
         # One channel in memory at a time: at 0.25° a run's full stack is gigabytes.
-        loaded = {ch: _channel_values(mean, ch) for ch in needed}
+        loaded = {ch: np.ascontiguousarray(channel_field(mean, ch, init_time=0)) for ch in needed}
         arrays: dict[str, Any] = spill_arrays(loaded, stage / ".arrays") if workers not in (0, 1) else loaded
         if derived:
             arrays.update(_ensemble_arrays(forecast, spread_bases, rows, derived, stage / ".arrays"))
