@@ -140,6 +140,27 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
+def check_nodes_agree(ctx: DistContext, nnodes: int, node_rank: int) -> None:
+    """Fail on every rank, before anything is written, unless all nodes were started for the world that formed."""
+    nodes = os.environ.get("GROUP_WORLD_SIZE")
+    if not ctx.distributed or nodes is None:
+        return
+    # torchrun's c10d rendezvous completes as soon as the joiner that fills *its own* --nnodes arrives, so a
+    # node started with --nnodes 2 beside one started with 3 forms a world of 2: compare before training.
+    mine = torch.tensor([nnodes, node_rank], dtype=torch.int64, device=ctx.device)
+    every = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(every, mine)
+    said = sorted({(int(n), int(g)) for n, g in (t.tolist() for t in every)}, key=lambda x: x[1])
+    if any(n != int(nodes) for n, _ in said):
+        started = ", ".join(f"node {r} with --nnodes {n}" for n, r in said)  # --node-rank, as the user set it
+        raise ConfigError(f"nodes disagree on train.nnodes: the rendezvous formed a world of {nodes} nodes from "
+                          f"{started}; start every node with the same --nnodes")
+    ranks = sorted({r for _, r in said})
+    if len(ranks) != int(nodes):  # two node 0s would both write config.yaml and register the checkpoint
+        raise ConfigError(f"nodes share a --node-rank: a world of {nodes} nodes holds only node ranks {ranks}; give "
+                          f"each node its own --node-rank in 0..{int(nodes) - 1}")
+
+
 def shutdown_distributed(ctx: DistContext, clean: bool = True) -> None:
     """Leave the process group; after a barrier when ``clean`` (on errors peers may never arrive)."""
     if ctx.distributed and dist.is_initialized():

@@ -45,6 +45,7 @@ from models.checkpoint import build_meta, code_version
 from models.data import training_loader
 from models.distributed import (
     broadcast_floats,
+    check_nodes_agree,
     init_distributed,
     per_rank_batch,
     select_device,
@@ -342,6 +343,7 @@ def train(config: Config) -> Path:
     join_attempt_group(device, config.train.rdzv_endpoint)  # before init_distributed, which then finds it joined
     ctx = init_distributed(device)
     try:
+        check_nodes_agree(ctx, config.train.nnodes, config.train.node_rank)
         path = fit(prepare(config, ctx, batch))
     except BaseException:
         shutdown_distributed(ctx, clean=False)

@@ -102,8 +102,11 @@ def rendezvous_failure(config: Config, tail: list[str]) -> str | None:
     """A one-line reason when torchrun's log ``tail`` shows this node never joined its rendezvous; None otherwise."""
     t = config.train
     text = "\n".join(tail)
-    if not t.rdzv_endpoint or not any(k in text for k in ("RendezvousConnectionError", "RendezvousTimeoutError",
-                                                             "RendezvousClosedError")):
+    if not t.rdzv_endpoint:
+        return None
+    if (at := text.find("nodes disagree on train.nnodes")) >= 0:  # a world formed, and every rank refused it
+        return f"node {t.node_rank} of {t.nnodes} (run {t.run_name!r}): " + text[at:].splitlines()[0]
+    if not any(k in text for k in ("RendezvousConnectionError", "RendezvousTimeoutError", "RendezvousClosedError")):
         return None
     return (f"node {t.node_rank} of {t.nnodes} could not join the rendezvous at {t.rdzv_endpoint} (run {t.run_name!r}) "
             f"within train.rdzv_timeout_s={t.rdzv_timeout_s} s: start every node with the same --nnodes, "

@@ -21,6 +21,7 @@ from tests.models.torchrun_harness import (
     log_tail,
     records,
     wait_for_checkpoint,
+    wait_until_joined,
     write_config,
 )
 
@@ -35,9 +36,10 @@ def node_config(root: Path, name: str, port: int, node_rank: int, **train: objec
     return run_config(root, name, **opts)
 
 
-def start_node(config: Config) -> tuple:
-    """Write node R's config file and start its agent; (process, config path)."""
-    path = write_config(config, config.paths.root / f"{config.train.run_name}.node{config.train.node_rank}.yaml")
+def start_node(config: Config, tag: str = "") -> tuple:
+    """Write node R's config file (``tag`` tells apart two agents of one rank) and start its agent; (process, path)."""
+    name = f"{config.train.run_name}.node{config.train.node_rank}{tag}.yaml"
+    path = write_config(config, config.paths.root / name)
     return launch_node(config, path), path
 
 
@@ -138,26 +140,75 @@ def test_a_node_whose_endpoint_never_answers_fails_naming_it_and_writes_nothing(
     assert not run_dir(config).exists()
 
 
-def test_nodes_started_with_different_nnodes_never_form_a_run(root: Path) -> None:
-    """torchrun forms no world: the node expecting 3 times out, and closes the rendezvous for the other."""
+def start_in_order(first: Config, second: Config) -> list:
+    """Start ``first``'s agent, wait until it is a participant of the rendezvous, then start ``second``'s."""
+    procs = [start_node(first)]
+    port = int(first.train.rdzv_endpoint.rsplit(":", 1)[1])
+    wait_until_joined(procs[0][0], port, first.train.run_name)
+    procs.append(start_node(second))
+    return procs
+
+
+def wait_both(procs: list) -> list[int]:
+    """Every agent's exit code (each killed, with its workers, if it outlives the wait)."""
+    try:
+        return [p.wait(timeout=120) for p, _ in procs]
+    finally:
+        stop_all(*[p for p, _ in procs])
+
+
+def test_a_node_expecting_more_nodes_times_out_and_closes_the_rendezvous_for_the_other(root: Path) -> None:
+    """The node started with --nnodes 2 joins first; the one expecting 3 never sees its third node and times out."""
     from pipelines.tasks import rendezvous_failure
 
     port = free_port()
-    two = node_config(root, "mismatch", port, 0, rdzv_timeout_s=30)
-    three = node_config(root, "mismatch", port, 1, nnodes=3, rdzv_timeout_s=4)
-    procs = []
-    try:
-        procs = [start_node(two), start_node(three)]
-        codes = [p.wait(timeout=120) for p, _ in procs]
-    finally:
-        stop_all(*[p for p, _ in procs])
-    assert codes[0] != 0 and codes[1] != 0
+    two = node_config(root, "short", port, 0, rdzv_timeout_s=30)
+    three = node_config(root, "short", port, 1, nnodes=3, rdzv_timeout_s=4)
+    procs = start_in_order(two, three)
+    codes = wait_both(procs)
+    assert codes[0] != 0 and codes[1] != 0, codes
     logs = [log_tail(path, 20000) for _, path in procs]
     assert "RendezvousTimeoutError" in logs[1], logs[1][-3000:]
     assert "RendezvousClosedError" in logs[0], logs[0][-3000:]
     for config, text in zip((two, three), logs, strict=True):
         assert rendezvous_failure(config, text.splitlines()) is not None
     assert not run_dir(two).exists()  # no rank ever started
+
+
+def test_a_world_formed_by_nodes_with_different_nnodes_is_refused_by_every_rank(root: Path) -> None:
+    """The node started with --nnodes 2 joins second and completes a world of 2 (torch lets the joiner that fills
+    its own --nnodes do so); every rank compares the nodes' --nnodes first and refuses before writing anything."""
+    from pipelines.tasks import rendezvous_failure
+
+    port = free_port()
+    three = node_config(root, "formed", port, 0, nnodes=3, rdzv_timeout_s=30)
+    two = node_config(root, "formed", port, 1, rdzv_timeout_s=30)
+    procs = start_in_order(three, two)
+    codes = wait_both(procs)
+    assert codes[0] != 0 and codes[1] != 0, codes
+    for config, (_, path) in zip((three, two), procs, strict=True):
+        text = log_tail(path, 20000)
+        assert ("nodes disagree on train.nnodes: the rendezvous formed a world of 2 nodes from node 0 with --nnodes 3, "
+                "node 1 with --nnodes 2; start every node with the same --nnodes") in text, text[-3000:]
+        reason = rendezvous_failure(config, text.splitlines())
+        assert reason is not None and reason.startswith(f"node {config.train.node_rank} of {config.train.nnodes}")
+        assert "nodes disagree on train.nnodes" in reason
+    assert not run_dir(three).exists()  # refused before rank 0 made the run directory
+
+
+def test_two_nodes_started_with_one_node_rank_are_refused_by_every_rank(root: Path) -> None:
+    """Three nodes of --nnodes 3 form a world, but two say --node-rank 1: every rank refuses before writing."""
+    port = free_port()
+    configs = [node_config(root, "twins", port, r, nnodes=3, batch_size=3, rdzv_timeout_s=30) for r in (0, 1, 1)]
+    procs = start_in_order(configs[0], configs[1])
+    procs.append(start_node(configs[2], tag="-twin"))
+    codes = wait_both(procs)
+    assert all(code != 0 for code in codes), codes
+    for _, path in procs:
+        text = log_tail(path, 20000)
+        assert ("nodes share a --node-rank: a world of 3 nodes holds only node ranks [0, 1]; give each node its own "
+                "--node-rank in 0..2") in text, text[-3000:]
+    assert not run_dir(configs[0]).exists()
 
 
 def test_the_train_task_of_a_node_waits_for_the_endpoint_then_fails_naming_it(tmp_path: Path) -> None:

@@ -167,3 +167,34 @@ def cleanup_on_error(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
         if proc.poll() is None:
             kill_tree(proc)
         raise
+
+
+def wait_until_joined(proc: subprocess.Popen, port: int, run_id: str, participants: int = 1) -> None:
+    """Block until the c10d rendezvous ``run_id`` on 127.0.0.1:``port`` lists ``participants`` nodes.
+
+    Reads the state torchrun keeps in its store, so a test can order two nodes' joins exactly.
+    """
+    import base64
+    import pickle
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    key = f"torch.rendezvous.{run_id}"
+    deadline = time.monotonic() + 120
+    store = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"torchrun exited {proc.returncode} before joining rendezvous {run_id!r}")
+        try:
+            store = store or dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=2))
+            if store.check([key]):
+                raw = store.get(key)
+                if raw != b"Y2FuaW1hZGFt":  # torch's sentinel for "no state yet"
+                    state = pickle.loads(base64.b64decode(raw))  # noqa: S301 - torch's own state, local test store
+                    if len(state.participants) >= participants:
+                        return
+        except (RuntimeError, TimeoutError, ValueError):
+            store = None  # the agent has not opened its store yet
+        time.sleep(0.05)
+    raise AssertionError(f"rendezvous {run_id!r} on port {port} never had {participants} participants")
