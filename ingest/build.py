@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from core.config import Config, absolute_paths, config_from_dict, dump_config
 from ingest.append import group_fetcher, recheck_region
-from ingest.orchestrate import IngestPlan, StoreRequest, plan_store, run_slabs, write_missing
+from ingest.orchestrate import IngestPlan, StoreRequest, plan_store, run_slabs, validate_source, write_missing
 from ingest.parallel import Executor, SlabExecutor, slab_executor
 from ingest.regions import open_store, preliminary_times, store_slab_size
 from ingest.sources import Source, shared_planet
@@ -206,7 +206,8 @@ def ingest(config: Config, progress: bool = True, append: bool = False, *, execu
         try:
             plan, replaced = run_slabs(path, lambda: plan_store(store_request(config, append, source)), executor,
                                        ingest_slab, lambda s, replace: (data, s.start, s.stop, replace),
-                                       advance, on_plan)
+                                       advance, on_plan, validate=lambda p: validate_source(
+                                           source, p, config.task.variables, config.task.levels))
         finally:
             if bar:
                 bar[0].close()

@@ -210,6 +210,12 @@ class CdsSource:
         """The newest time CDS serves (ERA5T lags real time by ``ingest.plan.ERA5T_LAG``)."""
         return planner.latest_available()  # through the module: one place to pin "now" in tests
 
+    def validate(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> None:
+        """Before the store changes: credentials are set and every time can be requested (plan, no network)."""
+        cds_credentials()  # missing credentials fail here at once, not after the client's retries
+        s = self.settings
+        plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format)
+
     # -- the Source protocol --------------------------------------------------------------------
     def fetch(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:
         """The analysis at ``times`` for ``variables`` (at ``levels``) on the grid, from CDS."""

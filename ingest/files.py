@@ -136,6 +136,21 @@ class FileSource:
         common = set.intersection(*(self._coverage(v, lv) for v, lv in fields)) if fields else set()
         return pd.DatetimeIndex(sorted(common), name="time")
 
+    def _check_covered(self, wanted: set[np.datetime64], fields: list[tuple[str, int | None]]) -> None:
+        for variable, level in fields:
+            missing = sorted(wanted - self._coverage(variable, level))
+            if missing:
+                more = f" (and {len(missing) - 1} more times)" if len(missing) > 1 else ""
+                raise SourceError(f"time {_stamp(missing[0])}{more} is in none of the files under {self.paths} "
+                                  f"for {_field_label(variable, level)}")
+
+    def validate(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> None:
+        """Read every file's header (corrupt, truncated, regional, mixed grids, unknown variables) and check
+        that the files hold every one of ``times``; raise naming the first problem. Reads no field values."""
+        stamps = pd.DatetimeIndex([pd.Timestamp(t) for t in times]).as_unit("ns")
+        self._scan()
+        self._check_covered(set(stamps.values), self._fields(variables, levels))
+
     def fetch(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:
         """Decode, merge, select and regrid the requested slab from the files holding it."""
         fields = self._fields(variables, levels)
@@ -143,12 +158,7 @@ class FileSource:
         if stamps.has_duplicates or len(stamps) == 0:
             raise ValueError(f"times must be non-empty and distinct, got {list(map(str, stamps))}")
         wanted = set(stamps.values)
-        for variable, level in fields:
-            missing = sorted(wanted - self._coverage(variable, level))
-            if missing:
-                more = f" (and {len(missing) - 1} more times)" if len(missing) > 1 else ""
-                raise SourceError(f"time {_stamp(missing[0])}{more} is in none of the files under {self.paths} "
-                                  f"for {_field_label(variable, level)}")
+        self._check_covered(wanted, fields)
         names = list(dict.fromkeys(v for v, _ in fields))
         needed = [info.path for info in self._scan()
                   if any(v in names and times_ & wanted for (v, _), times_ in info.fields.items())]

@@ -145,8 +145,28 @@ class ZarrMirrorSource:
             return np.where(stamps <= final, EXPVER_FINAL, EXPVER_PRELIMINARY).astype(np.int8)
         return np.full(len(stamps), self.default_expver, dtype=np.int8)
 
+    def validate(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> None:
+        """Before the store changes: the mirror opens and holds every time, variable, level and unit (no values read)."""
+        self._select(times, variables, levels)
+
     def fetch(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:
         """Select the requested slab from the mirror and regrid it onto the store's grid."""
+        slab, ds, pos, stamps = self._select(times, variables, levels)
+        slab = regrid(slab, self.grid)
+        try:
+            slab = slab.load(scheduler="threads")
+        except Exception as exc:  # network or damaged-chunk errors surface here
+            raise SourceError(f"reading {self._what()} failed ({type(exc).__name__}: {exc})") from exc
+        for variable in variables:
+            var = VARIABLES[variable]
+            slab[variable].attrs = {"units": var.units, "long_name": var.long_name}
+        slab["expver"] = ("time", self._expver(ds, pos, stamps))
+        slab.attrs = {"source": self.name, "dataset_version": self.dataset_version()}
+        return slab
+
+    def _select(self, times: Sequence[pd.Timestamp], variables: Sequence[str],
+                levels: Sequence[int]) -> tuple[xr.Dataset, xr.Dataset, np.ndarray, pd.DatetimeIndex]:
+        """The requested slab, lazily, in the contract's layout (native grid); the mirror, positions and times."""
         pressure = [v for v in variables if get_variable(v).level_type == "pressure"]
         wanted_levels = [check_level(lv) for lv in levels] if pressure else []
         if pressure and not wanted_levels:
@@ -187,14 +207,4 @@ class ZarrMirrorSource:
         slab = slab.assign_coords(longitude=lon, latitude=slab["latitude"].values.astype(float))
         slab = slab.isel(longitude=np.argsort(lon, kind="stable"),
                          latitude=np.argsort(-slab["latitude"].values, kind="stable"))
-        slab = regrid(slab, self.grid)
-        try:
-            slab = slab.load(scheduler="threads")
-        except Exception as exc:  # network or damaged-chunk errors surface here
-            raise SourceError(f"reading {self._what()} failed ({type(exc).__name__}: {exc})") from exc
-        for variable in variables:
-            var = VARIABLES[variable]
-            slab[variable].attrs = {"units": var.units, "long_name": var.long_name}
-        slab["expver"] = ("time", self._expver(ds, pos, stamps))
-        slab.attrs = {"source": self.name, "dataset_version": self.dataset_version()}
-        return slab
+        return slab, ds, pos, stamps

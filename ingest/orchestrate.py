@@ -13,6 +13,7 @@ writer may have moved on).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -111,15 +112,41 @@ def plan_store(request: StoreRequest) -> IngestPlan:
     return plan
 
 
+def plan_times(plan: IngestPlan) -> list[pd.Timestamp]:
+    """Every time the plan's slabs will fetch (re-checks fetch only preliminary times inside ``plan.recheck``)."""
+    t = plan.layout.times
+    return [t[i] for s in plan.todo for i in range(s.start, s.stop)]
+
+
+def validate_source(source: object, plan: IngestPlan, variables: Sequence[str], levels: Sequence[int]) -> None:
+    """Ask ``source`` (its optional ``validate``) whether it can deliver every time the plan writes; raise if not."""
+    check = getattr(source, "validate", None)
+    times = plan_times(plan)
+    if check is not None and times:
+        began = time.perf_counter()
+        check(times, variables, levels)
+        log.info("source %s can deliver the %d times to write (checked in %.2f s)", getattr(source, "name", "?"),
+                 len(times), time.perf_counter() - began)
+
+
 @contextmanager
-def store_session(make_plan: Callable[[], IngestPlan]) -> Iterator[IngestPlan]:
-    """Hold the store's writer lock; create or extend the store; yield the plan; consolidate at the end."""
+def store_session(make_plan: Callable[[], IngestPlan],
+                  validate: Callable[[IngestPlan], None] | None = None) -> Iterator[IngestPlan]:
+    """Hold the store's writer lock; create or extend the store; yield the plan; consolidate at the end.
+
+    ``validate(plan)`` runs before anything is written (no directory, lock file or store yet): a source
+    that cannot deliver (bad files, missing times, no credentials) fails with the store byte-identical.
+    A store this session created is removed again if it fails before any time was done.
+    """
     plan = make_plan()  # refuse a bad request before creating any file (it is read-only)
+    if validate is not None:
+        validate(plan)
     plan.path.parent.mkdir(parents=True, exist_ok=True)
     with store_lock(plan.path):
         plan = make_plan()  # again under the lock: another writer may have moved on
         path = plan.path
-        if not plan.exists:
+        created = not plan.exists
+        if created:
             create_store(path, plan.layout, slab_size=plan.slab_size, compression=plan.compression,
                          checksum=plan.checksum)
         else:
@@ -131,12 +158,25 @@ def store_session(make_plan: Callable[[], IngestPlan]) -> Iterator[IngestPlan]:
         try:
             yield plan
         except BaseException:
+            if created and _nothing_done(path):
+                # Only what this session made, holding nothing: a rerun starts clean instead of from an empty store.
+                shutil.rmtree(path, ignore_errors=True)
+                log.warning("removed the new store %s: it failed before any time was written", path)
+                raise
             try:
                 consolidate(path)  # publish what was done; never hide the original error
             except OSError as exc:
                 log.warning("could not refresh consolidated metadata of %s: %s", path, exc)
             raise
         consolidate(path)
+
+
+def _nothing_done(path: Path) -> bool:
+    """True when no time of the store at ``path`` is marked done (or its flags cannot be read)."""
+    try:
+        return not bool(done_flags(path).any())
+    except (OSError, ValueError):
+        return False  # unreadable: leave it for `spherecast data check` rather than delete it
 
 
 def write_missing(path: Path, store: xr.Dataset, fetch: Callable[[list[pd.Timestamp]], xr.Dataset],
@@ -158,12 +198,13 @@ def write_missing(path: Path, store: xr.Dataset, fetch: Callable[[list[pd.Timest
 def run_slabs(path: Path, make_plan: Callable[[], IngestPlan], executor: Executor, fn: Callable[..., dict[str, Any]],
               job_args: Callable[[slice, bool], tuple[Any, ...]],
               progress: Callable[[int, int], None] | None = None,
-              on_plan: Callable[[IngestPlan], None] | None = None) -> tuple[IngestPlan, int]:
+              on_plan: Callable[[IngestPlan], None] | None = None,
+              validate: Callable[[IngestPlan], None] | None = None) -> tuple[IngestPlan, int]:
     """Check the executor's workers, open the store session, run ``fn(*job_args(slab, replace))`` for every slab to
     write or re-check; return the plan and how many preliminary times were replaced."""
     executor.check_sees(Path(path).parent)  # a worker blind to the store's directory would write elsewhere
     replaced = 0
-    with store_session(make_plan) as plan:
+    with store_session(make_plan, validate) as plan:
         if on_plan is not None:
             on_plan(plan)
         jobs: Sequence[tuple[Any, ...]] = ([job_args(s, False) for s in plan.todo]
