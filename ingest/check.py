@@ -152,6 +152,14 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     chunks_read: int = 0
+    damaged: dict[str, set[int]] = field(default_factory=dict)
+    """Field → done time indices whose chunk is damaged: bad checksum, undecodable, NaN/Inf or out of range."""
+    missing: dict[str, set[int]] = field(default_factory=dict)
+    """Field → done time indices whose chunk (or whole shard file) is absent on disk."""
+    damaged_files: set[Path] = field(default_factory=set)
+    """Shard files that cannot be read at all (a truncated index or one failing its checksum)."""
+    general: list[str] = field(default_factory=list)
+    """Every problem not tied to a field's chunk at a time (metadata, contract, flags, time axis, …), uncapped."""
 
     def report(self) -> str:
         """The findings as text, problems first."""
@@ -159,19 +167,41 @@ class CheckReport:
         lines = [head] + [f"  PROBLEM {p}" for p in self.problems] + [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def bad_times(self) -> dict[str, list[int]]:
+        """Field → sorted time indices whose chunk is damaged or missing (what re-fetching can fix)."""
+        names = set(self.damaged) | set(self.missing)
+        return {n: sorted(self.damaged.get(n, set()) | self.missing.get(n, set())) for n in sorted(names)}
+
+
+# Kinds of findings about one field's chunk at one time; the others concern the store as a whole.
+CHUNK_KINDS = {"decode": "damaged", "nan": "damaged", "range": "damaged", "missing": "missing"}
+
 
 class _Findings:
-    """Collects problems, capping each (kind, variable) at MAX_PER_KIND messages."""
+    """Collects problems, capping each (kind, variable) at MAX_PER_KIND messages, and their structure uncapped."""
 
-    def __init__(self) -> None:
+    def __init__(self, report: CheckReport) -> None:
         self.problems: list[str] = []
         self.counts: dict[tuple[str, str], int] = {}
+        self.report = report
 
-    def add(self, kind: str, name: str, message: str) -> None:
-        """Record one finding (kept only while under the cap for its kind and variable)."""
+    def add(self, kind: str, name: str, message: str, time: int | None = None) -> None:
+        """Record one finding (its message kept only while under the cap for its kind and variable).
+
+        ``time`` is the index of the done time whose chunk of field ``name`` the finding is about; a
+        finding without one is about the store as a whole and goes to ``report.general``.
+        """
         n = self.counts[(kind, name)] = self.counts.get((kind, name), 0) + 1
         if n <= MAX_PER_KIND:
             self.problems.append(message)
+        if time is None or kind not in CHUNK_KINDS:
+            self.report.general.append(message)
+        else:
+            self.mark(CHUNK_KINDS[kind], name, time)
+
+    def mark(self, what: str, name: str, time: int) -> None:
+        """Note time ``time`` of field ``name`` as ``damaged`` or ``missing`` without a message of its own."""
+        getattr(self.report, what).setdefault(name, set()).add(int(time))
 
     def summaries(self) -> list[str]:
         """One line per capped (kind, variable) saying how many findings were left out."""
@@ -256,18 +286,20 @@ class _Shards:
         if key != self.key:
             self._load(key)
             if self.error is not None:
-                out.add("decode", name, f"{name}: shard {label} is damaged ({self.error}): its times cannot be read")
+                out.add("decode", name, f"{name}: shard {label} is damaged ({self.error}): its times cannot be read", i)
+                out.report.damaged_files.add(key)
         if self.error is not None:
+            out.mark("damaged", name, i)  # every done time of an unreadable shard, though named once
             return None
         if self.found is None:
             out.add("missing", name, f"{name} at {when}: shard {label} is missing on disk though the time is done "
-                                      "(it would read as NaN)")
+                                      "(it would read as NaN)", i)
             return None
         k = i % self.w.per_file
         chunk = stored_chunk(*self.found, k)
         if chunk is None:
             out.add("missing", name, f"{name} at {when}: chunk {k} of shard {label} is missing though the time "
-                                      "is done (it would read as NaN)")
+                                      "is done (it would read as NaN)", i)
             return None
         return bytes(chunk) if self.full else b""
 
@@ -282,17 +314,17 @@ def _scan_sharded(shards: _Shards, name: str, i: int, when: str, out: _Findings,
         values = shards.w.codec.decode(raw)
     except ValueError as exc:
         out.add("decode", name, f"{name} at {when}: chunk {i % shards.w.per_file} of shard {name}/"
-                                 f"{shards.w.key(i).name} does not decode ({exc})")
+                                 f"{shards.w.key(i).name} does not decode ({exc})", i)
         return
     report.chunks_read += 1
-    _values(name, values, when, out, levels)
+    _values(name, values, when, out, levels, i)
 
 
-def _values(name: str, values: np.ndarray, when: str, out: _Findings, levels: np.ndarray | None) -> None:
-    """NaN/Inf and physical-range findings for one done time of one field."""
+def _values(name: str, values: np.ndarray, when: str, out: _Findings, levels: np.ndarray | None, i: int) -> None:
+    """NaN/Inf and physical-range findings for done time ``i`` of one field."""
     finite = np.isfinite(values)
     if not finite.all():
-        out.add("nan", name, f"{name} at {when}: {int((~finite).sum())} NaN/Inf values in a done time")
+        out.add("nan", name, f"{name} at {when}: {int((~finite).sum())} NaN/Inf values in a done time", i)
     if finite.any():
         lo, hi = VARIABLES[name].valid_range if name in VARIABLES else (-np.inf, np.inf)
         vmin, vmax = float(values[finite].min()), float(values[finite].max())
@@ -303,7 +335,7 @@ def _values(name: str, values: np.ndarray, when: str, out: _Findings, levels: np
                 bad = (flat.min(axis=1) < lo) | (flat.max(axis=1) > hi)
                 at = f" (level {', '.join(str(int(lv)) for lv in np.asarray(levels)[bad])} hPa)"
             out.add("range", name, f"{name} at {when}{at}: values {vmin:g} .. {vmax:g} outside the "
-                                    f"physical range [{lo:g}, {hi:g}] {VARIABLES[name].units}")
+                                    f"physical range [{lo:g}, {hi:g}] {VARIABLES[name].units}", i)
 
 
 def _scan_time(path: Path, name: str, arr: zarr.Array, i: int, when: str, full: bool, out: _Findings,
@@ -315,7 +347,7 @@ def _scan_time(path: Path, name: str, arr: zarr.Array, i: int, when: str, full: 
         if not (path / name / key).is_file():
             missing.append(key)
             out.add("missing", name, f"{name} at {when}: chunk {name}/{key} is missing on disk "
-                                      f"though the time is done (it would read as NaN)")
+                                      f"though the time is done (it would read as NaN)", i)
     if not full or missing:
         return
     try:
@@ -328,15 +360,16 @@ def _scan_time(path: Path, name: str, arr: zarr.Array, i: int, when: str, full: 
             except Exception as exc:
                 key = arr.metadata.encode_chunk_key(coords)
                 out.add("decode", name, f"{name} at {when}: chunk {name}/{key} does not decode "
-                                         f"({type(exc).__name__}: {exc})")
+                                         f"({type(exc).__name__}: {exc})", i)
         return
-    _values(name, values, when, out, levels)
+    _values(name, values, when, out, levels, i)
 
 
 def check_store(path: Path, full: bool = True, require_complete: bool = False) -> CheckReport:
     """Check a store against the contract and the disk; ``full`` also decodes every done chunk."""
     path = Path(path)
-    report, out = CheckReport(path), _Findings()
+    report = CheckReport(path)
+    out = _Findings(report)
     if intent_path(path).is_file():
         out.add("append", "append", f"an append was interrupted ({intent_path(path)}): "
                                     "the next ingest (or extend_store) completes it")

@@ -146,6 +146,12 @@ def _data(config: Any, args: argparse.Namespace) -> int:
     if args.action == "inspect":
         print(inspect_store(store))
         return 0
+    if args.action == "repair":
+        from ingest.repair import repair_store
+
+        result = repair_store(config, store, progress=True)
+        print(result.report())
+        return 0 if result.ok else 1
     # A store with times not yet done is a failed check unless the caller says a partial store is expected.
     report = check_store(store, full=not args.quick, require_complete=not args.allow_incomplete)
     print(report.report())
@@ -320,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "task retries, no verification afterwards): for scripts and one-off builds")
     p.add_argument("--workers", type=int, help="Dask LocalCluster workers")
     p.add_argument("--scheduler-address", help="use an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
-    p = add("data", "Inspect or check the analysis store.")
-    p.add_argument("action", choices=["inspect", "check"], help="inspect: summary; check: exit 1 on any problem")
+    p = add("data", "Inspect, check or repair the analysis store.")
+    p.add_argument("action", choices=["inspect", "check", "repair"],
+                   help="inspect: summary; check: exit 1 on any problem; repair: re-fetch the slabs whose chunks "
+                        "check finds damaged or missing, exit 1 if damage remains")
     p.add_argument("--store", help="store path (default: the config's analysis store)")
     p.add_argument("--quick", action="store_true", help="check: skip decoding every chunk")
     p.add_argument("--allow-incomplete", action="store_true",
