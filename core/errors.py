@@ -6,11 +6,13 @@ holds, an input an earlier step has not produced yet. The command line prints th
 (``spherecast: error: <message>``, exit 2). Anything else — a bare ``ValueError`` from an internal
 invariant or from numpy/xarray deep inside — is a bug and must keep its traceback (exit 1).
 
-Every class is also a ``ValueError``, so the ``except ValueError`` handlers that existed before this
+Every class but StoreWriteError (an ``OSError``) is also a ``ValueError``, so the ``except ValueError`` handlers that existed before this
 hierarchy (HTTP 422 mapping, per-cycle failure recording, retries) keep catching them.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class SpherecastError(Exception):
@@ -41,5 +43,30 @@ class MissingInputError(SpherecastError, ValueError):
     """
 
 
+class TransientSourceError(SourceError):
+    """A source that failed after its own bounded retries for a reason that may pass (network, HTTP 5xx, 429).
+
+    The one kind of user-facing error an orchestrator may retry later; every other SpherecastError is
+    permanent: the same input fails the same way until someone fixes it.
+    """
+
+
+class StoreWriteError(SpherecastError, OSError):
+    """Writing the store failed in a way the operator fixes (disk full, quota, read-only mount); an OSError too."""
+
+
+# errno values that no retry fixes: the disk, the quota or the mount must change first.
+_PERMANENT_ERRNO = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when retrying cannot help: a user-fixable error that is not transient, or a full or read-only disk."""
+    if isinstance(exc, TransientSourceError):
+        return False
+    if isinstance(exc, SpherecastError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNO
+
+
 __all__ = ["ConfigError", "DataContractError", "MissingInputError", "SourceError", "SpherecastError",
-           "StoreLockedError"]
+           "StoreLockedError", "StoreWriteError", "TransientSourceError", "is_permanent"]

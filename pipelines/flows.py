@@ -14,9 +14,12 @@ from core.errors import MissingInputError, SpherecastError
 from core.runs import list_runs
 from ingest.parallel import SlabExecutor
 from pipelines.cycles import CycleResult, check_request, cycle_times, exclusive_cycle, record
+from pipelines.failures import quiet_user_errors, retry_unless_permanent
 from pipelines.retrain import retrain_weekly  # noqa: F401  (a flow of this module's deployments)
 from pipelines.tasks import forecast_task, ingest_task, score_task, stats_task, train_task, wait_task
 from pipelines.verify import verify_forecasts
+
+quiet_user_errors()  # tracebacks only for bugs, in every process that runs these flows
 
 
 def _config(config_path: str | None, overrides: dict[str, Any] | None) -> Config:
@@ -40,7 +43,9 @@ class PrefectSlabs:
 
     def __init__(self, inner: SlabExecutor, retries: int, retry_delay_seconds: float) -> None:
         self.inner = inner
-        self.slab = slab_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+        # A permanent failure (bad file, missing time, no credentials, disk full) fails at once: a retry only repeats it.
+        self.slab = slab_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds,
+                                           retry_condition_fn=retry_unless_permanent)
 
     @property
     def description(self) -> str:

@@ -180,3 +180,18 @@ def test_a_slab_failing_once_is_retried_by_prefect(reference: dict, server: CdsS
     assert all(t.state_type.value == "COMPLETED" for t in runs)
     assert requested_since(server, mark) == sorted([SLABS[0], *SLABS])  # the first slab twice
     assert tree_digest(cfg.paths.analysis_store) == reference["digest"]
+
+
+def test_a_slab_refused_for_good_is_not_retried_and_logs_no_traceback(
+        reference: dict, server: CdsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg, path = cds_config(tmp_path / "run", retries=2)
+    server.faults.push("rejected", message="injected: the request is too large")  # CDS refuses the first job
+    with caplog.at_level(logging.INFO, logger="prefect"):
+        state = flows.ingest_era5(str(path), return_state=True)
+    assert state.is_failed(), state
+    runs = slab_runs(state.state_details.flow_run_id)
+    assert all(t.run_count == 1 for t in runs), [(t.name, t.run_count) for t in runs]  # retries=2, none used
+    assert sum(t.state_type.value == "FAILED" for t in runs) == 1
+    about = [r for r in caplog.records if "the request is too large" in r.getMessage()]
+    assert about, "the refusal was not logged"
+    assert all(r.exc_info is None and not r.exc_text for r in about)  # one line each: no traceback
