@@ -241,6 +241,14 @@ def run(args: argparse.Namespace) -> int:
         if args.no_prefect:
             return _ingest_without_prefect(config, args.append)
     prefect_environment()
+    from pipelines.prefect_server import temporary_prefect_server
+
+    with temporary_prefect_server():  # dies with this process, even on kill -9 (Prefect's own would not)
+        return _run_flow(args, config, config_path, overrides)
+
+
+def _run_flow(args: argparse.Namespace, config: Any, config_path: str | None, overrides: dict[str, Any]) -> int:
+    """Run the Prefect flow of a parsed command (a server is already there) and print its result."""
     from pipelines import flows
 
     if args.command == "demo":
