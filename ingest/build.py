@@ -3,7 +3,8 @@
 One ingest is: make the config's paths absolute (jobs run in other processes, maybe on other
 hosts); check that the executor's workers see the store's directory; take the store's
 single-writer lock; create the store (or extend its period for an append); run every slab that
-is not done through the executor passed in (inline, Dask, or Prefect tasks); re-fetch done slabs
+is not done through the executor passed in (inline, Dask, or Prefect tasks; a CDS job packs the
+consecutive slabs of a month within one request's budget and fetches them at once); re-fetch done slabs
 that still hold preliminary (ERA5T) times and replace them where final ERA5 has arrived; refresh
 the consolidated metadata; recompute the statistics over the training period. Each step is
 idempotent by slab (done flags on disk, not a cache), so a rerun after a crash does only what is left.
@@ -19,6 +20,7 @@ from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -26,13 +28,20 @@ from core.config import Config, absolute_paths, config_from_dict, dump_config
 from ingest.append import group_fetcher, recheck_region
 from ingest.orchestrate import IngestPlan, StoreRequest, plan_store, run_slabs, validate_source, write_missing
 from ingest.parallel import Executor, SlabExecutor, slab_executor
-from ingest.regions import open_store, preliminary_times, store_slab_size
+from ingest.regions import (
+    contiguous_runs,
+    done_flags,
+    done_in,
+    open_store,
+    preliminary_times,
+    store_slab_size,
+)
 from ingest.sources import Source, shared_planet
 from ingest.stats import compute_stats, write_stats
 from ingest.store import BuildReport, StoreLayout
 
-__all__ = ["IngestPlan", "executor_for", "finish_ingest", "ingest", "ingest_slab", "layout_for", "plan_ingest", "source_for",
-           "store_request", "target_end"]
+__all__ = ["IngestPlan", "executor_for", "fetch_calls", "finish_ingest", "ingest", "ingest_slab", "job_groups",
+           "layout_for", "pack_jobs", "plan_ingest", "source_for", "store_request", "target_end", "write_packed"]
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +102,81 @@ def store_request(config: Config, append: bool = False, source: Source | None = 
 
 
 def plan_ingest(config: Config, append: bool = False, source: Source | None = None) -> IngestPlan:
-    """Work out what an ingest would do, without writing anything."""
+    """Work out what an ingest would do, without writing anything: its slabs and every request it will send."""
     config = absolute_paths(config)
     source = source or source_for(config)
     plan = plan_store(store_request(config, append, source))
     describe = getattr(source, "describe_requests", None)
-    if describe is not None and plan.todo:
-        prelim = preliminary_times(plan.path) if plan.recheck else pd.DatetimeIndex([])
-        layout = plan.layout
-        slabs = [list(layout.times[s]) for s in plan.todo]
-        slabs += [list(prelim[(prelim >= layout.times[s.start]) & (prelim <= layout.times[s.stop - 1])])
-                  for s in plan.recheck]
-        plan.requests = describe(slabs, list(config.task.variables), list(config.task.levels))
+    if describe is not None and (plan.todo or plan.recheck):
+        calls = fetch_calls(plan, source, config)
+        plan.requests = describe(calls, list(config.task.variables), list(config.task.levels))
+        if plan.todo:
+            jobs = len(pack_jobs(plan, source, config))
+            plan.requests = f"{len(plan.todo)} slabs to write in {jobs} jobs (one fetch each)\n" + plan.requests
+        if plan.recheck and config.ingest.recheck_probe_oldest:
+            plan.requests += ("\nre-check probes each region's oldest slab first: the region's later requests "
+                              "are sent only if every probed time came back final")
     return plan
+
+
+def _done(plan: IngestPlan) -> np.ndarray:
+    """The plan's done flags over its whole (maybe extended) period; none done for a new store."""
+    done = np.zeros(len(plan.layout.times), dtype=bool)
+    if plan.exists:
+        flags = done_flags(plan.path)
+        done[: flags.size] = flags
+    return done
+
+
+def _slab_edges(start: int, stop: int, slab_size: int) -> list[tuple[int, int]]:
+    """The slabs of a span as (first, stop) index pairs, cut at multiples of ``slab_size``."""
+    edges, first = [], start
+    while first < stop:
+        last = min(first - first % slab_size + slab_size, stop)
+        edges.append((first, last))
+        first = last
+    return edges
+
+
+def job_groups(done: np.ndarray, start: int, stop: int, slab_size: int) -> list[slice]:
+    """The runs of not-done times of a job's span (``done`` covers the span), cut at slab edges, in order."""
+    return [slice(first + r.start, first + r.stop) for first, last in _slab_edges(start, stop, slab_size)
+            for r in contiguous_runs(~done[first - start:last - start])]
+
+
+def pack_jobs(plan: IngestPlan, source: Source, config: Config) -> list[slice]:
+    """The plan's slabs to write joined as the source packs them (adjacent slabs only), else one job per slab."""
+    pack = getattr(source, "pack_slabs", None)
+    if pack is None or not plan.todo:
+        return list(plan.todo)
+    done, t = _done(plan), plan.layout.times
+    todo = [t[s][~done[s]] for s in plan.todo]
+    jobs: list[slice] = []
+    for group in pack(todo, list(config.task.variables), list(config.task.levels)):
+        for k in group:  # a done slab between two to-do ones ends the job: it may be re-checked meanwhile
+            s = plan.todo[k]
+            if jobs and jobs[-1].stop == s.start and k != group[0]:
+                jobs[-1] = slice(jobs[-1].start, s.stop)
+            else:
+                jobs.append(s)
+    return jobs
+
+
+def fetch_calls(plan: IngestPlan, source: Source, config: Config) -> list[tuple[list[list[pd.Timestamp]], bool]]:
+    """Every ``fetch_groups(groups, reuse)`` call the plan's jobs will make, in job order (for ``--plan``)."""
+    done, t, size = _done(plan), plan.layout.times, plan.slab_size
+    calls = []
+    for job in pack_jobs(plan, source, config):
+        calls.append(([list(t[r]) for r in job_groups(done[job], job.start, job.stop, size)], True))
+    prelim = preliminary_times(plan.path) if plan.recheck else pd.DatetimeIndex([])
+    for region in plan.recheck:  # as recheck_region groups them: by slab, the oldest first when probing
+        index = np.flatnonzero(t.isin(prelim[(prelim >= t[region.start]) & (prelim <= t[region.stop - 1])]))
+        groups = [list(t[index[index // size == k]]) for k in np.unique(index // size)]
+        if config.ingest.recheck_probe_oldest and len(groups) > 1:
+            calls += [([groups[0]], False), (groups[1:], False)]
+        elif groups:
+            calls.append((groups, False))
+    return calls
 
 
 # Sources are built once per worker process and reused: a CDS client or a mirror's open dataset is
@@ -144,7 +215,7 @@ def _cached_store(path: Path) -> Any:
 
 
 def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: bool = False) -> dict[str, Any]:
-    """Fetch, regrid and write one slab of the store (or replace its preliminary times); picklable."""
+    """Fetch, regrid and write one job's slabs (or replace a region's preliminary times); picklable."""
     config = config_from_dict(config_data)
     path = config.paths.analysis_store
     source = _cached_source(config)
@@ -156,9 +227,32 @@ def ingest_slab(config_data: dict[str, Any], start: int, stop: int, replace: boo
         fetch = group_fetcher(source, variables, levels)
         replaced = recheck_region(path, store, fetch, slice(start, stop), store_slab_size(path),
                                   probe_oldest=config.ingest.recheck_probe_oldest)
+    elif hasattr(source, "fetch_groups"):  # a packed job: one fetch for all its slabs, written slab by slab
+        write_packed(path, store, source, variables, levels, start, stop,
+                     store_slab_size(path) or config.ingest.slab_size)
     else:
         write_missing(path, store, lambda times: source.fetch(times, variables, levels), start, stop)
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began, "replaced": int(replaced)}
+
+
+def write_packed(path: Path, store: Any, source: Any, variables: list[str], levels: list[int], start: int, stop: int,
+                 slab_size: int) -> None:
+    """Fetch the not-done times of a job's slabs in one ``fetch_groups`` call and write them slab by slab."""
+    runs = job_groups(done_in(path, slice(start, stop)), start, stop, slab_size)
+    times = pd.DatetimeIndex(store["time"].values)
+    fetched = source.fetch_groups([list(times[r]) for r in runs], variables, levels, reuse=True)
+
+    def take(want: list[pd.Timestamp]) -> Any:
+        got = next(fetched)
+        if not pd.DatetimeIndex(got["time"].values).equals(pd.DatetimeIndex(want)):
+            raise RuntimeError(f"packed fetch out of step: got {got['time'].values[:2]}…, wanted {want[:2]}…")
+        return got
+
+    # write_missing walks each slab's not-done runs exactly as job_groups cut them, and names the slab
+    # if the write fails; the source then keeps the deliveries (its generator is not resumed) for the rerun.
+    for first, last in _slab_edges(start, stop, slab_size):
+        write_missing(path, store, take, first, last)
+    next(fetched, None)  # every run is written: let the source delete the deliveries
 
 
 def finish_ingest(config: Config) -> Path | None:
@@ -207,7 +301,8 @@ def ingest(config: Config, progress: bool = True, append: bool = False, *, execu
             plan, replaced = run_slabs(path, lambda: plan_store(store_request(config, append, source)), executor,
                                        ingest_slab, lambda s, replace: (data, s.start, s.stop, replace),
                                        advance, on_plan, validate=lambda p: validate_source(
-                                           source, p, config.task.variables, config.task.levels))
+                                           source, p, config.task.variables, config.task.levels),
+                                       pack=lambda p: pack_jobs(p, source, config))
         finally:
             if bar:
                 bar[0].close()

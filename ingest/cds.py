@@ -4,7 +4,9 @@
 ``download_dir/.<key>.<ext>.part``, checks the bytes against the size the server announced and
 only then renames to ``<key>.<ext>`` (with a ``<key>.json`` sidecar recording the size), so a
 wrong file never sits under a final name and a resumed ingest reuses completed deliveries. The
-deliveries are decoded (``ingest.delivered``), cut to exactly what was asked and regridded.
+deliveries are decoded (``ingest.delivered``), cut to exactly what was asked and regridded. They are
+deleted only after the caller took (wrote) every result that needs them: a failed write leaves them,
+and a rerun's ``fetch_groups(..., reuse=True)`` requests only the fields no completed delivery holds.
 
 Bounded retries. cdsapi 0.7.7 picks its protocol by the key: ``uid:secret`` keeps the legacy
 ``/resources`` + ``/tasks`` client, any other key returns ecmwf-datastores' ``LegacyClient``
@@ -23,8 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cdsapi
@@ -34,12 +38,12 @@ import requests
 import xarray as xr
 
 from core.config import CdsConfig
-from core.errors import ConfigError, SourceError
+from core.errors import ConfigError, SourceError, TransientSourceError
 from core.grid import Grid
 from core.variables import VARIABLES, get_variable
 from ingest import plan as planner
 from ingest.delivered import decode_many
-from ingest.plan import CdsRequest, format_plan, plan_requests
+from ingest.plan import CdsRequest, covered_fields, fields_per_time, format_plan, pack_slabs, plan_requests
 from ingest.regrid import regrid
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,11 @@ log = logging.getLogger(__name__)
 DELIVERY_FORMAT_VERSION = "cds-2024-1"
 _RETRIABLE = {408, 429, 500, 502, 503, 504}
 _CHUNK = 1 << 20
+# HTTP 4xx in cdsapi's message, but not 408 (timeout) or 429 (rate limit): the request itself is refused.
+_REJECTED = re.compile(r"job has been rejected|job rejected", re.IGNORECASE)
+_FAILED_JOB = re.compile(r"job has failed|job failed", re.IGNORECASE)
+_CLIENT_ERROR = re.compile(r"\b(40[0-7]|409|41\d|42[0-8])\b[^;]*(client error|bad request|unauthori[sz]ed|forbidden|"
+                           r"not found|unprocessable)", re.IGNORECASE)
 
 
 def cds_credentials() -> tuple[str, str]:
@@ -64,6 +73,15 @@ def cds_credentials() -> tuple[str, str]:
                           "https://cds.climate.copernicus.eu/api' and 'key: <your personal access token>', "
                           "or set the CDSAPI_URL and CDSAPI_KEY environment variables")
     return url, key
+
+
+def refused_for_good(reason: str) -> bool:
+    """True when cdsapi's message says CDS refuses the request itself, so a later retry fails the same way."""
+    if _REJECTED.search(reason):
+        return True  # CDS rejected the job (too large, invalid, not allowed)
+    if _FAILED_JOB.search(reason):
+        return False  # the job ran and failed; CDS answers its results with a 400, but a rerun may pass
+    return bool(_CLIENT_ERROR.search(reason))  # bad request, credentials, licence: refused at submission
 
 
 def make_client(settings: CdsConfig) -> cdsapi.Client:
@@ -96,6 +114,15 @@ def _download_once(session: requests.Session, url: str, part: Path, timeout: flo
     return written
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One step of ``fetch_groups``: its groups, the requests it sends and the completed deliveries it reuses."""
+
+    groups: tuple[tuple[pd.Timestamp, ...], ...]
+    plan: tuple[CdsRequest, ...]
+    reused: tuple[Path, ...]
+
+
 class CdsSource:
     """ERA5 on a grid from CDS: plan, retrieve (size-checked, atomic), decode, select, regrid."""
 
@@ -105,6 +132,7 @@ class CdsSource:
         self.grid = grid
         self.settings = settings
         self.download_dir = Path(download_dir)
+        self._held: list[CdsRequest] = []
 
     def dataset_version(self) -> str:
         """Hash of source, grid and delivery decoding version (the same for every period)."""
@@ -157,7 +185,7 @@ class CdsSource:
             log.warning("CDS request %s: %s (attempt %d of %d)", req.key, problem, attempt, s.retry_max)
             if attempt < s.retry_max:
                 time.sleep(min(s.sleep_max, 2.0 ** (attempt - 1)))
-        raise SourceError(f"CDS request {req.describe()}: {problem} after {s.retry_max} attempts")
+        raise TransientSourceError(f"CDS request {req.describe()}: {problem} after {s.retry_max} attempts")
 
     def _retrieve(self, client: cdsapi.Client, req: CdsRequest) -> Path:
         try:
@@ -165,8 +193,9 @@ class CdsSource:
         except Exception as exc:  # cdsapi raises bare Exception; both clients after their own bounded retries
             s = self.settings
             reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
-            raise SourceError(f"CDS request {req.describe()} failed (cdsapi gave up; retry_max={s.retry_max}, "
-                              f"timeout={s.timeout:g} s): {reason}") from exc
+            kind = SourceError if refused_for_good(reason) else TransientSourceError
+            raise kind(f"CDS request {req.describe()} failed (cdsapi gave up; retry_max={s.retry_max}, "
+                       f"timeout={s.timeout:g} s): {reason}") from exc
         url, size = _announced(result, req)
         return self._download(client.session, url, size, req)
 
@@ -197,14 +226,88 @@ class CdsSource:
             self.final_path(req).unlink(missing_ok=True)
             self._sidecar(req).unlink(missing_ok=True)
 
-    # -- planning, for `spherecast ingest --plan` and appends -------------------------------------
-    def describe_requests(self, slabs: Sequence[Sequence[pd.Timestamp]], variables: Sequence[str],
-                          levels: Sequence[int]) -> str:
-        """The table of CDS requests that fetching each slab of times would send."""
+    # -- planning, for `spherecast ingest --plan`, packed jobs and appends ------------------------
+    def pack_slabs(self, slabs: Sequence[Sequence[pd.Timestamp]], variables: Sequence[str],
+                   levels: Sequence[int]) -> list[list[int]]:
+        """Consecutive slabs (their times to fetch) joined into jobs that ``fetch_groups`` plans as one."""
+        return pack_slabs(slabs, fields_per_time(variables, levels), self.settings.max_fields_per_request)
+
+    def plan_groups(self, groups: Sequence[Sequence[pd.Timestamp]], variables: Sequence[str], levels: Sequence[int],
+                    *, reuse: bool = False) -> list[Batch]:
+        """How ``fetch_groups`` fetches ``groups``: batches within one request's budget, what each sends and reuses."""
         s = self.settings
-        plan = [req for times in slabs
-                for req in plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format)]
-        return format_plan(plan)
+        index = self._on_disk() if reuse else {}
+        out = []
+        for batch in _batches(groups, fields_per_time(variables, levels), s.max_fields_per_request):
+            union = sorted({pd.Timestamp(t) for group in batch for t in group})
+            plan, reused = self._plan_reusing(index, union, variables, levels)
+            out.append(Batch(tuple(tuple(g) for g in batch), tuple(plan), tuple(reused)))
+        return out
+
+    def requests_for(self, calls: Sequence[tuple[Sequence[Sequence[pd.Timestamp]], bool]], variables: Sequence[str],
+                     levels: Sequence[int]) -> tuple[list[CdsRequest], int]:
+        """The requests ``fetch_groups(groups, reuse=reuse)`` for each call would send, and how many deliveries it reuses."""
+        send: list[CdsRequest] = []
+        reused = 0
+        for groups, reuse in calls:
+            for batch in self.plan_groups(groups, variables, levels, reuse=reuse):
+                done = [r for r in batch.plan if self.is_complete(r)]  # retrieve_all reuses these by key
+                send += [r for r in batch.plan if r not in done]
+                reused += len(batch.reused) + len(done)
+        return send, reused
+
+    def describe_requests(self, calls: Sequence[tuple[Sequence[Sequence[pd.Timestamp]], bool]],
+                          variables: Sequence[str], levels: Sequence[int]) -> str:
+        """The table of CDS requests that ``fetch_groups(groups, reuse=reuse)`` for each call would send."""
+        send, reused = self.requests_for(calls, variables, levels)
+        table = format_plan(send)
+        if reused:
+            table += f"\nreused: {reused} completed deliveries already in {self.download_dir} (not requested again)"
+        return table
+
+    def _on_disk(self) -> dict[tuple[str, str, int | None, pd.Timestamp], list[Path]]:
+        """Every field held by a completed delivery of this data format in ``download_dir``, with its files."""
+        fields: dict[tuple[str, str, int | None, pd.Timestamp], list[Path]] = {}
+        ext = planner.DATA_FORMATS[self.settings.data_format]
+        for sidecar in sorted(self.download_dir.glob("*.json")) if self.download_dir.is_dir() else []:
+            path = sidecar.with_suffix(f".{ext}")
+            try:
+                meta = json.loads(sidecar.read_text())
+                complete = path.is_file() and meta.get("size") == path.stat().st_size
+                request, dataset = dict(meta["request"]), str(meta["dataset"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable or half-written: never trusted, fetched again
+            if complete and request.get("data_format") == self.settings.data_format:
+                for f in covered_fields(dataset, request):
+                    fields.setdefault(f, []).append(path)
+        return fields
+
+    def _plan_reusing(self, index: dict[tuple[str, str, int | None, pd.Timestamp], list[Path]],
+                      times: list[pd.Timestamp], variables: Sequence[str],
+                      levels: Sequence[int]) -> tuple[list[CdsRequest], list[Path]]:
+        """Requests for the times no completed delivery holds yet (per dataset), and the deliveries reused."""
+        s = self.settings
+        if not index:
+            return plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format), []
+        plan: list[CdsRequest] = []
+        reused: dict[Path, None] = {}
+        for kind in ("pressure", "single"):  # plan_requests' order
+            names = [v for v in dict.fromkeys(variables) if VARIABLES[get_variable(v).name].level_type == kind]
+            if not names:
+                continue
+            dataset = planner.DATASETS[kind]
+            lvls: list[int | None] = sorted({int(v) for v in levels}) if kind == "pressure" else [None]
+            need = [(dataset, get_variable(v).cds_name, lv) for v in names for lv in lvls]
+            missing = []
+            for t in times:
+                have = [index.get((*n, t)) for n in need]
+                if all(have):
+                    reused.update((p, None) for paths in have for p in paths)  # type: ignore[union-attr]
+                else:
+                    missing.append(t)
+            if missing:
+                plan += plan_requests(missing, names, levels, s.max_fields_per_request, s.data_format)
+        return plan, list(reused)
 
     def latest_available(self, variables: Sequence[str], levels: Sequence[int]) -> pd.Timestamp:
         """The newest time CDS serves (ERA5T lags real time by ``ingest.plan.ERA5T_LAG``)."""
@@ -218,30 +321,44 @@ class CdsSource:
 
     # -- the Source protocol --------------------------------------------------------------------
     def fetch(self, times: Sequence[pd.Timestamp], variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:
-        """The analysis at ``times`` for ``variables`` (at ``levels``) on the grid, from CDS."""
+        """The analysis at ``times`` for ``variables`` (at ``levels``) on the grid, from CDS.
+
+        The deliveries stay on disk until the next ``fetch`` or :meth:`release`: the caller has not
+        written the result yet, and a rerun after a failed write (a new process) reuses them.
+        """
         s = self.settings
         plan = plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format)
-        out = self._decode(plan, self.retrieve_all(plan), times, variables, levels)
-        if not s.keep_downloads:
-            self.discard(plan)
-        return out
+        # A new fetch asks CDS afresh (ERA5T may have turned final since): the last one's files go.
+        self.release()
+        self._held = [] if s.keep_downloads else list(plan)
+        return self._decode(plan, self.retrieve_all(plan), times, variables, levels)
+
+    def release(self) -> None:
+        """Delete the deliveries the last ``fetch`` kept for its caller (once its result is written)."""
+        self.discard(self._held)
+        self._held = []
 
     def fetch_groups(self, groups: Sequence[Sequence[pd.Timestamp]], variables: Sequence[str],
-                     levels: Sequence[int]) -> Iterator[xr.Dataset]:
-        """Each group's analysis, in order, from as few CDS requests as the union of groups allows."""
+                     levels: Sequence[int], *, reuse: bool = False) -> Iterator[xr.Dataset]:
+        """Each group's analysis, in order, from as few CDS requests as the union of groups allows.
+
+        With ``reuse`` times already held by completed deliveries on disk (left by a failed write,
+        whatever request brought them) are not requested again.
+        """
         # Groups are batched up to one request's cost limit (max_fields_per_request), so the
         # deliveries on disk at once never exceed what a single request may bring.
         s = self.settings
-        for batch in _batches(groups, _fields_per_time(variables, levels), s.max_fields_per_request):
-            union = sorted({pd.Timestamp(t) for group in batch for t in group})
-            plan = plan_requests(union, variables, levels, s.max_fields_per_request, s.data_format)
-            paths = self.retrieve_all(plan)
-            for times in batch:
-                yield self._decode(plan, paths, times, variables, levels)
-            # Only once every group of the batch was taken: a consumer that stopped (a failed
-            # write) leaves the deliveries for its retry to reuse.
+        for batch in self.plan_groups(groups, variables, levels, reuse=reuse):
+            paths = self.retrieve_all(batch.plan) + list(batch.reused)
+            for times in batch.groups:
+                yield self._decode(batch.plan, paths, times, variables, levels)
+            # Only once every group of the batch was taken and the consumer asked for more (it wrote
+            # the last one): a consumer that stopped (a failed write) leaves them for its retry.
             if not s.keep_downloads:
-                self.discard(plan)
+                self.discard(batch.plan)
+                for path in batch.reused:
+                    path.unlink(missing_ok=True)
+                    path.with_suffix(".json").unlink(missing_ok=True)
 
     def _decode(self, plan: Sequence[CdsRequest], paths: Sequence[Path], times: Sequence[pd.Timestamp],
                 variables: Sequence[str], levels: Sequence[int]) -> xr.Dataset:
@@ -253,16 +370,10 @@ class CdsSource:
         except ValueError:
             # The right size but undecodable: keep the bytes for inspection, but stop trusting them so
             # the next attempt fetches them again instead of failing on the same file forever.
-            for req in plan:
-                self._sidecar(req).unlink(missing_ok=True)
+            for path in paths:
+                Path(path).with_suffix(".json").unlink(missing_ok=True)
             raise
         return _finish(out)
-
-
-def _fields_per_time(variables: Sequence[str], levels: Sequence[int]) -> int:
-    """Fields one time costs: one per single-level variable, one per level of each pressure variable."""
-    nlev = max(1, len(set(levels)))
-    return sum(nlev if get_variable(v).level_type == "pressure" else 1 for v in set(variables))
 
 
 def _batches(groups: Sequence[Sequence[pd.Timestamp]], per_time: int,

@@ -199,15 +199,20 @@ def run_slabs(path: Path, make_plan: Callable[[], IngestPlan], executor: Executo
               job_args: Callable[[slice, bool], tuple[Any, ...]],
               progress: Callable[[int, int], None] | None = None,
               on_plan: Callable[[IngestPlan], None] | None = None,
-              validate: Callable[[IngestPlan], None] | None = None) -> tuple[IngestPlan, int]:
+              validate: Callable[[IngestPlan], None] | None = None,
+              pack: Callable[[IngestPlan], Sequence[slice]] | None = None) -> tuple[IngestPlan, int]:
     """Check the executor's workers, open the store session, run ``fn(*job_args(slab, replace))`` for every slab to
-    write or re-check; return the plan and how many preliminary times were replaced."""
+    write or re-check; return the plan and how many preliminary times were replaced.
+
+    ``pack(plan)`` joins consecutive slabs to write into larger jobs (one fetch for several slabs); ``fn``
+    then gets the span of the joined slabs and writes them slab by slab."""
     executor.check_sees(Path(path).parent)  # a worker blind to the store's directory would write elsewhere
     replaced = 0
     with store_session(make_plan, validate) as plan:
         if on_plan is not None:
             on_plan(plan)
-        jobs: Sequence[tuple[Any, ...]] = ([job_args(s, False) for s in plan.todo]
+        todo = plan.todo if pack is None else pack(plan)
+        jobs: Sequence[tuple[Any, ...]] = ([job_args(s, False) for s in todo]
                                            + [job_args(s, True) for s in plan.recheck])
         log.info("ingest %s: %d slabs to write, %d to re-check, %s", plan.path, len(plan.todo), len(plan.recheck),
                  executor.description)

@@ -243,3 +243,50 @@ def format_plan(plan: Sequence[CdsRequest]) -> str:
     detail = ", ".join(f"{n} {ds}" for ds, n in by_ds.items())
     lines.append(f"total: {len(plan)} requests ({detail or 'none'}), {total_fields:,} fields")
     return "\n".join(lines)
+
+
+def fields_per_time(variables: Sequence[str], levels: Sequence[int]) -> int:
+    """Fields one time costs: one per single-level variable, one per level of each pressure variable."""
+    nlev = max(1, len(set(levels)))
+    return sum(nlev if get_variable(v).level_type == "pressure" else 1 for v in set(variables))
+
+
+def pack_slabs(slabs: Sequence[Sequence[pd.Timestamp]], per_time: int, max_fields: int) -> list[list[int]]:
+    """Consecutive slabs (their times to fetch) joined into jobs: one calendar month, ≤ ``max_fields`` fields.
+
+    A request never crosses a month, so joining slabs across one saves no request and only costs
+    parallelism; within a month, a job whose times fit one request's budget is planned as the whole
+    month would be. A slab alone above the budget stays a job of its own.
+    """
+    if per_time < 1 or max_fields < 1:
+        raise ValueError(f"per_time and max_fields must be ≥ 1, got {per_time} and {max_fields}")
+    jobs: list[list[int]] = []
+    month: tuple[int, int] | None = None
+    size = 0
+    for i, times in enumerate(slabs):
+        if len(times) == 0:
+            raise ValueError(f"slab {i} has no times to fetch")
+        first = min(pd.Timestamp(t) for t in times)
+        if jobs and (first.year, first.month) == month and (size + len(times)) * per_time <= max_fields:
+            jobs[-1].append(i)
+            size += len(times)
+            continue
+        jobs.append([i])
+        month, size = (first.year, first.month), len(times)
+    return jobs
+
+
+def covered_fields(dataset: str, request: dict) -> set[tuple[str, str, int | None, pd.Timestamp]]:
+    """Every (dataset, CDS variable, level, time) a request body delivers."""
+    days = [int(d) for d in request.get("day", [])]
+    hours = [int(str(h).split(":")[0]) for h in request.get("time", [])]
+    levels: list[int | None] = [int(v) for v in request.get("pressure_level", [])] or [None]
+    out = set()
+    for year, month in product(request.get("year", []), request.get("month", [])):
+        for d, h in product(days, hours):
+            try:
+                t = pd.Timestamp(int(year), int(month), d, h)
+            except ValueError:  # 31 February and the like: CDS skips impossible dates
+                continue
+            out.update((dataset, var, lv, t) for var in request.get("variable", []) for lv in levels)
+    return out

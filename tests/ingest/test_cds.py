@@ -100,7 +100,10 @@ def test_fetch_returns_the_contract_slab_and_sends_the_planned_requests(
     plan = plan_requests(list(TIMES), variables, LEVELS, source.settings.max_fields_per_request, fmt)
     assert server.submissions(api) == [(r.dataset, r.request) for r in plan]
     assert {c.api for c in server.calls("submit")} == {api}
-    assert files_in(source.download_dir) == []  # keep_downloads is off
+    # keep_downloads is off: the deliveries stay until the caller has written the result, then go.
+    assert len(files_in(source.download_dir)) == 2 * len(plan)
+    source.release()
+    assert files_in(source.download_dir) == []
 
 
 def test_completed_downloads_are_reused_and_a_damaged_one_is_fetched_again(
