@@ -232,12 +232,17 @@ def run(args: argparse.Namespace) -> int:
         _render_run(args)
         resolve_regions(config.render.regions, config.render.boxes)  # an unknown region fails before Prefect starts
     if args.command == "ingest":
-        from ingest.build import plan_ingest
+        from core.config import absolute_paths
+        from ingest.build import plan_ingest, source_for
+        from ingest.orchestrate import validate_source
 
-        plan = plan_ingest(config, append=args.append)  # a bad request fails here, before Prefect starts
+        source = source_for(absolute_paths(config))
+        plan = plan_ingest(config, append=args.append, source=source)  # a bad request fails here, before Prefect
         if args.plan:
             print(plan.describe())
             return 0
+        # Bad files, missing times or credentials fail here in seconds, not after Prefect's start-up.
+        validate_source(source, plan, config.task.variables, config.task.levels)
         if args.no_prefect:
             return _ingest_without_prefect(config, args.append)
     prefect_environment()

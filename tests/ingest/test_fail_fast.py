@@ -5,6 +5,7 @@ store stays byte-identical when an append meets a bad file; the CLI says it in o
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 import time
@@ -137,17 +138,41 @@ def test_missing_cds_credentials_fail_at_once_and_leave_nothing(tmp_path: Path,
     assert not store.exists() and not lock_path(store).exists()
 
 
-def test_the_cli_says_a_bad_file_in_one_line_with_exit_2(tmp_path: Path) -> None:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """``spherecast <args>`` in a subprocess; the result and its wall time in seconds."""
+    began = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+    return proc, time.perf_counter() - began
+
+
+@pytest.mark.parametrize("prefect", [False, True], ids=["no-prefect", "prefect"])
+def test_the_cli_says_a_bad_file_in_one_line_with_exit_2(tmp_path: Path, prefect: bool) -> None:
     files = with_bad_day2(tmp_path, "truncated grib")
     config_file = tmp_path / "run" / "config.yaml"
     files_config(tmp_path / "run", files, DAY2[-1])
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", "--config", str(config_file),
-                           "--no-prefect"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc, took = run_cli("ingest", "--config", str(config_file), *([] if prefect else ["--no-prefect"]))
+    print(f"bad file refused by the CLI in {took:.1f} s")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("spherecast: error: GRIB file ") and "day2.grib' is corrupt or truncated" in last
-    assert not (tmp_path / "run" / "data").exists() or not any((tmp_path / "run" / "data").iterdir())
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_the_cli_says_missing_credentials_in_one_line_before_prefect_starts(tmp_path: Path) -> None:
+    _, config_file = tiny_config(tmp_path / "run", ingest={"source": "cds", "start": "2000-01-01",
+                                                            "end": "2000-01-02T18"})
+    env = {k: v for k, v in os.environ.items() if k not in ("CDSAPI_URL", "CDSAPI_KEY")}
+    env["CDSAPI_RC"] = str(tmp_path / "no-such-cdsapirc")
+    proc, took = run_cli("ingest", "--config", str(config_file), env=env)
+    print(f"missing credentials refused by the CLI in {took:.1f} s")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"spherecast: error: CDS credentials are missing (url and key): create {tmp_path / 'no-such-cdsapirc'} with "
+        "the lines 'url: https://cds.climate.copernicus.eu/api' and 'key: <your personal access token>', or set the "
+        "CDSAPI_URL and CDSAPI_KEY environment variables"]
+    assert not (tmp_path / "run" / "data").exists()
 
 
 def test_permanent_and_transient_errors_are_told_apart() -> None:
