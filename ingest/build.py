@@ -291,7 +291,7 @@ def ingest(config: Config, progress: bool = True, append: bool = False, *, execu
 
     def advance(k: int, n: int) -> None:
         if not bar:
-            bar.append(tqdm(total=n, desc="ingest slabs", unit="slab", disable=not progress))
+            bar.append(tqdm(total=n, desc="ingest jobs", unit="job", disable=not progress))
         bar[0].update(1)
 
     with ExitStack() as stack:

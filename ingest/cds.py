@@ -40,10 +40,19 @@ import xarray as xr
 from core.config import CdsConfig
 from core.errors import ConfigError, SourceError, TransientSourceError
 from core.grid import Grid
-from core.variables import VARIABLES, get_variable
+from core.variables import VARIABLES
 from ingest import plan as planner
 from ingest.delivered import decode_many
-from ingest.plan import CdsRequest, covered_fields, fields_per_time, format_plan, pack_slabs, plan_requests
+from ingest.plan import (
+    CdsRequest,
+    Field,
+    covered_fields,
+    fields_per_time,
+    format_plan,
+    pack_slabs,
+    plan_requests,
+    plan_uncovered,
+)
 from ingest.regrid import regrid
 
 log = logging.getLogger(__name__)
@@ -240,7 +249,7 @@ class CdsSource:
         out = []
         for batch in _batches(groups, fields_per_time(variables, levels), s.max_fields_per_request):
             union = sorted({pd.Timestamp(t) for group in batch for t in group})
-            plan, reused = self._plan_reusing(index, union, variables, levels)
+            plan, reused = plan_uncovered(index, union, variables, levels, s.max_fields_per_request, s.data_format)
             out.append(Batch(tuple(tuple(g) for g in batch), tuple(plan), tuple(reused)))
         return out
 
@@ -265,9 +274,9 @@ class CdsSource:
             table += f"\nreused: {reused} completed deliveries already in {self.download_dir} (not requested again)"
         return table
 
-    def _on_disk(self) -> dict[tuple[str, str, int | None, pd.Timestamp], list[Path]]:
+    def _on_disk(self) -> dict[Field, list[Path]]:
         """Every field held by a completed delivery of this data format in ``download_dir``, with its files."""
-        fields: dict[tuple[str, str, int | None, pd.Timestamp], list[Path]] = {}
+        fields: dict[Field, list[Path]] = {}
         ext = planner.DATA_FORMATS[self.settings.data_format]
         for sidecar in sorted(self.download_dir.glob("*.json")) if self.download_dir.is_dir() else []:
             path = sidecar.with_suffix(f".{ext}")
@@ -281,33 +290,6 @@ class CdsSource:
                 for f in covered_fields(dataset, request):
                     fields.setdefault(f, []).append(path)
         return fields
-
-    def _plan_reusing(self, index: dict[tuple[str, str, int | None, pd.Timestamp], list[Path]],
-                      times: list[pd.Timestamp], variables: Sequence[str],
-                      levels: Sequence[int]) -> tuple[list[CdsRequest], list[Path]]:
-        """Requests for the times no completed delivery holds yet (per dataset), and the deliveries reused."""
-        s = self.settings
-        if not index:
-            return plan_requests(times, variables, levels, s.max_fields_per_request, s.data_format), []
-        plan: list[CdsRequest] = []
-        reused: dict[Path, None] = {}
-        for kind in ("pressure", "single"):  # plan_requests' order
-            names = [v for v in dict.fromkeys(variables) if VARIABLES[get_variable(v).name].level_type == kind]
-            if not names:
-                continue
-            dataset = planner.DATASETS[kind]
-            lvls: list[int | None] = sorted({int(v) for v in levels}) if kind == "pressure" else [None]
-            need = [(dataset, get_variable(v).cds_name, lv) for v in names for lv in lvls]
-            missing = []
-            for t in times:
-                have = [index.get((*n, t)) for n in need]
-                if all(have):
-                    reused.update((p, None) for paths in have for p in paths)  # type: ignore[union-attr]
-                else:
-                    missing.append(t)
-            if missing:
-                plan += plan_requests(missing, names, levels, s.max_fields_per_request, s.data_format)
-        return plan, list(reused)
 
     def latest_available(self, variables: Sequence[str], levels: Sequence[int]) -> pd.Timestamp:
         """The newest time CDS serves (ERA5T lags real time by ``ingest.plan.ERA5T_LAG``)."""

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import TypeVar
 
 import pandas as pd
 
@@ -35,6 +36,7 @@ ERA5_FIRST_TIME = pd.Timestamp("1940-01-01T00")
 # ERA5T (preliminary) reaches CDS about five days behind real time.
 ERA5T_LAG = pd.Timedelta(days=5)
 _ORDER = {name: i for i, name in enumerate(VARIABLES)}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,11 @@ def pack_slabs(slabs: Sequence[Sequence[pd.Timestamp]], per_time: int, max_field
     return jobs
 
 
-def covered_fields(dataset: str, request: dict) -> set[tuple[str, str, int | None, pd.Timestamp]]:
+Field = tuple[str, str, int | None, pd.Timestamp]
+"""One field a delivery holds: (dataset, CDS variable name, level or None, time)."""
+
+
+def covered_fields(dataset: str, request: dict) -> set[Field]:
     """Every (dataset, CDS variable, level, time) a request body delivers."""
     days = [int(d) for d in request.get("day", [])]
     hours = [int(str(h).split(":")[0]) for h in request.get("time", [])]
@@ -290,3 +296,32 @@ def covered_fields(dataset: str, request: dict) -> set[tuple[str, str, int | Non
                 continue
             out.update((dataset, var, lv, t) for var in request.get("variable", []) for lv in levels)
     return out
+
+
+def plan_uncovered(held: dict[Field, list[T]], times: Sequence[pd.Timestamp], variables: Sequence[str],
+                   levels: Sequence[int], max_fields: int, data_format: str) -> tuple[list[CdsRequest], list[T]]:
+    """Requests for the times whose fields ``held`` (field → deliveries) lacks, per dataset; and the deliveries used.
+
+    A time is reused only if every field it needs from that dataset is held; the rest are planned as
+    :func:`plan_requests` would (same order: pressure levels, then single levels).
+    """
+    if not held:
+        return plan_requests(times, variables, levels, max_fields, data_format), []
+    plan: list[CdsRequest] = []
+    used: dict[T, None] = {}
+    for kind in ("pressure", "single"):
+        names = [v for v in dict.fromkeys(variables) if get_variable(v).level_type == kind]
+        if not names:
+            continue
+        lvls: list[int | None] = sorted({int(v) for v in levels}) if kind == "pressure" else [None]
+        need = [(DATASETS[kind], get_variable(v).cds_name, lv) for v in names for lv in lvls]
+        missing = []
+        for t in sorted({pd.Timestamp(t) for t in times}):
+            have = [held.get((*n, t)) for n in need]
+            if all(have):
+                used.update((d, None) for found in have for d in found or ())
+            else:
+                missing.append(t)
+        if missing:
+            plan += plan_requests(missing, names, levels, max_fields, data_format)
+    return plan, list(used)

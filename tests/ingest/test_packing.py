@@ -22,7 +22,7 @@ from ingest import plan as plan_module
 from ingest.build import fetch_calls, ingest, pack_jobs, plan_ingest, source_for
 from ingest.cds import CdsSource
 from ingest.check import check_store
-from ingest.plan import fields_per_time, format_plan, pack_slabs, plan_requests
+from ingest.plan import covered_fields, fields_per_time, format_plan, pack_slabs, plan_requests, plan_uncovered
 from ingest.regions import done_flags, preliminary_times
 from tests.ingest.cds_server import CdsServer, serve_cds
 from tests.ingest.conftest import tiny_config
@@ -93,6 +93,25 @@ def test_jobs_stay_within_a_month_and_the_request_budget() -> None:
     assert fields_per_time(["geopotential", "2m_temperature"], [500, 850]) == 3
     with pytest.raises(ValueError, match="no times"):
         pack_slabs([[]], 3, 10)
+
+
+def test_fields_held_by_any_delivery_are_not_requested_again() -> None:
+    now = pd.Timestamp("2001-01-01")
+    names, levels = ["geopotential", "2m_temperature"], [500, 850]
+    (pressure, single) = plan_requests(list(TIMES[:8]), names, levels, 10**6, "netcdf", now=now)  # all of January
+    held: dict = {}
+    for name, req in (("p.nc", pressure), ("s.nc", single)):
+        for f in covered_fields(req.dataset, req.request):
+            held.setdefault(f, []).append(name)
+    assert len(held) == 8 * 2 + 8
+    # January is held whole: nothing to send; February is not: planned as plan_requests would.
+    assert plan_uncovered(held, list(TIMES[4:8]), names, levels, 10**6, "netcdf") == ([], ["p.nc", "s.nc"])
+    plan, used = plan_uncovered(held, list(TIMES[6:10]), names, levels, 10**6, "netcdf")
+    assert plan == plan_requests(list(TIMES[8:10]), names, levels, 10**6, "netcdf", now=now) and used == ["p.nc", "s.nc"]
+    # A delivery lacking a level does not count for that dataset: only the single level is reused.
+    only_500 = {f: v for f, v in held.items() if f[2] != 850}
+    plan, used = plan_uncovered(only_500, list(TIMES[:2]), names, levels, 10**6, "netcdf")
+    assert [r.dataset for r in plan] == ["reanalysis-era5-pressure-levels"] and used == ["s.nc"]
 
 
 def test_plan_lists_exactly_what_the_ingest_and_its_append_send(
