@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.errors import StoreWriteError
 from ingest.append import extend_store, recheck_regions, store_lock
 from ingest.parallel import Executor
 from ingest.regions import (
@@ -188,11 +189,13 @@ def write_missing(path: Path, store: xr.Dataset, fetch: Callable[[list[pd.Timest
         for r in contiguous_runs(~done):
             times = list(pd.DatetimeIndex(store["time"].values[start + r.start:start + r.stop]))
             write_slab(path, store, fetch(times), start + r.start)
-    except OSError as exc:  # disk full, quota, read-only mount: say where, and that a rerun resumes
+    # Disk full, quota, read-only mount (the store's, or the downloads' beside it: sources wrap their own
+    # network errors): say where, and that a rerun resumes. One line in the CLI, never retried.
+    except OSError as exc:
         t = pd.DatetimeIndex(store["time"].values[start:stop])
-        raise OSError(exc.errno, f"writing {t[0]:%Y-%m-%dT%H}..{t[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
-                                 f"into store {path} failed: {exc.strerror or exc}; slabs already done are "
-                                 "intact, free space and rerun the ingest to resume") from exc
+        raise StoreWriteError(exc.errno, f"writing {t[0]:%Y-%m-%dT%H}..{t[-1]:%Y-%m-%dT%H} (slab {start}–{stop}) "
+                                         f"into store {path} failed: {exc.strerror or exc}; slabs already done are "
+                                         "intact, free space and rerun the ingest to resume") from exc
 
 
 def run_slabs(path: Path, make_plan: Callable[[], IngestPlan], executor: Executor, fn: Callable[..., dict[str, Any]],
