@@ -59,7 +59,9 @@ TIMES = pd.date_range("2000-01-01T00", "2000-01-03T18", freq="6h")
 TASK = {"variables": ["geopotential", "temperature", "2m_temperature"], "levels": [500, 850]}
 TRAIN = {"train_start": "2000-01-01", "train_end": "2000-01-01T18",
          "val_start": "2000-01-02", "val_end": "2000-01-03T18"}
-FAST_CDS = {"retry_max": 2, "sleep_max": 0.1, "timeout": 10.0}
+# A small request budget keeps one job (and its requests) per slab, as these tests count them;
+# packing across slabs is tests/ingest/test_packing.py's.
+FAST_CDS = {"retry_max": 2, "sleep_max": 0.1, "timeout": 10.0, "max_fields_per_request": 15}
 BIG_DISK = 64 << 20
 
 

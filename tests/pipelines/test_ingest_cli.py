@@ -45,7 +45,9 @@ from tests.ingest.test_cds import oracle
 log = logging.getLogger(__name__)
 
 TIMES = pd.date_range("2000-01-01T00", "2000-01-02T18", freq="6h")  # 8 times, 4 slabs of 2
-FAST_CDS = {"retry_max": 1, "sleep_max": 0.1, "timeout": 10.0}
+# A small request budget keeps one job (and its requests) per slab, as these tests count them;
+# packing across slabs is tests/ingest/test_packing.py's.
+FAST_CDS = {"retry_max": 1, "sleep_max": 0.1, "timeout": 10.0, "max_fields_per_request": 6}
 GRID_DEG = 5.625  # the server's delivery grid: small files, still regridded to the tiny grid
 VARS = ["geopotential", "u_component_of_wind", "v_component_of_wind"]
 

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 TIMES = pd.date_range("2000-01-01T00", "2000-01-02T18", freq="6h")  # 8 times, 4 slabs of 2
 SLABS = [tuple(TIMES[i:i + 2]) for i in range(0, len(TIMES), 2)]
 # Fail fast: one HTTP attempt, short pauses; Prefect's task retries are what is under test here.
-FAST_CDS = {"retry_max": 1, "sleep_max": 0.1, "timeout": 10.0}
+# A small request budget keeps one job (and its requests) per slab, as these tests count them;
+# packing across slabs is tests/ingest/test_packing.py's.
+FAST_CDS = {"retry_max": 1, "sleep_max": 0.1, "timeout": 10.0, "max_fields_per_request": 6}
 
 
 @pytest.fixture(scope="module")
