@@ -19,6 +19,9 @@ from core.errors import (
     SourceError,
     SpherecastError,
     StoreLockedError,
+    StoreWriteError,
+    TransientSourceError,
+    is_permanent,
 )
 from core.grid import PRESETS, get_grid, parse_grid_attr
 from core.lineage import stats_identity
@@ -44,8 +47,16 @@ def test_every_user_error_is_a_spherecast_error_and_a_value_error(cls: type[Exce
     assert cls.__doc__ and "\n" not in cls.__doc__.split("\n\n")[0].strip()
 
 
+def test_a_store_write_error_is_a_spherecast_error_and_an_os_error() -> None:
+    assert issubclass(StoreWriteError, SpherecastError) and issubclass(StoreWriteError, OSError)
+    assert issubclass(TransientSourceError, SourceError)
+    exc = StoreWriteError(28, "writing … failed: No space left on device")
+    assert exc.errno == 28 and is_permanent(exc) and not is_permanent(TransientSourceError("503"))
+
+
 def test_the_module_exports_exactly_the_hierarchy() -> None:
-    assert sorted(errors.__all__) == sorted(c.__name__ for c in [SpherecastError, *USER_ERRORS])
+    classes = [SpherecastError, *USER_ERRORS, StoreWriteError, TransientSourceError]
+    assert sorted(errors.__all__) == sorted([*(c.__name__ for c in classes), "is_permanent"])
     assert not issubclass(SpherecastError, ValueError)  # the base alone says nothing about ValueError
 
 

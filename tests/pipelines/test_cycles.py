@@ -362,8 +362,11 @@ def test_schedule_starts_server_worker_and_deployments_and_ctrl_c_stops_them(tmp
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPHERECAST_", "PREFECT_API"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO), PREFECT_UI_ENABLED="false")
+    # SIGINT back to its default in the child: a suite started in the background of a non-interactive
+    # shell inherits SIGINT ignored, and the Ctrl-C below would then never reach Python.
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "schedule", "--prefect-port", str(port)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     try:
         for line in proc.stdout:
