@@ -35,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -541,3 +542,21 @@ def serve_cds(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 def cds_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[CdsServer]:
     """A running server with default options (see :func:`serve_cds`)."""
     yield from serve_cds(tmp_path_factory, monkeypatch)
+
+
+def module_server_fixtures(**options: object) -> tuple[Any, Any]:
+    """A module-scoped ``server`` fixture (``options`` as for :func:`serve_cds`) and an autouse fixture that
+    resets it after each test; bind both in a test module: ``server, _clean_server = module_server_fixtures()``."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
+        # One server for the module (its request log is read per test); the module's own MonkeyPatch.
+        with pytest.MonkeyPatch.context() as mp:
+            yield from serve_cds(tmp_path_factory, mp, **options)
+
+    @pytest.fixture(autouse=True)
+    def _clean_server(server: CdsServer) -> Iterator[None]:
+        yield
+        server.reset()  # faults pushed by a test, ERA5T setting: back to the module's defaults
+
+    return server, _clean_server

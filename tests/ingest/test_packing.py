@@ -10,7 +10,6 @@ ENOSPC keeps the deliveries, and the rerun sends no new submission.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +23,7 @@ from ingest.cds import CdsSource
 from ingest.check import check_store
 from ingest.plan import covered_fields, fields_per_time, format_plan, pack_slabs, plan_requests, plan_uncovered
 from ingest.regions import done_flags, preliminary_times
-from tests.ingest.cds_server import CdsServer, serve_cds
+from tests.ingest.cds_server import CdsServer, module_server_fixtures
 from tests.ingest.conftest import tiny_config
 from tests.ingest.faults import full_disk_after
 
@@ -35,16 +34,7 @@ GRID_DEG = 5.625
 FAST_CDS = {"retry_max": 1, "sleep_max": 0.1, "timeout": 10.0}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield from serve_cds(tmp_path_factory, mp, grid_deg=GRID_DEG)
-
-
-@pytest.fixture(autouse=True)
-def _clean_server(server: CdsServer) -> Iterator[None]:
-    yield
-    server.reset()
+server, _clean_server = module_server_fixtures(grid_deg=GRID_DEG)
 
 
 def config_at(root: Path, end: pd.Timestamp = TIMES[-1], **cds: object) -> Config:

@@ -10,7 +10,6 @@ month into CDS requests are checked against the server's own reading of a reques
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from ingest.append import group_fetcher, recheck_region, recheck_regions, replac
 from ingest.build import ingest, source_for
 from ingest.plan import plan_requests
 from ingest.regions import open_store, preliminary_times, read_flags
-from tests.ingest.cds_server import CdsServer, request_times, serve_cds
+from tests.ingest.cds_server import CdsServer, module_server_fixtures, request_times
 from tests.ingest.conftest import tiny_config
 from tests.ingest.shards import stored_chunks
 from tests.ingest.test_append import built, tree_digest
@@ -42,16 +41,7 @@ NOW = TIMES[-1] + pd.Timedelta(days=5)
 FAST_CDS = {"retry_max": 1, "sleep_max": 0.1, "timeout": 10.0}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield from serve_cds(tmp_path_factory, mp, grid_deg=GRID_DEG)
-
-
-@pytest.fixture(autouse=True)
-def _clean_server(server: CdsServer) -> Iterator[None]:
-    yield
-    server.reset()
+server, _clean_server = module_server_fixtures(grid_deg=GRID_DEG)
 
 
 def era5t_store(root: Path, server: CdsServer) -> Config:

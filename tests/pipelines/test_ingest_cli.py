@@ -36,7 +36,7 @@ from ingest.regions import read_flags
 # the sys.stderr of the moment it first loads, and a capsys stream is closed after its test.
 from pipelines import flows  # noqa: F401
 from pipelines.cli import main
-from tests.ingest.cds_server import CdsServer, request_times, serve_cds
+from tests.ingest.cds_server import CdsServer, module_server_fixtures, request_times
 from tests.ingest.conftest import tiny_config
 from tests.ingest.shards import drop_chunk, stored_chunks
 from tests.ingest.test_append import tree_digest
@@ -52,16 +52,7 @@ GRID_DEG = 5.625  # the server's delivery grid: small files, still regridded to 
 VARS = ["geopotential", "u_component_of_wind", "v_component_of_wind"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield from serve_cds(tmp_path_factory, mp, grid_deg=GRID_DEG)
-
-
-@pytest.fixture(autouse=True)
-def _clean_server(server: CdsServer) -> Iterator[None]:
-    yield
-    server.reset()
+server, _clean_server = module_server_fixtures(grid_deg=GRID_DEG)
 
 
 @pytest.fixture(scope="module")

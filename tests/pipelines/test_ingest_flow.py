@@ -26,7 +26,7 @@ from core.config import Config
 from ingest.check import check_store
 from ingest.regions import done_flags
 from pipelines import flows
-from tests.ingest.cds_server import CdsServer, request_times, serve_cds
+from tests.ingest.cds_server import CdsServer, module_server_fixtures, request_times
 from tests.ingest.conftest import tiny_config
 from tests.ingest.test_append import tree_digest
 
@@ -46,18 +46,9 @@ def harness() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdsServer]:
-    # One server for the module (its request log is read per test): deliveries on a 5.625° grid
-    # keep each slab's NetCDF small while still being regridded to the tiny grid.
-    with pytest.MonkeyPatch.context() as mp:
-        yield from serve_cds(tmp_path_factory, mp, grid_deg=5.625)
-
-
-@pytest.fixture(autouse=True)
-def _clean_server(server: CdsServer) -> Iterator[None]:
-    yield
-    server.reset()  # also drops a per-test failure injected by fail_times()
+# Deliveries on a 5.625° grid keep each slab's NetCDF small while still being regridded to the tiny grid;
+# the reset after each test also drops a failure injected by fail_times().
+server, _clean_server = module_server_fixtures(grid_deg=5.625)
 
 
 def cds_config(root: Path, **ingest: object) -> tuple[Config, Path]:
