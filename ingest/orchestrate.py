@@ -38,6 +38,7 @@ from ingest.regions import (
     store_slab_size,
     write_slab,
 )
+from ingest.rollback import roll_back_extension, snapshot_extension
 from ingest.store import StoreLayout, check_layout, create_store, slabs_to_do
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ def store_session(make_plan: Callable[[], IngestPlan],
 
     ``validate(plan)`` runs before anything is written (no directory, lock file or store yet): a source
     that cannot deliver (bad files, missing times, no credentials) fails with the store byte-identical.
-    A store this session created is removed again if it fails before any time was done.
+    A store this session created is removed again if it fails before any time was done, and an
+    extension of the time axis is undone if the append fails before writing anything (ingest.rollback).
     """
     plan = make_plan()  # refuse a bad request before creating any file (it is read-only)
     if validate is not None:
@@ -146,7 +148,7 @@ def store_session(make_plan: Callable[[], IngestPlan],
     with store_lock(plan.path):
         plan = make_plan()  # again under the lock: another writer may have moved on
         path = plan.path
-        created = not plan.exists
+        created, extension = not plan.exists, None
         if created:
             create_store(path, plan.layout, slab_size=plan.slab_size, compression=plan.compression,
                          checksum=plan.checksum)
@@ -155,6 +157,7 @@ def store_session(make_plan: Callable[[], IngestPlan],
             if removed:
                 log.warning("removed %d half-written chunk files left by an interrupted writer", removed)
             if plan.extend_to is not None:
+                extension = snapshot_extension(path)
                 extend_store(path, plan.extend_to)
         try:
             yield plan
@@ -164,6 +167,8 @@ def store_session(make_plan: Callable[[], IngestPlan],
                 shutil.rmtree(path, ignore_errors=True)
                 log.warning("removed the new store %s: it failed before any time was written", path)
                 raise
+            if extension is not None and roll_back_extension(extension):
+                raise  # byte-identical to before the append: nothing to consolidate
             try:
                 consolidate(path)  # publish what was done; never hide the original error
             except OSError as exc:
