@@ -33,6 +33,7 @@ from ingest.lock import writer_lock
 from ingest.orchestrate import IngestPlan
 from ingest.parallel import Executor
 from ingest.regions import contiguous_runs, read_flags, store_slab_size, write_region
+from ingest.stats_state import default_state_path, forget_times
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,10 @@ def repair_store(config: Config, store: Path | None = None, *, progress: bool = 
         mark_not_done(path, plan.indices)
         for shard in plan.remove:
             shard.unlink(missing_ok=True)
+        # The statistics' saved sums of these times came from the damaged reads: the next refresh re-reads them.
+        forgotten = forget_times(default_state_path(path), times[plan.indices])
+        if forgotten:
+            log.info("statistics state: %d entries of repaired times marked stale", forgotten)
 
         def exactly_the_damage(ingest_plan: IngestPlan) -> None:
             todo = [s.start // ingest_plan.slab_size for s in ingest_plan.todo]

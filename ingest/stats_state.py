@@ -83,6 +83,8 @@ def reuse(state: xr.Dataset | None, times: pd.DatetimeIndex, flags: np.ndarray, 
     saved = np.stack([state[f].values.astype(np.int64) for f in FLAG_NAMES], axis=1)
     ok = pos >= 0
     ok[ok] = (saved[ok] == flags[pos[ok]]).all(axis=1)
+    # An entry summed from fill values (a shard missing when it was read) is never reused: read it again.
+    ok &= np.isfinite(state["mean"].values).all(axis=1) & np.isfinite(state["m2"].values).all(axis=1)
     rows = pos[ok]
     fresh[rows] = True
     for name in ("mean", "m2", "dmean", "dm2"):
@@ -113,3 +115,34 @@ def save_state(path: Path, identity: dict, channels: list[str], times: pd.Dateti
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         log.warning("could not save the statistics state %s (%s): the next refresh reads the whole period", path, exc)
+
+
+def forget_times(path: Path, times: pd.DatetimeIndex) -> int:
+    """Mark the entries of ``times`` stale (their chunks were rewritten in place): the next refresh reads them.
+
+    A repair rewrites a damaged time with the same flags it had, so the flags alone would let its old
+    entry (computed from whatever was read before) be reused. Its ``done`` entry is set to -1, which no
+    store flag equals; the number of entries marked is returned. A missing or unreadable state is left
+    alone: the next refresh then reads the whole period anyway.
+    """
+    if not path.is_file():
+        return 0
+    try:
+        with xr.open_dataset(path) as ds:
+            state = ds.load()
+    except (OSError, ValueError):
+        return 0
+    hit = np.asarray(pd.DatetimeIndex(state["time"].values).isin(pd.DatetimeIndex(times)))
+    if not hit.any():
+        return 0
+    done = state["done"].values.copy()
+    done[hit] = -1
+    state["done"] = ("time", done.astype(np.int8))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        state.to_netcdf(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # a stale state must not survive: without it the refresh reads everything
+    return int(hit.sum())

@@ -12,13 +12,19 @@ import sys
 from pathlib import Path
 
 import netCDF4
+import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 
+from core.config import load_config
+from core.errors import DataContractError
 from ingest.build import ingest
 from ingest.check import check_store
 from ingest.chunkio import chunk_writer
 from ingest.lock import lock_path
+from ingest.stats import READS, compute_stats
+from ingest.stats_state import default_state_path
 from pipelines.cli import main
 from tests.ingest.cds_files import write_cds_netcdf
 from tests.ingest.conftest import tiny_config
@@ -183,3 +189,25 @@ def test_a_failed_re_fetch_leaves_the_damage_to_do_and_says_so(healthy: Path, tm
     code, out, _ = cli(capsys, "data", "repair", "--config", str(config_file))
     assert code == 0 and "nothing to repair (OK)" in out
     assert "note: 1 of 8 times not done: 2000-01-02T06: `spherecast ingest` writes them" in out
+
+
+def test_statistics_read_while_a_shard_was_missing_are_read_again_after_the_repair(
+        store: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path, config = store
+    cfg = load_config(config)
+    channels, t = cfg.task.channels(), cfg.train
+    chunk_writer(path / "u_component_of_wind").key(4).unlink()  # slab 2 of u: reads back as fill values
+    state = default_state_path(path)
+    with pytest.raises(DataContractError, match="non-finite"):  # but saves per-time sums from the bad reads first
+        compute_stats(path, channels, t.train_start, t.train_end)
+    with xr.open_dataset(state) as saved:
+        assert not np.isfinite(saved["mean"].values).all()
+    assert cli(capsys, "data", "repair", "--config", str(config))[0] == 0
+    with xr.open_dataset(state) as saved:
+        assert saved["done"].values.tolist() == [1, 1, 1, 1, -1, -1, 1, 1]  # the repaired times are marked stale
+    before = READS.times
+    refreshed = compute_stats(path, channels, t.train_start, t.train_end)
+    assert READS.times - before >= 2  # the repaired times were read again, not taken from the state
+    scratch = compute_stats(path, channels, t.train_start, t.train_end, incremental=False)
+    xr.testing.assert_allclose(refreshed, scratch, rtol=1e-12)
+    assert np.isfinite(refreshed["mean"].values).all()
