@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -221,6 +221,20 @@ class CdsServer:
         self.set_era5t(None)
         self.seed = 0
         self.__dict__.pop("_submit", None)  # a per-test override of submissions (e.g. a failure injected)
+
+    def fail_jobs_covering(self, times: Sequence[pd.Timestamp], kind: str = "failed",
+                           message: str = "injected: these times are not available") -> None:
+        """Make every job whose request covers any of ``times`` end as ``kind``, until :meth:`reset`."""
+        submit, wanted, guard = CdsServer._submit.__get__(self), set(times), threading.Lock()
+
+        def failing_submit(api: str, dataset: str, request: dict) -> Job:
+            # Push and consume the fault under one lock, so a concurrent submission cannot take it.
+            with guard:
+                if wanted & set(request_times(request)):
+                    self.faults.push(kind, message=message)
+                return submit(api, dataset, request)
+
+        self._submit = failing_submit  # type: ignore[method-assign]
 
     def set_era5t(self, after: pd.Timestamp | None) -> None:
         """Deliver times after ``after`` as ERA5T (expver 5); None = everything final (expver 1)."""

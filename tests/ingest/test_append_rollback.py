@@ -4,8 +4,6 @@ written times stay and the rest is left "not done" for the rerun, which complete
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +14,7 @@ from core.errors import SourceError
 from ingest.build import ingest
 from ingest.check import check_store
 from ingest.regions import done_flags
-from tests.ingest.cds_server import CdsServer, module_server_fixtures, request_times
+from tests.ingest.cds_server import CdsServer, module_server_fixtures
 from tests.ingest.conftest import tiny_config
 from tests.ingest.faults import tree_digest
 
@@ -40,16 +38,7 @@ def config_to(root: Path, end: pd.Timestamp) -> Config:
 
 def refuse(server: CdsServer, day: pd.DatetimeIndex) -> None:
     """CDS rejects every job whose request covers a time of ``day``, until the test ends."""
-    submit: Callable = CdsServer._submit.__get__(server)
-    wanted, guard = set(day), threading.Lock()
-
-    def refusing_submit(api: str, dataset: str, request: dict) -> object:
-        with guard:
-            if wanted & set(request_times(request)):
-                server.faults.push("rejected", message="injected: this day cannot be served")
-            return submit(api, dataset, request)
-
-    server._submit = refusing_submit  # type: ignore[method-assign]
+    server.fail_jobs_covering(day, kind="rejected", message="injected: this day cannot be served")
 
 
 @pytest.fixture
@@ -76,8 +65,7 @@ def test_an_append_failing_after_a_slab_keeps_it_and_the_rerun_completes(day_one
     with pytest.raises(SourceError, match="this day cannot be served"):
         ingest(config_to(store.parents[1], DAY3[-1]), progress=False)
     assert done_flags(store).tolist() == [1] * 8 + [0] * 4  # day 2 written and kept; day 3 to do
-    server.reset()
-    server._submit = CdsServer._submit.__get__(server)  # type: ignore[method-assign]
+    server.reset()  # CDS serves day 3 again
     report = ingest(config_to(store.parents[1], DAY3[-1]), progress=False)
     assert (report.written, report.skipped) == (1, 2)
     check = check_store(store, full=True, require_complete=True)

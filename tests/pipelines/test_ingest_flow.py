@@ -9,8 +9,7 @@ on Prefect's temporary test server, and what Prefect recorded is read back throu
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
@@ -59,17 +58,7 @@ def cds_config(root: Path, **ingest: object) -> tuple[Config, Path]:
 
 def fail_times(server: CdsServer, times: tuple[pd.Timestamp, ...]) -> None:
     """Make every job whose request covers any of ``times`` fail, until the test ends."""
-    submit: Callable = CdsServer._submit.__get__(server)
-    wanted, guard = set(times), threading.Lock()
-
-    def failing_submit(api: str, dataset: str, request: dict) -> object:
-        # Push and consume the fault under one lock, so a concurrent submission cannot take it.
-        with guard:
-            if wanted & set(request_times(request)):
-                server.faults.push("failed", message="injected: this month is not available")
-            return submit(api, dataset, request)
-
-    server._submit = failing_submit  # type: ignore[method-assign]
+    server.fail_jobs_covering(times, message="injected: this month is not available")
 
 
 def requested_since(server: CdsServer, mark: int) -> list[tuple[pd.Timestamp, ...]]:
