@@ -108,7 +108,7 @@ class SlabExecutor:
         return self.client.submit(fn, *args, pure=False).result()
 
     def map_unordered(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
-        """Run every job, yielding results as they finish; the first failure cancels the rest."""
+        """Run every job, yielding results as they finish; a failure is raised once every job has ended."""
         if self.client is None:
             for args in jobs:
                 yield fn(*args)
@@ -116,11 +116,22 @@ class SlabExecutor:
         from distributed import as_completed
 
         futures = [self.client.submit(fn, *args, pure=False) for args in jobs]
+        failure: Exception | None = None
         try:
             for future in as_completed(futures):
-                yield future.result()
+                try:
+                    result = future.result()
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the other jobs
+                    # Cancelling would not stop a job already running on a worker: it would go on writing
+                    # after the caller saw the error (and maybe removed or rolled back the store). So every
+                    # job ends first; the slabs they write are kept for the rerun.
+                    failure = failure or exc
+                    continue
+                yield result
         finally:
-            self.client.cancel([f for f in futures if not f.done()])
+            self.client.cancel([f for f in futures if not f.done()])  # only if the caller stopped early
+        if failure is not None:
+            raise failure
 
 
 def _unreachable(address: str, why: str) -> ConfigError:

@@ -27,10 +27,10 @@ CDS = {"retry_max": 1, "sleep_max": 0.1, "timeout": 10.0, "max_fields_per_reques
 server, _clean_server = module_server_fixtures(grid_deg=5.625)
 
 
-def config_to(root: Path, end: pd.Timestamp) -> Config:
+def config_to(root: Path, end: pd.Timestamp, **ingest: object) -> Config:
     """A tiny CDS ingest from 2000-01-01 to ``end`` in slabs of one day."""
     return tiny_config(root, ingest={"source": "cds", "start": str(DAY1[0]), "end": str(end), "slab_size": 4,
-                                     "workers": 1, "retries": 0, "cds": CDS},
+                                     "workers": 1, "retries": 0, "cds": CDS, **ingest},
                        task={"variables": VARS, "levels": [500]},
                        train={"train_start": "2000-01-01", "train_end": "2000-01-01T06",
                               "val_start": "2000-01-01T12", "val_end": "2000-01-01T18"})[0]
@@ -70,3 +70,20 @@ def test_an_append_failing_after_a_slab_keeps_it_and_the_rerun_completes(day_one
     assert (report.written, report.skipped) == (1, 2)
     check = check_store(store, full=True, require_complete=True)
     assert check.ok, check.report()
+
+
+def test_on_dask_a_failing_job_is_raised_only_after_the_others_have_written(
+        day_one: Config, server: CdsServer) -> None:
+    """A job already running on a worker cannot be cancelled: the error waits for it, so nothing writes after."""
+    from distributed import LocalCluster
+
+    store = day_one.paths.analysis_store
+    end = DAY3[-1] + pd.Timedelta(days=2)  # days 2 to 5, one job each on two worker threads; day 3 refused
+    refuse(server, DAY3)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        config = config_to(store.parents[1], end, scheduler_address=cluster.scheduler_address)
+        with pytest.raises(SourceError, match="this day cannot be served"):
+            ingest(config, progress=False)
+        flags = done_flags(store).tolist()
+    assert flags == [1] * 8 + [0] * 4 + [1] * 8  # days 1, 2, 4 and 5 written, day 3 left to do
+    assert done_flags(store).tolist() == flags  # and nothing wrote after the error was raised
