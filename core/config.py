@@ -29,6 +29,7 @@ from core.config_ops import (
 from core.config_train import TrainConfig
 from core.errors import ConfigError
 from core.grid import Grid, check_scale_factor, get_grid
+from core.location import as_location, is_remote, is_url
 from core.variables import channel_names, check_level, get_variable
 
 # The ingest, model and train sections live in their own modules; they are re-exported here, the one import path.
@@ -44,17 +45,39 @@ TimeFeature = Literal["day_of_year", "hour_of_day"]  # models.clock computes the
 class PathsConfig(_Section):
     root: Path = Path("spherecast-out")
     """Directory every default path below lives in."""
-    data_dir: Path | None = None
-    """Analysis store and stats; default ``<root>/data``."""
+    data_dir: Path | str | None = None
+    """Analysis store and stats; default ``<root>/data``. May be an object-store URL (``s3://bucket/data``)."""
     runs_dir: Path | None = None
     """Training runs and checkpoints; default ``<root>/runs``."""
     forecasts_dir: Path | None = None
     """Published forecast runs; default ``<root>/forecasts``."""
 
+    @field_validator("root", "runs_dir", "forecasts_dir", mode="before")
+    @classmethod
+    def _local(cls, value: object) -> object:
+        if is_url(value):
+            raise ConfigError(f"{value!r} is a URL: only paths.data_dir (the analysis store and its statistics) "
+                              "may be on an object store; runs and forecasts are local directories")
+        return value
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _path_or_url(cls, value: object) -> object:
+        # A URL stays a string (Path would fold "s3://b" into "s3:/b"); a path becomes a Path.
+        if value is None:
+            return None
+        location = as_location(str(value)) if is_url(value) else Path(value)  # type: ignore[arg-type]
+        return str(location) if is_remote(location) else location
+
     @property
     def data(self) -> Path:
-        """Resolved data directory."""
-        return self.data_dir or self.root / "data"
+        """Resolved data directory: a local Path, or a UPath on an object store."""
+        return as_location(self.data_dir) if self.data_dir is not None else self.root / "data"
+
+    @property
+    def local_data(self) -> Path:
+        """A local directory for what the data directory holds that must stay on this machine (downloads)."""
+        return self.root / "data" if is_remote(self.data) else self.data
 
     @property
     def runs(self) -> Path:
@@ -407,7 +430,7 @@ def absolute_paths(config: Config, cwd: Path | None = None) -> Config:
     p, ing = config.paths, config.ingest
     paths = p.model_copy(update={name: _absolute(getattr(p, name), cwd)
                                  for name in ("root", "data_dir", "runs_dir", "forecasts_dir")
-                                 if getattr(p, name) is not None})
+                                 if getattr(p, name) is not None and not is_url(getattr(p, name))})
     ingest = ing.model_copy(update={
         "files": ing.files.model_copy(update={"paths": [_absolute_glob(v, cwd) for v in ing.files.paths]}),
         "cds": ing.cds.model_copy(update={"download_dir": None if ing.cds.download_dir is None
