@@ -39,6 +39,7 @@ import xarray as xr
 import zarr
 
 from core.errors import ConfigError, DataContractError
+from core.location import as_location, exists, is_remote, zarr_url
 from core.schema import EXPVER_FINAL, EXPVER_PRELIMINARY
 from ingest.lock import writer_lock
 from ingest.regions import (
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 def intent_path(path: Path) -> Path:
     """Where an append records what it is doing until it is complete: ``<store>.append.json``."""
-    path = Path(path)
+    path = as_location(path)
     return path.with_name(path.name + ".append.json")
 
 
@@ -73,7 +74,7 @@ def _apply(path: Path, intent: dict) -> None:
     """Perform (or finish) the append an intent describes; every step is idempotent."""
     size, old = int(intent["size"]), int(intent["from_size"])
     times = pd.date_range(intent["start"], periods=size, freq=pd.Timedelta(seconds=intent["step_seconds"]))
-    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    group = zarr.open_group(zarr_url(as_location(path)), mode="r+", use_consolidated=False)
     by_time = {name: arr for name, arr in group.arrays()
                if (arr.metadata.dimension_names or (None,))[0] == "time"}
     fields = sorted(n for n in by_time if n not in FLAGS and n != "time")
@@ -97,8 +98,9 @@ def _apply(path: Path, intent: dict) -> None:
 def complete_pending_append(path: Path) -> bool:
     """Finish an append a killed writer left half done; True if there was one."""
     ipath = intent_path(path)
-    ipath.with_name(ipath.name + ".partial").unlink(missing_ok=True)
-    if not ipath.is_file():
+    if not is_remote(ipath):  # one PUT on an object store: no half-written intent to remove
+        ipath.with_name(ipath.name + ".partial").unlink(missing_ok=True)
+    if not exists(ipath):
         return False
     try:
         intent = json.loads(ipath.read_text())
@@ -107,7 +109,8 @@ def complete_pending_append(path: Path) -> bool:
     log.warning("completing the append of %s to %s left by an interrupted writer", path, intent.get("end"))
     # A kill inside a metadata write leaves a `zarr.json.<uuid>.partial` beside it; no chunk is
     # written by an append, so these two levels are the only places to look.
-    for stray in [*Path(path).glob("*.partial"), *Path(path).glob("*/*.partial")]:
+    path = as_location(path)
+    for stray in [] if is_remote(path) else [*path.glob("*.partial"), *path.glob("*/*.partial")]:
         stray.unlink()
     _apply(path, intent)
     return True
@@ -115,7 +118,7 @@ def complete_pending_append(path: Path) -> bool:
 
 def prepare_for_write(path: Path) -> None:
     """Bring an existing store to a writable state: finish a pending append, add missing flags."""
-    if not (Path(path) / "zarr.json").is_file():
+    if not exists(as_location(path) / "zarr.json"):
         return
     open_store(path)  # a store that fails its contract is reported, never repaired or touched
     complete_pending_append(path)
@@ -126,11 +129,14 @@ def prepare_for_write(path: Path) -> None:
 @contextmanager
 def store_lock(path: Path) -> Iterator[Path]:
     """Hold the store's single-writer lock (re-entrant); on first entry repair a pending append."""
-    with writer_lock(Path(path), on_acquire=prepare_for_write) as held:
+    with writer_lock(as_location(path), on_acquire=prepare_for_write) as held:
         yield held
 
 
 def _write_intent(path: Path, intent: dict) -> None:
+    if is_remote(intent_path(path)):  # one PUT: the object is whole or absent
+        intent_path(path).write_text(json.dumps(intent))
+        return
     tmp = intent_path(path).with_name(intent_path(path).name + ".partial")
     with open(tmp, "w") as f:
         json.dump(intent, f)
@@ -141,7 +147,7 @@ def _write_intent(path: Path, intent: dict) -> None:
 
 def extend_store(path: Path, new_end: pd.Timestamp, step: pd.Timedelta | None = None) -> int:
     """Extend the store's time axis to ``new_end`` (new times not done); return times added."""
-    path, new_end = Path(path), _utc_naive(new_end)
+    path, new_end = as_location(path), _utc_naive(new_end)
     with store_lock(path):
         times = pd.DatetimeIndex(open_store(path)["time"].values)
         if times.size >= 2:

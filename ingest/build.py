@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from core.config import Config, absolute_paths, config_from_dict, dump_config
+from core.location import as_location, stamp
 from ingest.append import group_fetcher, recheck_region
 from ingest.orchestrate import IngestPlan, StoreRequest, plan_store, run_slabs, validate_source, write_missing
 from ingest.parallel import Executor, SlabExecutor, slab_executor
@@ -34,6 +35,7 @@ from ingest.regions import (
     done_in,
     open_store,
     preliminary_times,
+    store_exists,
     store_slab_size,
 )
 from ingest.sources import Source, shared_planet
@@ -55,7 +57,7 @@ def source_for(config: Config) -> Source:
         case "cds":
             from ingest.cds import CdsSource
 
-            return CdsSource(grid, ing.cds, ing.cds.download_dir or config.paths.data / "downloads")
+            return CdsSource(grid, ing.cds, ing.cds.download_dir or config.paths.local_data / "downloads")
         case "files":
             from ingest.files import FileSource
 
@@ -92,7 +94,7 @@ def store_request(config: Config, append: bool = False, source: Source | None = 
     source = source or source_for(config)
     path = config.paths.analysis_store
     end = target_end(config, source, append)
-    if path.exists():
+    if store_exists(path):
         stored = pd.DatetimeIndex(open_store(path)["time"].values)
         if stored.size and stored[-1] > end:
             end = stored[-1]  # appended past the config's end: keep that period
@@ -200,13 +202,13 @@ _STORES: dict[tuple, Any] = {}
 def _cached_store(path: Path) -> Any:
     """The opened store, reused while its root and time metadata are unchanged (an append changes both)."""
     # Opening and validating a store costs 20–50 ms: more than writing a coarse-grid slab.
+    path = as_location(path)
     stamps = []
-    for meta in (Path(path) / "zarr.json", Path(path) / "time" / "zarr.json"):
-        try:
-            st = meta.stat()
-        except OSError:
+    for meta in (path / "zarr.json", path / "time" / "zarr.json"):
+        found = stamp(meta)
+        if found is None:
             return open_store(path)  # let open_store name what is missing
-        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        stamps.append(found)
     key = (str(path), *stamps)
     if key not in _STORES:
         _STORES.clear()  # one store per worker at a time: old versions are of no further use

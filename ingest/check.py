@@ -25,6 +25,7 @@ import zarr
 
 from core.errors import DataContractError
 from core.grid import parse_grid_attr
+from core.location import as_location, is_remote, zarr_url
 from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, REQUIRED_FLAGS, validate_analysis
 from core.variables import VARIABLES
 from ingest.append import intent_path
@@ -61,6 +62,10 @@ def _fmt_step(step: pd.Timedelta) -> str:
 
 
 def _size_on_disk(path: Path) -> tuple[int, int]:
+    if is_remote(path):  # one listing of the prefix carries every object's size
+        sizes = [int(info.get("size") or 0) for info in path.fs.find(path.path, detail=True).values()
+                 if info.get("type") == "file"]
+        return sum(sizes), len(sizes)
     # scandir entries carry their stat on Linux: one pass, no Path object per chunk file.
     total = count = 0
     stack = [str(path)]
@@ -86,12 +91,12 @@ def _human(nbytes: float) -> str:
 def _open_raw(path: Path, consolidated: bool | None) -> xr.Dataset:
     if not (path / "zarr.json").is_file():
         raise DataContractError(f"{path} is not an analysis store (no zarr.json)")
-    return xr.open_zarr(path, consolidated=consolidated, zarr_format=3)
+    return xr.open_zarr(zarr_url(path), consolidated=consolidated, zarr_format=3)
 
 
 def describe_missing(path: Path) -> str:
     """One line on the times of a store that are not done, as ranges."""
-    ds = _open_raw(Path(path), None)
+    ds = _open_raw(as_location(path), None)
     times = pd.DatetimeIndex(ds["time"].values)
     missing = times[~ds["done"].values.astype(bool)]
     if missing.empty:
@@ -101,7 +106,7 @@ def describe_missing(path: Path) -> str:
 
 def inspect_store(path: Path) -> str:
     """A human summary: period, grid, variables, completeness, provenance, codecs, size on disk."""
-    path = Path(path)
+    path = as_location(path)
     ds = _open_raw(path, None)
     times = pd.DatetimeIndex(ds["time"].values)
     step = _step(times)
@@ -367,13 +372,13 @@ def _scan_time(path: Path, name: str, arr: zarr.Array, i: int, when: str, full: 
 
 def check_store(path: Path, full: bool = True, require_complete: bool = False) -> CheckReport:
     """Check a store against the contract and the disk; ``full`` also decodes every done chunk."""
-    path = Path(path)
+    path = as_location(path)
     report = CheckReport(path)
     out = _Findings(report)
     if intent_path(path).is_file():
         out.add("append", "append", f"an append was interrupted ({intent_path(path)}): "
                                     "the next ingest (or extend_store) completes it")
-    partial = list(path.rglob("*.partial")) if path.is_dir() else []
+    partial = list(path.rglob("*.partial")) if not is_remote(path) and path.is_dir() else []
     if partial:
         report.notes.append(f"{len(partial)} half-written *.partial files from a killed writer (removed by the next ingest)")
     try:

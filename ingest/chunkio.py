@@ -12,8 +12,8 @@ out, an index of ``(offset, length)`` pairs with its own crc32c at the end), and
 temp file + rename, as Zarr's LocalStore does. A shard only partly covered by a write keeps the
 other chunks' bytes as they are. Like Zarr with ``write_empty_chunks=False``, a chunk equal to the
 fill value is not stored and an all-empty shard file is removed. Anything else (other codecs,
-chunks split along other axes, non-local stores) returns ``None`` from :func:`chunk_writer` and the
-caller uses Zarr. ``tests/ingest/test_chunkio.py`` checks the bytes against Zarr's.
+chunks split along other axes) returns ``None`` from :func:`chunk_writer` and the caller uses Zarr.
+On an object store each file is one PUT (whole or absent, as the rename makes it locally). ``tests/ingest/test_chunkio.py`` checks the bytes against Zarr's.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numcodecs
 import numpy as np
 
 from core.errors import DataContractError
+from core.location import as_location, is_remote, stamp
 
 # Encoding and file writes release the GIL for most of their time; a few threads keep the disk busy.
 _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="chunkio")
@@ -101,6 +102,9 @@ class Codec:
 
 
 def _write_file(path: Path, pieces: Sequence[memoryview | bytes]) -> None:
+    if is_remote(path):  # one PUT: an object is whole or absent, as a rename makes a file
+        path.fs.pipe_file(path.path, b"".join(pieces))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # removed on resume if left
     try:
@@ -146,11 +150,15 @@ class ChunkWriter:
         """A shard file's ``(offset, length)`` per time and its bytes (only the index unless ``data``); None if absent."""
         size = self.per_file * 16 + (4 if self.index_checksum else 0)
         try:
-            with open(path, "rb") as f:
-                total = os.fstat(f.fileno()).st_size
-                if not data and total >= size:
-                    f.seek(total - size)
-                raw = f.read()
+            if is_remote(path):
+                raw = path.read_bytes()  # one GET; a ranged read of the index would cost a second request
+                total = len(raw)
+            else:
+                with open(path, "rb") as f:
+                    total = os.fstat(f.fileno()).st_size
+                    if not data and total >= size:
+                        f.seek(total - size)
+                    raw = f.read()
         except FileNotFoundError:
             return None
         if total < size:
@@ -264,19 +272,16 @@ def run_all(tasks: Sequence[Callable[[], None]]) -> None:
         future.result()
 
 
-def _stamp(array_dir: Path) -> tuple[str, int, int, int] | None:
-    meta_path = Path(array_dir) / "zarr.json"
-    try:
-        st = meta_path.stat()
-    except OSError:
-        return None
-    # The inode too: a rewrite within one timestamp tick with an equal size must still be seen.
-    return str(meta_path), st.st_mtime_ns, st.st_size, st.st_ino
+def _stamp(array_dir: Path) -> tuple[object, ...] | None:
+    meta_path = as_location(array_dir) / "zarr.json"
+    # The inode too: a rewrite within one timestamp tick with an equal size must still be seen (an ETag remotely).
+    found = stamp(meta_path)
+    return None if found is None else (str(meta_path), *found)
 
 
 def _parse_meta(path: str) -> dict | None:
     try:
-        meta = json.loads(Path(path).read_text())
+        meta = json.loads(as_location(path).read_text())
     except (OSError, ValueError):
         return None
     if meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
@@ -287,13 +292,13 @@ def _parse_meta(path: str) -> dict | None:
 
 
 def chunk_writer(array_dir: Path) -> ChunkWriter | None:
-    """A ChunkWriter for a local array with one time per (inner) chunk and a supported codec chain, else None."""
-    stamp = _stamp(array_dir)
-    return None if stamp is None else _writer_for(*stamp)
+    """A ChunkWriter for an array with one time per (inner) chunk and a supported codec chain, else None."""
+    found = _stamp(array_dir)
+    return None if found is None else _writer_for(*found)
 
 
 @functools.lru_cache(maxsize=256)
-def _writer_for(meta_path: str, mtime_ns: int, size: int, inode: int) -> ChunkWriter | None:
+def _writer_for(meta_path: str, *version: object) -> ChunkWriter | None:
     # Built once per version of zarr.json (its mtime and size change when an append grows the
     # shape): a slab write asks for every array's writer, and rebuilding cost ~0.1 ms each.
     meta = _parse_meta(meta_path)
@@ -317,4 +322,4 @@ def _writer_for(meta_path: str, mtime_ns: int, size: int, inode: int) -> ChunkWr
     if chain is None:
         return None
     codec = Codec(chain[0], chain[1], np.dtype(meta["data_type"]), tuple(shape[1:]))
-    return ChunkWriter(Path(meta_path).parent, meta, codec, per_file, index_checksum)
+    return ChunkWriter(as_location(meta_path).parent, meta, codec, per_file, index_checksum)

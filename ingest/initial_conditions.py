@@ -97,7 +97,7 @@ def initial_conditions_source(config: Config) -> Source | None:
         case "none":
             return None
         case "opendata":
-            return OpenDataSource(grid, ic.opendata, config.paths.data / "downloads" / "opendata")
+            return OpenDataSource(grid, ic.opendata, config.paths.local_data / "downloads" / "opendata")
         case "synthetic":
             # One planet per settings and grid, kept: the next update continues its simulation
             # instead of spinning it up again from the epoch.

@@ -13,7 +13,6 @@ writer may have moved on).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import pandas as pd
 import xarray as xr
 
 from core.errors import StoreWriteError
+from core.location import as_location, is_remote, remove_tree
 from ingest.append import extend_store, recheck_regions, store_lock
 from ingest.parallel import Executor
 from ingest.regions import (
@@ -35,6 +35,7 @@ from ingest.regions import (
     done_in,
     open_store,
     remove_partial_files,
+    store_exists,
     store_slab_size,
     write_slab,
 )
@@ -90,7 +91,7 @@ class IngestPlan:
 def plan_store(request: StoreRequest) -> IngestPlan:
     """Compare the request with the store on disk (read-only): what to create, extend, write and re-check."""
     path, layout = request.path, request.layout
-    store = open_store(path) if path.exists() else None
+    store = open_store(path) if store_exists(path) else None
     plan = IngestPlan(path, layout, store is not None, None, request.slab_size,
                       compression=request.compression, checksum=request.checksum)
     if store is None:
@@ -144,7 +145,8 @@ def store_session(make_plan: Callable[[], IngestPlan],
     plan = make_plan()  # refuse a bad request before creating any file (it is read-only)
     if validate is not None:
         validate(plan)
-    plan.path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_remote(plan.path):  # an object store has no directories to make
+        plan.path.parent.mkdir(parents=True, exist_ok=True)
     with store_lock(plan.path):
         plan = make_plan()  # again under the lock: another writer may have moved on
         path = plan.path
@@ -164,7 +166,7 @@ def store_session(make_plan: Callable[[], IngestPlan],
         except BaseException:
             if created and _nothing_done(path):
                 # Only what this session made, holding nothing: a rerun starts clean instead of from an empty store.
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
                 log.warning("removed the new store %s: it failed before any time was written", path)
                 raise
             if extension is not None and roll_back_extension(extension):
@@ -214,7 +216,7 @@ def run_slabs(path: Path, make_plan: Callable[[], IngestPlan], executor: Executo
 
     ``pack(plan)`` joins consecutive slabs to write into larger jobs (one fetch for several slabs); ``fn``
     then gets the span of the joined slabs and writes them slab by slab."""
-    executor.check_sees(Path(path).parent)  # a worker blind to the store's directory would write elsewhere
+    executor.check_sees(as_location(path).parent)  # a worker blind to the store's directory would write elsewhere
     replaced = 0
     with store_session(make_plan, validate) as plan:
         if on_plan is not None:

@@ -19,6 +19,7 @@ import xarray as xr
 import zarr
 
 from core.errors import DataContractError, SourceError
+from core.location import as_location, exists, is_remote, zarr_url
 from core.schema import EXPVER_PRELIMINARY, FLAG_VARIABLES, validate_analysis
 from ingest.chunkio import chunk_writer, map_parallel, run_all
 
@@ -33,14 +34,23 @@ def consolidate(path: Path) -> None:
         # Zarr warns that consolidated metadata is not (yet) in the v3 spec; we want it anyway
         # so readers open the store with one request and never see a half-done append.
         warnings.filterwarnings("ignore", message="Consolidated metadata")
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(zarr_url(as_location(path)))
+
+
+def store_exists(path: Path) -> bool:
+    """Whether something is at the store's location (on an object store: a whole store, its root zarr.json)."""
+    path = as_location(path)
+    # An object store has no directories, and a store's root zarr.json is uploaded last (create_store):
+    # objects without it are what a killed creation left, not a store.
+    return exists(path / "zarr.json") if is_remote(path) else path.exists()
 
 
 def open_store(path: Path) -> xr.Dataset:
     """Open an analysis store lazily and check it against the contract."""
-    if not (Path(path) / "zarr.json").is_file():
+    path = as_location(path)
+    if not (path / "zarr.json").is_file():
         raise DataContractError(f"{path} is not an analysis store (no zarr.json)")
-    ds = xr.open_zarr(path, consolidated=None, zarr_format=3)
+    ds = xr.open_zarr(zarr_url(path), consolidated=None, zarr_format=3)
     return validate_analysis(ds, what=f"analysis store {path}")
 
 
@@ -72,9 +82,10 @@ def read_flags(path: Path) -> xr.Dataset:
     """The per-time flags of a store with its times, read fresh from disk (``replaced`` 0 if absent)."""
     # Plain Zarr through the consolidated metadata: cheap enough to poll, and the length is the
     # published one even while an append is half done.
-    if not (Path(path) / "zarr.json").is_file():
+    path = as_location(path)
+    if not (path / "zarr.json").is_file():
         raise DataContractError(f"{path} is not an analysis store (no zarr.json)")
-    group = zarr.open_group(str(path), mode="r", use_consolidated=None)
+    group = zarr.open_group(zarr_url(path), mode="r", use_consolidated=None)
     tarr = group["time"]
     n = tarr.shape[0]
     times = decode_times(tarr[:], str(tarr.attrs.get("units", "")), f"analysis store {path}")
@@ -97,7 +108,7 @@ def done_flags(path: Path) -> np.ndarray:
 def store_slab_size(path: Path) -> int | None:
     """Times per shard file of a store's arrays (its slab size), or None for a store without shards."""
     try:
-        meta = json.loads((Path(path) / "done" / "zarr.json").read_text())
+        meta = json.loads((as_location(path) / "done" / "zarr.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataContractError(f"analysis store {path}: cannot read done/zarr.json ({exc})") from exc
     if meta.get("codecs", [{}])[0].get("name") != "sharding_indexed":
@@ -107,10 +118,10 @@ def store_slab_size(path: Path) -> int | None:
 
 def done_in(path: Path, where: slice) -> np.ndarray:
     """The done flags of one region only (a slab's writer must not read the whole store's flags)."""
-    reader = chunk_writer(Path(path) / "done")
+    reader = chunk_writer(as_location(path) / "done")
     if reader is not None and where.stop <= reader.shape[0]:
         return reader.read(where.start, where.stop).astype(bool)  # a shard read: no Zarr event loop round trip
-    return zarr.open_array(str(Path(path) / "done"), mode="r")[where].astype(bool)
+    return zarr.open_array(zarr_url(as_location(path) / "done"), mode="r")[where].astype(bool)
 
 
 def missing_times(path: Path) -> pd.DatetimeIndex:
@@ -128,8 +139,11 @@ def preliminary_times(path: Path) -> pd.DatetimeIndex:
 
 def remove_partial_files(path: Path) -> int:
     """Delete chunk files a killed writer left half-written (``*.partial``); return how many."""
+    path = as_location(path)
+    if is_remote(path):  # Zarr writes each object with one PUT: an object store never holds half a file
+        return 0
     count = 0
-    for stray in Path(path).rglob("*.partial"):
+    for stray in path.rglob("*.partial"):
         stray.unlink()
         count += 1
     return count
@@ -205,11 +219,11 @@ def write_region(path: Path, data: xr.Dataset, where: slice) -> None:
     for name in data.data_vars:
         var = data.variables[name]
         values = np.asarray(var.values)
-        fast = chunk_writer(Path(path) / str(name))
+        fast = chunk_writer(as_location(path) / str(name))
         if fast is not None and var.dims[:1] == ("time",) and values.ndim == len(fast.shape):
             tasks += fast.tasks(where.start, values)  # every variable's files written side by side
             continue
-        group = group or zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        group = group or zarr.open_group(zarr_url(as_location(path)), mode="r+", use_consolidated=False)
         target = group[str(name)]
         if var.dims != tuple(target.metadata.dimension_names or ()):
             raise DataContractError(f"{path}: {name!r} has dims {var.dims}, store has {target.metadata.dimension_names}")
@@ -240,9 +254,10 @@ def write_slab(path: Path, store: xr.Dataset, slab: xr.Dataset, start: int) -> i
 
 def ensure_replaced_flag(path: Path) -> bool:
     """Add the ``replaced(time)`` flag to a store written before it existed; True if added."""
-    if not (Path(path) / "zarr.json").is_file():
+    path = as_location(path)
+    if not (path / "zarr.json").is_file():
         return False
-    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    group = zarr.open_group(zarr_url(path), mode="r+", use_consolidated=False)
     if "replaced" in group.array_keys():
         return False
     done = group["done"]

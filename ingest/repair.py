@@ -27,6 +27,7 @@ import xarray as xr
 
 from core.config import Config, absolute_paths, config_from_dict, dump_config
 from core.errors import ConfigError, DataContractError, SpherecastError
+from core.location import as_location, exists, is_remote
 from ingest.build import ingest, plan_ingest
 from ingest.check import CheckReport, check_store, format_time_ranges
 from ingest.lock import writer_lock
@@ -128,9 +129,14 @@ def mark_not_done(path: Path, indices: list[int]) -> None:
         write_region(path, xr.Dataset({"done": ("time", np.zeros(run.stop - run.start, np.uint8))}), run)
 
 
+def _absolute(store: Path | str) -> Path:
+    location = as_location(store)
+    return location if is_remote(location) else location.absolute()
+
+
 def check_store_path(store: Path) -> None:
     """Refuse, in one line, a path that does not exist or is not an analysis store."""
-    if not store.exists():
+    if not exists(store):
         raise DataContractError(f"store {store} does not exist")
     if not (store / "zarr.json").is_file():
         raise DataContractError(f"{store} is not an analysis store (no zarr.json)")
@@ -150,7 +156,7 @@ def _aimed_at(config: Config, store: Path) -> dict:
 
 def repair_config(config: Config, store: Path, times: pd.DatetimeIndex) -> Config:
     """``config`` aimed at ``store`` over exactly its stored period (an ingest must not extend it)."""
-    data = _aimed_at(config, Path(store).absolute())
+    data = _aimed_at(config, _absolute(store))
     data["ingest"]["start"], data["ingest"]["end"] = times[0].isoformat(), times[-1].isoformat()
     return config_from_dict(data, origin="repair")
 
@@ -163,7 +169,7 @@ def _keep_stats(config: Config) -> None:
 def repair_store(config: Config, store: Path | None = None, *, progress: bool = False,
                  executor: Executor | None = None) -> RepairResult:
     """Check ``store`` (default: the config's), re-fetch the slabs with damaged or missing chunks, check again."""
-    path = Path(store if store is not None else config.paths.analysis_store).absolute()
+    path = _absolute(store if store is not None else config.paths.analysis_store)
     check_store_path(path)
     _aimed_at(config, path)  # a store the ingest cannot write into is refused before the lock is taken
     # The plain writer lock: taking it must change nothing (store_lock would finish a pending

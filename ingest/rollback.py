@@ -12,10 +12,10 @@ to what it was. Otherwise the extension stays: its times are "not done" and a re
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.location import as_location, is_remote, write_bytes
 from ingest.regions import done_flags
 
 log = logging.getLogger(__name__)
@@ -33,49 +33,52 @@ class ExtensionSnapshot:
     path: Path
     size: int  # times before the extension
     saved: dict[str, bytes]  # relative path → bytes, of the files an extension rewrites
-    stamps: dict[str, tuple[int, int]]  # relative path → (size, mtime_ns), of every other file
+    stamps: dict[str, tuple[int, object]]  # relative path → (size, mtime_ns or ETag), of every other file
 
     def untouched(self) -> bool:
         """True when no new time is done and every file outside ``saved`` is as it was (or absent, if new)."""
         if done_flags(self.path)[self.size:].any():
             return False
-        for rel, stamp in self.stamps.items():
-            try:
-                st = (self.path / rel).stat()
-            except FileNotFoundError:
-                return False
-            if (st.st_size, st.st_mtime_ns) != stamp:
-                return False
-        return True
+        now = _listing(self.path)
+        return all(now.get(rel) == stamp for rel, stamp in self.stamps.items())
 
     def restore(self) -> int:
         """Put the saved files back and remove every file added since; the number of files added."""
-        added = [p for p in self.path.rglob("*") if p.is_file()
-                 and (rel := p.relative_to(self.path).as_posix()) not in self.saved and rel not in self.stamps]
-        for p in added:
-            p.unlink()
+        added = [rel for rel in _listing(self.path) if rel not in self.saved and rel not in self.stamps]
+        for rel in added:
+            (self.path / rel).unlink()
         for rel, data in self.saved.items():
-            target = self.path / rel
-            tmp = target.with_name(target.name + ".rollback")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)  # never a half-restored zarr.json under its own name
+            write_bytes(self.path / rel, data)  # never a half-restored zarr.json under its own name
         return len(added)
+
+
+def _listing(path: Path) -> dict[str, tuple[int, object]]:
+    """Every file under the store: relative path → (size, a stamp that changes when it is rewritten)."""
+    if is_remote(path):
+        root = path.path.rstrip("/") + "/"
+        found = path.fs.find(path.path, detail=True)
+        # An object has no mtime_ns; its ETag (S3, GCS) or creation time (memory://) changes on every PUT.
+        return {name[len(root):]: (int(info.get("size") or 0),
+                                   info.get("ETag") or info.get("LastModified") or info.get("created") or info.get("mtime"))
+                for name, info in found.items() if name.startswith(root) and info.get("type") == "file"}
+    out: dict[str, tuple[int, object]] = {}
+    for p in path.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(path).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def snapshot_extension(path: Path) -> ExtensionSnapshot:
     """Record the store at ``path`` before :func:`ingest.append.extend_store` grows its time axis."""
-    path = Path(path)
+    path = as_location(path)
     saved: dict[str, bytes] = {}
-    stamps: dict[str, tuple[int, int]] = {}
-    for p in path.rglob("*"):
-        if not p.is_file():
-            continue
-        rel = p.relative_to(path).as_posix()
+    stamps: dict[str, tuple[int, object]] = {}
+    for rel, stamp in _listing(path).items():
         if _is_metadata(rel):
-            saved[rel] = p.read_bytes()
+            saved[rel] = (path / rel).read_bytes()
         else:
-            st = p.stat()
-            stamps[rel] = (st.st_size, st.st_mtime_ns)
+            stamps[rel] = stamp
     return ExtensionSnapshot(path, int(done_flags(path).size), saved, stamps)
 
 

@@ -15,7 +15,6 @@ final) is read again with its neighbours; a moved period reads only the times it
 from __future__ import annotations
 
 import logging
-import os
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import xarray as xr
 
 from core.errors import MissingInputError
 from core.grid import parse_grid_attr
+from core.location import as_location, exists, load_netcdf, write_netcdf
 from core.schema import validate_stats
 from ingest.stats_moments import DEFAULT_BUDGET, READS, BlockReader, Moments, combine, contiguous, read_moments
 from ingest.stats_state import FLAG_NAMES, default_state_path, load_state, reuse, save_state, store_identity
@@ -43,7 +43,7 @@ def compute_stats(store_path: Path, channels: list[str], start: datetime, end: d
     ``state_path`` (default :func:`default_state_path`) keeps the per-time sums between calls;
     ``incremental=False`` neither reads nor writes it (a from-scratch pass).
     """
-    store_path = Path(store_path)
+    store_path = as_location(store_path)
     store = open_store(store_path)
     times = pd.DatetimeIndex(store["time"].values)
     lo = int(times.searchsorted(pd.Timestamp(start)))
@@ -61,7 +61,7 @@ def compute_stats(store_path: Path, channels: list[str], start: datetime, end: d
     grid = parse_grid_attr(store.attrs["grid"])
     period = times[lo:hi]
     moments = Moments.empty(n, len(channels))
-    state_file = Path(state_path) if state_path is not None else default_state_path(store_path)
+    state_file = as_location(state_path) if state_path is not None else default_state_path(store_path)
     identity = store_identity(store_path, store.attrs, step_h)
     fresh = reuse(load_state(state_file, identity, channels) if incremental else None, period, flags, moments)
     # Times to read: every stale entry, and both ends of every stale tendency (adjacent, so one run).
@@ -90,18 +90,16 @@ def compute_stats(store_path: Path, channels: list[str], start: datetime, end: d
 
 
 def write_stats(ds: xr.Dataset, path: Path) -> Path:
-    """Write statistics as NetCDF atomically (temp file + rename)."""
+    """Write statistics as NetCDF atomically (temp file + rename, or one upload to an object store)."""
     validate_stats(ds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    ds.to_netcdf(tmp)
-    os.replace(tmp, path)
+    path = as_location(path)
+    write_netcdf(ds, path)
     return path
 
 
 def read_stats(path: Path, channels: list[str] | None = None) -> xr.Dataset:
     """Load and validate statistics."""
-    if not path.is_file():
+    path = as_location(path)
+    if not exists(path):
         raise MissingInputError(f"statistics file {path} does not exist; run `spherecast ingest` first")
-    with xr.open_dataset(path) as ds:
-        return validate_stats(ds.load(), channels, what=f"stats {path}")
+    return validate_stats(load_netcdf(path), channels, what=f"stats {path}")

@@ -1,14 +1,15 @@
 """The running sums behind the statistics, saved beside them so the next refresh reads only what changed.
 
 File: ``<store parent>/<store name without .zarr>.stats-state.nc`` by default (``analysis.stats-state.nc``
-beside ``analysis.zarr`` and ``stats.nc``), NetCDF, written atomically (temp file + rename):
+beside ``analysis.zarr`` and ``stats.nc``), NetCDF, written atomically (temp file + rename, or one upload):
 
 - coords ``time`` (the training period's analysis times) and ``channel``;
 - ``mean``, ``m2`` ``(time, channel)`` float64: each time's area-weighted mean and sum of squared
   deviations; ``dmean``, ``dm2``: the same of the tendency ending at that time (NaN where not computed);
 - ``done``, ``expver``, ``replaced`` ``(time)``: the store's flags when the entry was computed;
 - attrs ``state_format``, ``store_id`` (device, inode of the store directory and the mtime of its
-  ``latitude`` metadata, written once at creation: a rebuilt store has another), ``dataset_version``, ``grid``, ``time_step_hours``, ``period_start``, ``period_end``.
+  ``latitude`` metadata, written once at creation: a rebuilt store has another; on an object store its URL
+  and that object's ETag), ``dataset_version``, ``grid``, ``time_step_hours``, ``period_start``, ``period_end``.
 
 An entry is reused only while the store's identity attrs match and its time's flags are unchanged (an
 ERA5T time replaced by final ERA5 flips ``replaced`` and ``expver``); a tendency entry also needs the
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from core.location import as_location, exists, is_remote, load_netcdf, write_netcdf
 from ingest.stats_moments import Moments
 
 log = logging.getLogger(__name__)
@@ -39,30 +41,37 @@ FLAG_NAMES = ("done", "expver", "replaced")
 
 def default_state_path(store_path: Path) -> Path:
     """Where the running sums of statistics over ``store_path`` live unless the caller says otherwise."""
-    store_path = Path(store_path)
+    store_path = as_location(store_path)
     stem = store_path.name[:-5] if store_path.name.endswith(".zarr") else store_path.name
     return store_path.with_name(f"{stem}.stats-state.nc")
 
 
 def store_identity(store_path: Path, attrs: dict, step_hours: int) -> dict[str, str | int]:
     """The attrs a saved state must share with the store for its entries to be reused."""
-    st = os.stat(store_path)
+    store_path = as_location(store_path)
     # The latitude array is written once, when the store is created (appends and replacements never
     # touch it): its metadata's mtime stamps this build even if a rebuilt store reuses the inode.
-    lat = Path(store_path) / "latitude" / "zarr.json"
-    born = lat.stat().st_mtime_ns if lat.is_file() else 0
-    return {"state_format": STATE_FORMAT, "store_id": f"{st.st_dev}:{st.st_ino}:{born}",
+    lat = store_path / "latitude" / "zarr.json"
+    if is_remote(store_path):
+        # No inode on an object store: the URL and the object's own version stamp (ETag, else its time).
+        info = lat.fs.info(lat.path) if exists(lat) else {}
+        born = info.get("ETag") or info.get("LastModified") or info.get("created") or info.get("mtime") or 0
+        store_id = f"{store_path}:{born}"
+    else:
+        st = os.stat(store_path)
+        born = lat.stat().st_mtime_ns if lat.is_file() else 0
+        store_id = f"{st.st_dev}:{st.st_ino}:{born}"
+    return {"state_format": STATE_FORMAT, "store_id": store_id,
             "dataset_version": str(attrs["dataset_version"]), "grid": str(attrs["grid"]),
             "time_step_hours": int(step_hours)}
 
 
 def load_state(path: Path, identity: dict, channels: list[str]) -> xr.Dataset | None:
     """The saved state if it exists and belongs to this store and channel list, else None (logged)."""
-    if not path.is_file():
+    if not exists(path):
         return None
     try:
-        with xr.open_dataset(path) as ds:
-            state = ds.load()
+        state = load_netcdf(path)
     except (OSError, ValueError) as exc:
         log.warning("statistics state %s unreadable (%s): recomputing from the store", path, exc)
         return None
@@ -107,13 +116,9 @@ def save_state(path: Path, identity: dict, channels: list[str], times: pd.Dateti
     )
     for k, name in enumerate(FLAG_NAMES):
         ds[name] = ("time", flags[:, k].astype(np.int8))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.to_netcdf(tmp)
-        os.replace(tmp, path)
+        write_netcdf(ds, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.warning("could not save the statistics state %s (%s): the next refresh reads the whole period", path, exc)
 
 
@@ -125,11 +130,10 @@ def forget_times(path: Path, times: pd.DatetimeIndex) -> int:
     store flag equals; the number of entries marked is returned. A missing or unreadable state is left
     alone: the next refresh then reads the whole period anyway.
     """
-    if not path.is_file():
+    if not exists(path):
         return 0
     try:
-        with xr.open_dataset(path) as ds:
-            state = ds.load()
+        state = load_netcdf(path)
     except (OSError, ValueError):
         return 0
     hit = np.asarray(pd.DatetimeIndex(state["time"].values).isin(pd.DatetimeIndex(times)))
@@ -138,11 +142,8 @@ def forget_times(path: Path, times: pd.DatetimeIndex) -> int:
     done = state["done"].values.copy()
     done[hit] = -1
     state["done"] = ("time", done.astype(np.int8))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        state.to_netcdf(tmp)
-        os.replace(tmp, path)
+        write_netcdf(state, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
         path.unlink(missing_ok=True)  # a stale state must not survive: without it the refresh reads everything
     return int(hit.sum())

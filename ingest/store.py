@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from core.errors import ConfigError, DataContractError
 from core.grid import Grid
+from core.location import as_location, is_remote, remove_tree, upload_tree
 from core.schema import SCHEMA_VERSION, validate_analysis
 from core.variables import get_variable
 from ingest.append import (
@@ -52,6 +54,7 @@ from ingest.regions import (
     preliminary_times,
     read_flags,
     remove_partial_files,
+    store_exists,
     store_slab_size,
     write_slab,
 )
@@ -60,7 +63,8 @@ __all__ = [
     "DEFAULT_SLAB", "FLAGS", "TIME_CHUNK", "BuildReport", "StoreLayout", "StoreLockedError", "build_store", "check_layout",
     "complete_pending_append", "consolidate", "contiguous_runs", "create_store", "done_flags", "extend_store",
     "intent_path", "lock_holder", "lock_path", "missing_times", "open_store", "preliminary_times", "read_flags",
-    "remove_partial_files", "replace_preliminary", "replace_slab", "slabs_to_do", "store_lock", "store_slab_size",
+    "remove_partial_files", "replace_preliminary", "replace_slab", "slabs_to_do", "store_exists", "store_lock",
+    "store_slab_size",
     "write_slab",
 ]
 
@@ -126,8 +130,8 @@ def chunk_codecs(compression: Literal["zstd", "none"] = "zstd", checksum: bool =
 def create_store(path: Path, layout: StoreLayout, *, slab_size: int = DEFAULT_SLAB,
                  compression: Literal["zstd", "none"] = "zstd", checksum: bool = True) -> None:
     """Pre-allocate an empty store for the layout's whole period (metadata only, atomically)."""
-    path = Path(path)
-    if path.exists():
+    path = as_location(path)
+    if store_exists(path):
         raise ConfigError(f"store {path} already exists")
     if slab_size < 1:
         raise ValueError(f"slab_size {slab_size} must be ≥ 1")
@@ -149,6 +153,17 @@ def create_store(path: Path, layout: StoreLayout, *, slab_size: int = DEFAULT_SL
     encoding.update({flag: sharded(ds[flag], 0) for flag in FLAGS})
     encoding["time"] = {"units": "hours since 1900-01-01", "calendar": "proleptic_gregorian", "dtype": "int64",
                         "chunks": (TIME_CHUNK,)}
+    if is_remote(path):
+        # No rename on an object store: the metadata (a few kB, no chunks yet) is built in a local
+        # directory and uploaded with the root zarr.json last, so a reader sees no store or a whole one;
+        # what a killed upload left (no root zarr.json) is not a store and is replaced here.
+        with tempfile.TemporaryDirectory(prefix="spherecast-create-") as local:
+            built = Path(local) / path.name
+            ds.to_zarr(built, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+            consolidate(built)
+            remove_tree(path)
+            upload_tree(built, path, last="zarr.json")
+        return
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +244,7 @@ def build_store(path: Path, layout: StoreLayout,
     from ingest.orchestrate import StoreRequest, plan_store, run_slabs, write_missing
     from ingest.parallel import SlabExecutor
 
-    path = Path(path)
+    path = as_location(path)
     request = StoreRequest(path, layout, slab_size, compression, checksum)
     opened: list[xr.Dataset] = []
 
