@@ -25,6 +25,7 @@ import xarray as xr
 from core.config import Config
 from core.errors import DataContractError, MissingInputError
 from core.grid import parse_grid_attr
+from core.location import as_location, exists, zarr_url
 from core.variables import parse_channel
 
 ANALYSIS = "analysis"
@@ -68,11 +69,11 @@ def candidate_stores(config: Config) -> list[tuple[str, Path]]:
 
 def complete_times(store: Path) -> pd.DatetimeIndex:
     """Times of a store whose ``done`` flag is set (empty if the store does not exist)."""
-    return _read(ANALYSIS, Path(store)).complete if Path(store).exists() else pd.DatetimeIndex([])
+    return _read(ANALYSIS, as_location(store)).complete if exists(as_location(store)) else pd.DatetimeIndex([])
 
 
 def _read(kind: str, path: Path) -> _StoreTimes:
-    with xr.open_zarr(path, consolidated=False, chunks=None) as ds:
+    with xr.open_zarr(zarr_url(as_location(path)), consolidated=False, chunks=None) as ds:
         if "time" not in ds.coords or "done" not in ds:
             raise DataContractError(f"store {path} has no 'time' coordinate or 'done' flags; it is not an analysis-contract store")
         times = pd.DatetimeIndex(ds["time"].values)

@@ -27,6 +27,7 @@ import yaml
 
 from core.config import Config
 from core.errors import DataContractError, MissingInputError
+from core.location import as_location, exists, local_copy, zarr_url
 from core.runs import MANIFEST, list_runs, parse_run_name, read_manifest, sha256_file
 
 CURRENT = "current.json"
@@ -80,9 +81,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _store_version(store: Path) -> str | None:
     import xarray as xr
 
-    if not store.exists():
+    store = as_location(store)
+    if not exists(store):
         return None
-    with xr.open_zarr(store, consolidated=False) as ds:
+    with xr.open_zarr(zarr_url(store), consolidated=False) as ds:
         return str(ds.attrs.get("dataset_version"))
 
 
@@ -90,11 +92,13 @@ def stats_identity(stats_file: Path) -> dict[str, Any]:
     """The stats file's sha256, period and dataset version (``ValueError`` if it is missing)."""
     import xarray as xr
 
-    if not stats_file.is_file():
+    stats_file = as_location(stats_file)
+    if not exists(stats_file):
         raise MissingInputError(f"statistics file {stats_file} does not exist")
-    with xr.open_dataset(stats_file) as ds:
+    with local_copy(stats_file) as local, xr.open_dataset(local) as ds:
         attrs = dict(ds.attrs)
-    return {"path": str(stats_file), "sha256": sha256_file(stats_file),
+        digest = sha256_file(local)
+    return {"path": str(stats_file), "sha256": digest,
             "period": [str(attrs.get("period_start")), str(attrs.get("period_end"))],
             "dataset_version": str(attrs.get("dataset_version"))}
 
@@ -175,13 +179,13 @@ def lineage_at(run: str, forecasts: Path, runs_dir: Path, verification: Path | N
     inputs = training.pop("inputs")
     if inputs is not None:
         stats = {**inputs["stats"], "recorded_at_training": True}
-    elif stats_file is not None and Path(stats_file).is_file():
-        stats = {**stats_identity(Path(stats_file)), "recorded_at_training": False}
+    elif stats_file is not None and exists(as_location(stats_file)):
+        stats = {**stats_identity(as_location(stats_file)), "recorded_at_training": False}
     else:
         stats = None
     dataset = {"dataset_version": prov.get("dataset_version"),
                "store": str(analysis_store) if analysis_store is not None else None,
-               "store_version_now": _store_version(Path(analysis_store)) if analysis_store is not None else None}
+               "store_version_now": _store_version(as_location(analysis_store)) if analysis_store is not None else None}
     scores_file = Path(verification) / run / "scores.json" if verification is not None else None
     scores = ({"path": str(scores_file), "sha256": sha256(scores_file)}
               if scores_file is not None and scores_file.is_file() else None)

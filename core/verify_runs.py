@@ -28,6 +28,7 @@ import xarray as xr
 from core.climatology import cached_climatology, channel_array, climatology_at, climatology_key, store_channels
 from core.config import Config
 from core.errors import DataContractError, MissingInputError
+from core.location import as_location, exists, zarr_url
 from core.metrics import CRPS_METHOD
 from core.runs import list_runs, read_manifest
 from core.schema import validate_analysis, validate_forecast
@@ -58,9 +59,10 @@ class VerifyReport:
 
 def open_store(path: Path) -> xr.Dataset:
     """Open the analysis store lazily and check its contract."""
-    if not Path(path).exists():
+    path = as_location(path)
+    if not exists(path):
         raise MissingInputError(f"analysis store {path} does not exist; nothing can be verified before ingest")
-    return validate_analysis(xr.open_zarr(path, consolidated=False, chunks=None), what=f"analysis store {path}")
+    return validate_analysis(xr.open_zarr(zarr_url(path), consolidated=False, chunks=None), what=f"analysis store {path}")
 
 
 def _flags(store: xr.Dataset) -> tuple[pd.DatetimeIndex, np.ndarray, np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.errors import ConfigError, DataContractError, MissingInputError
 from core.fields import to_channels
+from core.location import as_location, exists, zarr_url
 from core.schema import FLAG_VARIABLES, validate_analysis
 from models.clock import check_time_features, clock_values
 
@@ -32,10 +33,10 @@ log = logging.getLogger(__name__)
 
 def open_analysis(path: Path | str) -> xr.Dataset:
     """Open the analysis store lazily (no dask) and check it against the contract."""
-    path = Path(path)
-    if not path.exists():
+    path = as_location(path)
+    if not exists(path):
         raise MissingInputError(f"analysis store {path} does not exist; run `spherecast ingest` first")
-    ds = xr.open_zarr(path, consolidated=False, chunks=None)
+    ds = xr.open_zarr(zarr_url(path), consolidated=False, chunks=None)
     return validate_analysis(ds, what=f"analysis store {path}")
 
 

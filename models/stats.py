@@ -11,6 +11,7 @@ import xarray as xr
 
 from core.errors import DataContractError, MissingInputError
 from core.grid import parse_grid_attr
+from core.location import as_location, exists, load_netcdf
 from core.schema import validate_stats
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,10 @@ log = logging.getLogger(__name__)
 def load_stats(path: Path, analysis: xr.Dataset, channels: list[str], time_step_hours: int,
                val_period: tuple[datetime, datetime] | None = None) -> xr.Dataset:
     """Load stats for ``channels``; ``ValueError`` if missing or made for another dataset, grid or step."""
-    path = Path(path)
-    if not path.is_file():
+    path = as_location(path)
+    if not exists(path):
         raise MissingInputError(f"statistics file {path} does not exist; compute it with `spherecast ingest` first")
-    with xr.open_dataset(path) as ds:
-        stats = validate_stats(ds.load(), channels, what=f"stats {path}")
+    stats = validate_stats(load_netcdf(path), channels, what=f"stats {path}")
     mine, theirs = str(stats.attrs["dataset_version"]), str(analysis.attrs["dataset_version"])
     if mine != theirs:
         raise DataContractError(f"stats {path} are for dataset_version {mine!r} but the analysis store is {theirs!r}; "

@@ -35,6 +35,7 @@ import zarr
 from torch.utils.data import Dataset
 
 from core.errors import DataContractError, MissingInputError
+from core.location import as_location
 from core.variables import parse_channel
 from models.clock import check_time_features, clock_values
 from models.data import open_analysis, streamed_mean, time_stride
@@ -53,7 +54,7 @@ class ZarrWindowDataset(Dataset):
                  time_features: Sequence[str] = ()) -> None:
         if steps < 1 or history < 1:
             raise ValueError(f"steps and history must be ≥ 1, got steps={steps}, history={history}")
-        self.path = Path(path)
+        self.path = as_location(path)
         analysis = open_analysis(self.path)
         self.channels, self.steps, self.history = list(channels), steps, history
         self.stride = time_stride(analysis, time_step_hours)

@@ -140,9 +140,10 @@ def _serve(config: Any) -> None:
 
 
 def _data(config: Any, args: argparse.Namespace) -> int:
+    from core.location import as_location
     from ingest.check import check_store, inspect_store
 
-    store = Path(args.store) if args.store else config.paths.analysis_store
+    store = as_location(args.store) if args.store else config.paths.analysis_store
     if args.action == "inspect":
         print(inspect_store(store))
         return 0

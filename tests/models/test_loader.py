@@ -78,3 +78,23 @@ def test_auto_holds_windows_in_memory_below_the_limit_and_reads_the_store_above(
     assert choose_loader(with_train(below, loader="memory"), ds) == "memory"  # an explicit choice is kept
     with pytest.raises(ValueError, match="loader_memory_gib"):
         with_train(base, loader_memory_gib=-1)
+
+
+def test_training_reads_a_store_and_stats_on_an_object_store_like_local_ones(root: Path) -> None:
+    from core.location import as_location, upload_tree
+
+    data_url = f"memory://loader-{root.name}/data"
+    upload_tree(root / "data", as_location(data_url))
+    local = with_train(tiny_config(root, tensorboard=False), loader="zarr")
+    data = dump_config(local)
+    data["paths"]["data_dir"] = data_url
+    remote = config_from_dict(data)
+    mine, theirs = prepare(local, SINGLE, 4), prepare(remote, SINGLE, 4)
+    assert str(theirs.train_ds.path) == f"{data_url}/analysis.zarr"
+    assert len(theirs.train_ds) == len(mine.train_ds) and len(theirs.val_ds) == len(mine.val_ds) > 0
+    for k in (0, len(mine.val_ds) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(mine.val_ds[k], theirs.val_ds[k], strict=True))
+    assert torch.equal(mine.train_ds.time_mean(), theirs.train_ds.time_mean())
+    import xarray as xr
+
+    xr.testing.assert_identical(mine.stats, theirs.stats)
