@@ -147,6 +147,9 @@ def _take_object(store: Path, path: Path) -> None:
         try:
             path.fs.pipe_file(path.path, json.dumps(_me()).encode(), mode="create")
             return
+        except (FileNotFoundError, PermissionError) as exc:  # no such bucket, or these credentials may not write
+            raise errors.ConfigError(f"cannot create the writer lock {path} for store {store}: {exc}; check that the "
+                                     "bucket exists and that the credentials in this environment may write to it") from None
         except FileExistsError:
             info = lock_holder(store)
             if attempt == 1 and _left_by_dead_process(info):

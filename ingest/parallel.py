@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from core.errors import ConfigError
+from core.location import as_location, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,16 @@ class Executor(Protocol):
 def _read_probe(path: str) -> str | None:
     """On a worker: the text of the probe file, or None where this worker cannot read it."""
     try:
-        return Path(path).read_text()
-    except OSError:
+        return as_location(path).read_text()
+    except OSError:  # FileNotFoundError, PermissionError; an object store's refusals are OSErrors too
         return None
 
 
 def nearest_existing(path: Path) -> Path:
     """``path`` or its closest ancestor that exists (where a probe file can be written)."""
-    path = Path(path)
+    path = as_location(path)
+    if is_remote(path):  # no directories on an object store: a probe object goes under the prefix itself
+        return path
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -98,7 +101,10 @@ class SlabExecutor:
         if blind:
             raise ConfigError(f"{len(blind)} of {len(seen)} Dask workers of {address!r} cannot see {directory} "
                               f"({', '.join(blind)}): a file written in {where} here is not there for them. Workers "
-                              "need the store on a shared filesystem at the same absolute path; nothing was written")
+                              + ("need the object store's endpoint and credentials in their environment "
+                                 "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …)" if is_remote(where) else
+                                 "need the store on a shared filesystem at the same absolute path")
+                              + "; nothing was written")
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one job and return its result (blocking); exceptions propagate unchanged."""
