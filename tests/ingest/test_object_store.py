@@ -196,3 +196,19 @@ def test_urls_where_a_local_directory_is_needed_are_refused_in_one_line() -> Non
         config_from_dict({"paths": {"data_dir": "nope://b/data"}})
     # A file:// URL is a local path.
     assert config_from_dict({"paths": {"data_dir": "file:///srv/era5"}}).paths.data == Path("/srv/era5")
+
+
+def test_data_repair_refetches_a_damaged_shard_on_the_object_store(tmp_path: Path, mirror: Path, bucket: str) -> None:
+    from ingest.repair import repair_store
+
+    local, remote = configs(tmp_path, mirror, bucket)
+    ingest(local, progress=False)
+    ingest(remote, progress=False)
+    shard = f"/{bucket}/data/analysis.zarr/temperature/c.1.0.0.0"
+    raw = bytearray(FS.cat_file(shard))
+    raw[10] ^= 0xFF
+    FS.pipe_file(shard, bytes(raw))
+    result = repair_store(remote)
+    assert not result.before.ok and result.ok
+    assert digest(remote.paths.analysis_store) == digest(local.paths.analysis_store)
+    assert not FS.exists(f"/{bucket}/data/analysis.zarr.lock")
