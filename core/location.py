@@ -68,6 +68,11 @@ def exists(location: Path) -> bool:
     return location.exists()
 
 
+def object_version(info: dict[str, Any]) -> object:
+    """What changes on every write of an object, from its fsspec ``info``: S3/GCS ETag, else a time."""
+    return info.get("ETag") or info.get("LastModified") or info.get("created") or info.get("mtime")
+
+
 def stamp(location: Path) -> tuple[object, ...] | None:
     """What changes when a file is rewritten (size, mtime and inode; an object's size and ETag), None if absent."""
     if is_remote(location):
@@ -75,8 +80,7 @@ def stamp(location: Path) -> tuple[object, ...] | None:
             info = location.fs.info(location.path)
         except FileNotFoundError:
             return None
-        # S3 and GCS give an ETag per PUT; memory:// a creation time.
-        return (info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("created") or info.get("mtime"))
+        return (info.get("size"), object_version(info))
     try:
         st = location.stat()
     except OSError:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.location import as_location, is_remote, write_bytes
+from core.location import as_location, is_remote, object_version, write_bytes
 from ingest.regions import done_flags
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ def _listing(path: Path) -> dict[str, tuple[int, object]]:
         root = path.path.rstrip("/") + "/"
         found = path.fs.find(path.path, detail=True)
         # An object has no mtime_ns; its ETag (S3, GCS) or creation time (memory://) changes on every PUT.
-        return {name[len(root):]: (int(info.get("size") or 0),
-                                   info.get("ETag") or info.get("LastModified") or info.get("created") or info.get("mtime"))
+        return {name[len(root):]: (int(info.get("size") or 0), object_version(info))
                 for name, info in found.items() if name.startswith(root) and info.get("type") == "file"}
     out: dict[str, tuple[int, object]] = {}
     for p in path.rglob("*"):

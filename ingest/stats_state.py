@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from core.location import as_location, exists, is_remote, load_netcdf, write_netcdf
+from core.location import as_location, exists, is_remote, load_netcdf, stamp, write_netcdf
 from ingest.stats_moments import Moments
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def store_identity(store_path: Path, attrs: dict, step_hours: int) -> dict[str, 
     lat = store_path / "latitude" / "zarr.json"
     if is_remote(store_path):
         # No inode on an object store: the URL and the object's own version stamp (ETag, else its time).
-        info = lat.fs.info(lat.path) if exists(lat) else {}
-        born = info.get("ETag") or info.get("LastModified") or info.get("created") or info.get("mtime") or 0
-        store_id = f"{store_path}:{born}"
+        store_id = f"{store_path}:{(stamp(lat) or (0, 0))[1]}"
     else:
         st = os.stat(store_path)
         born = lat.stat().st_mtime_ns if lat.is_file() else 0
