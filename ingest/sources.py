@@ -55,6 +55,7 @@ class SyntheticSource:
         self.settings = settings or SyntheticConfig()
         self._planet = None
         self._to_grid = None
+        self._lmax = 0  # degrees the grid shows, set with the planet
 
     def dataset_version(self) -> str:
         """Hash of everything that determines the planet's values on this grid."""
@@ -87,6 +88,7 @@ class SyntheticSource:
             return torch.cat([phi[None], uv]).numpy()
 
         self._to_grid = to_grid
+        self._lmax = lmax
 
     @property
     def planet(self) -> Any:
@@ -98,6 +100,13 @@ class SyntheticSource:
         """Geopotential, u, v of a solver spectral state on this source's grid, as ``fetch`` samples it."""
         self._ensure()
         return self._to_grid(uspec)
+
+    def band_limited(self, uspec: object) -> object:
+        """The solver state with every degree this source's grid cannot show set to zero (what ``project`` keeps)."""
+        self._ensure()
+        out = uspec.clone()
+        out[:, self._lmax:, :] = 0
+        return out
 
     def sample_index(self, t: pd.Timestamp) -> int:
         """The planet's 6-hourly sample index of time ``t``; ValueError off that axis or before the epoch."""

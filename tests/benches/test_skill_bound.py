@@ -43,7 +43,11 @@ def test_bound_beats_persistence_and_scores_as_the_skill_bench(quick: dict[str, 
         # The planet's own solver from the exact state, missing only the kicks, beats persistence.
         row = r["relative_error"][lead]
         assert row["unstirred"] < 0.8 * row["persistence"], (lead, row)
-    assert "SFNO/p" in proc.stdout and "Perfect-model bound" in proc.stdout
+        # From only the degrees the store shows, and no solver history, the same solver does worse.
+        assert row["unstirred"] < row["truncated"], (lead, row)
+    assert "SFNO/p" in proc.stdout and "Perfect-model bound" in proc.stdout and "truncated" in proc.stdout
+    for lead, row in r["skill_report"]["leads"].items():
+        assert row["attained_truncated"] is not None and math.isfinite(row["attained_truncated"]), (lead, row)
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -73,3 +73,15 @@ def test_forecast_step_stirs_as_another_seed_would_or_not_at_all() -> None:
     np.testing.assert_array_equal(src.project(truth.uspec).astype(np.float32)[0], fetched.geopotential.values[0, 0])
     with pytest.raises(ValueError, match="the planet's own seed"):
         planet.forecast_step(state, 0)
+
+
+def test_band_limited_keeps_exactly_what_the_grid_shows() -> None:
+    src = SyntheticSource(get_grid("tiny"), FAST)  # 17×32 shows degrees 0–8 of the 33×64 solver's 0–16
+    state = src.planet.state_at(3)
+    seen = src.band_limited(state.uspec)
+    spec = seen.numpy()
+    assert np.abs(spec[:, 9:]).max() == 0 and np.abs(state.uspec.numpy()[:, 9:]).max() > 0  # it dropped something
+    np.testing.assert_array_equal(spec[:, :9], state.uspec.numpy()[:, :9])
+    # What the store holds of the state is the same with or without the dropped degrees.
+    np.testing.assert_allclose(src.project(seen), src.project(state.uspec), rtol=0, atol=1e-9)
+    assert state.uspec.numpy()[:, 9:].any()  # and the state itself was left alone
