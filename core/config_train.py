@@ -55,6 +55,10 @@ class TrainConfig(_Section):
     rollout_grad_steps: int | None = None
     """Backpropagate through only the last N steps of each rollout; earlier steps run without gradients (the
     pushforward trick: the model learns from its own drifted states at the cost of N steps). None = all steps."""
+    rollout_grad_first: int = 0
+    """With ``rollout_grad_steps``, also backpropagate through the first N steps of each rollout (from the
+    analysis): the short leads learn from clean inputs while the last steps learn from the model's own drifted
+    states. 0 = only the last steps."""
     input_noise: float = 0.0
     """Std of Gaussian noise added to each training window's input state, in units of each channel's std
     (0 = none): the model learns to pull states slightly off the data back (a remedy for autoregressive drift)."""
@@ -162,6 +166,8 @@ class TrainConfig(_Section):
             raise ConfigError(f"val_lead_hours {self.val_lead_hours} must list positive lead times in hours")
         if self.rollout_grad_steps is not None and self.rollout_grad_steps < 1:
             raise ConfigError(f"rollout_grad_steps {self.rollout_grad_steps} must be ≥ 1 (or null for every step)")
+        if self.rollout_grad_first < 0:
+            raise ConfigError(f"rollout_grad_first {self.rollout_grad_first} must be ≥ 0 (0 = only the last steps)")
         if not 0 <= self.input_noise < 1:
             raise ConfigError(f"input_noise {self.input_noise} must be in [0, 1) (a fraction of each channel's std)")
         if self.max_restarts < 0:

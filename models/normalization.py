@@ -153,14 +153,16 @@ class Rollout(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, steps: int, grad_steps: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, steps: int, grad_steps: int | None = None, grad_first: int = 0) -> torch.Tensor:
         """States after 1 … ``steps`` steps from the input stack ``x``: ``(batch, steps, channel, lat, lon)``.
 
-        With ``grad_steps``, only the last that many steps record gradients (the earlier states are constants).
+        With ``grad_steps``, only the last that many steps record gradients (the earlier states are constants),
+        and with ``grad_first`` also the first that many (back-propagated through each other, from ``x``).
         """
-        return torch.stack(list(self.states(x, steps, grad_steps)), dim=1)
+        return torch.stack(list(self.states(x, steps, grad_steps, grad_first)), dim=1)
 
-    def states(self, x: torch.Tensor, steps: int, grad_steps: int | None = None) -> Iterator[torch.Tensor]:
+    def states(self, x: torch.Tensor, steps: int, grad_steps: int | None = None,
+               grad_first: int = 0) -> Iterator[torch.Tensor]:
         """The states after 1 … ``steps`` steps, ``(batch, channel, lat, lon)`` each, one at a time as computed.
 
         The one autoregressive loop: :meth:`forward` stacks it for training, and a forecast writes each
@@ -169,7 +171,7 @@ class Rollout(nn.Module):
         advance = getattr(self.model, "advance", None)  # a bare core (benches) has history 1
         free = steps - grad_steps if grad_steps is not None and grad_steps < steps else 0
         for i in range(steps):
-            with torch.no_grad() if i < free else nullcontext():
+            with torch.no_grad() if grad_first <= i < free else nullcontext():
                 new = self.model(x)
             yield new
             x = advance(x, new) if advance is not None else new

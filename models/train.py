@@ -241,7 +241,7 @@ class Trainer:
             scale = torch.cat([scale, scale.new_zeros(x0.shape[1] - len(scale))])[:, None, None]  # no clock noise
             x0 = x0 + torch.randn_like(x0) * scale
         with autocast(self.s.precision, ctx.device):
-            pred = self.rollout(x0, k, cfg.rollout_grad_steps)
+            pred = self.rollout(x0, k, cfg.rollout_grad_steps, cfg.rollout_grad_first)
         loss = self.loss_fn(model.scale_tendency(pred.float()), model.scale_tendency(target))
         optimizer, scaler = self.optimizer, self.scaler
         optimizer.zero_grad(set_to_none=True)

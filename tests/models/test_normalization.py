@@ -109,3 +109,8 @@ def test_rollout_records_gradients_only_for_its_last_grad_steps() -> None:
     # where the full rollout's is d(a⁴·x)/da = Σ4a³x = 2.0.
     assert [grad(part, i) for i in range(4)] == [0.0, 0.0, 0.0, 0.5]
     assert grad(full, 3) == 2.0
+    # With grad_first 2 the first two steps also carry theirs, the second through the first as in the full
+    # rollout (d(a²x)/da = Σ2ax = 4.0), while the third stays a constant and the last sees only its own step.
+    both = Rollout(model)(x, 4, grad_steps=1, grad_first=2)
+    assert torch.equal(both, full.detach())
+    assert [grad(both, i) for i in range(4)] == [4.0, 4.0, 0.0, 0.5] == [grad(full, i) for i in range(2)] + [0.0, 0.5]

@@ -166,6 +166,28 @@ def test_input_noise_is_seeded_and_changes_what_is_learned(tiny_data) -> None:
         config_from_dict({"train": {"input_noise": 1.5}})
 
 
+def test_rollout_grad_first_reaches_the_training_step(tiny_data) -> None:
+    import torch
+
+    from core.config import config_from_dict, deep_merge, dump_config
+    from models.checkpoint import read_checkpoint
+
+    base = tiny_data(max_steps=3, deterministic=True, tensorboard=False, rollout_steps=3, rollout_start=3,
+                     rollout_grad_steps=1)
+
+    def weights(run_name: str, first: int) -> dict:
+        config = config_from_dict(deep_merge(dump_config(base), {"train": {"run_name": run_name,
+                                                                           "rollout_grad_first": first}}))
+        train(config)
+        return read_checkpoint(config.paths.runs / run_name / "last.pt")["model"]
+
+    last_only, with_first, again = weights("last", 0), weights("first", 1), weights("first-again", 1)
+    assert all(torch.equal(with_first[k], again[k]) for k in with_first)
+    assert not all(torch.equal(with_first[k], last_only[k]) for k in with_first)  # the first step's gradient counts
+    with pytest.raises(ValueError, match="rollout_grad_first -1 must be ≥ 0"):
+        config_from_dict({"train": {"rollout_grad_first": -1}})
+
+
 def test_validation_leads_are_configurable_and_the_longest_picks_the_best(tiny_data) -> None:
     config = tiny_data(max_steps=4, val_lead_hours=[6, 12, 48], tensorboard=False)
     train(config)
