@@ -46,6 +46,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benches import skill_data as sd  # noqa: E402
+from benches import skill_report as sr  # noqa: E402
 from benches import skill_swe as sw  # noqa: E402
 from ingest.planet import PlanetState  # noqa: E402
 from ingest.sources import SYNTHETIC_LEVEL, SYNTHETIC_VARIABLES, SyntheticSource  # noqa: E402
@@ -163,15 +164,17 @@ def print_report(r: dict[str, Any], skill: dict[str, Any] | None) -> None:
     for lead, row in r["relative_error"].items():
         inf = row["ensemble_mean_infinite"]
         best = inf if inf is not None else row["ensemble_mean"]
-        line = (f"{lead:>5} {row['unstirred']:>10.3f} {row['truncated']:>10.3f} {row['ensemble_mean']:>10.3f} "
-                f"{'—' if inf is None else format(inf, '.3f'):>8} {row['persistence']:>9.3f} | "
-                f"{row['unstirred'] / row['persistence']:>11.2f} {row['truncated'] / row['persistence']:>8.2f} "
+        trunc = row.get("truncated")  # reports before 2026-12-05 have no truncated run
+        line = (f"{lead:>5} {row['unstirred']:>10.3f} {sr.fmt(trunc):>10} {row['ensemble_mean']:>10.3f} "
+                f"{sr.fmt(inf):>8} {row['persistence']:>9.3f} | "
+                f"{row['unstirred'] / row['persistence']:>11.2f} "
+                f"{sr.fmt(None if trunc is None else trunc / row['persistence'], '.2f'):>8} "
                 f"{best / row['persistence']:>6.2f}")
         if skill:
             s = skill["relative_error"][lead]
             a = attained_vs(r, skill)[lead]
-            line += (f"  | {s['sfno'] / s['persistence']:.2f}, {'—' if a['attained'] is None else format(a['attained'], '.2f')}"
-                     f", {'—' if a['attained_truncated'] is None else format(a['attained_truncated'], '.2f')}")
+            line += (f"  | {s['sfno'] / s['persistence']:.2f}, {sr.fmt(a['attained'], '.2f')}, "
+                     f"{sr.fmt(a['attained_truncated'], '.2f')}")
         print(line)
     print(f"(states reproduced to {r['max_reproduction_difference']:.1e} of the field maximum; {r['seconds']} s)")
 
@@ -182,8 +185,8 @@ def attained_vs(r: dict[str, Any], skill: dict[str, Any]) -> dict[str, dict[str,
     for lead, row in r["relative_error"].items():
         s = skill["relative_error"][lead]
         out[lead] = {"sfno": s["sfno"], "persistence": s["persistence"],
-                     "attained": sw.attained(s["persistence"], s["sfno"], row["unstirred"]),
-                     "attained_truncated": sw.attained(s["persistence"], s["sfno"], row["truncated"])}
+                     "attained": sr.attained(s["persistence"], s["sfno"], row["unstirred"]),
+                     "attained_truncated": sr.attained(s["persistence"], s["sfno"], row.get("truncated"))}
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from benches import skill_bound as sb
+from benches import skill_report as sr
 from benches import skill_swe as sw
 
 # SFNO, persistence (all test times) and the unstirred bound at 6/24/72/120 h, 2026-12-03.
@@ -52,33 +53,33 @@ def _report(bound: dict[str, Any] | None, starts: list[dict[str, Any]]) -> dict[
         "training_sfno": {"steps": 1086, "parameters": 1000, "wall_s": 300.0, "cpu_s": 300.0},
         "relative_error": errors,
         "residual_noise": {"windows": 512, "rms": {"geopotential_500": 230.0}},
-        "rollout": {"initial_time": "2001-03-01", "sfno": ro, sw.STOCHASTIC: ro, "planet_jets": PLANET_JETS},
-        "rollout_starts": {sw.STOCHASTIC: starts},
+        "rollout": {"initial_time": "2001-03-01", "sfno": ro, sr.STOCHASTIC: ro, "planet_jets": PLANET_JETS},
+        "rollout_starts": {sr.STOCHASTIC: starts},
         "zero_shot": {"grid": "2.8125deg:65x128", "initial_times": 272,
                       "leads": {lead: {"native": v, "zero_shot": v * 1.05, "ratio": 1.05, "persistence_fine": 1.0}
                                 for lead, v in SFNO.items()}},
     }
-    r["jets"] = {sw.STOCHASTIC: sw.jet_verdict(starts, PLANET_JETS)}
+    r["jets"] = {sr.STOCHASTIC: sr.jet_verdict(starts, PLANET_JETS)}
     if bound is not None:
         r["bound"] = {"path": "bound.json", "command": bound["command"], "initial_times": 16,
-                      "leads": sw.attained_per_lead(errors, bound)}
+                      "leads": sr.attained_per_lead(errors, bound)}
     return r
 
 
 def _goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {g["goal"]: g for g in sw.goals(r, argparse.Namespace(year_steps=1460))}
+    return {g["goal"]: g for g in sr.goals(r, argparse.Namespace(year_steps=1460))}
 
 
 def test_attained_is_the_fraction_of_the_way_from_persistence_to_the_bound() -> None:
     # The figures: 0.458 against persistence 0.737 and bound 0.372 is 0.76 of the attainable.
-    assert sw.attained(0.737, 0.458, 0.372) == pytest.approx(0.7644, abs=1e-4)
-    assert sw.attained(1.187, 0.795, 0.722) == pytest.approx(0.8430, abs=1e-4)
-    assert sw.attained(0.7, 0.7, 0.3) == 0.0  # persistence itself attains nothing
-    assert sw.attained(0.7, 0.3, 0.3) == 1.0  # the perfect model attains all
-    assert sw.attained(0.7, 0.9, 0.3) == pytest.approx(-0.5)  # worse than persistence: negative
-    assert sw.attained(0.3, 0.2, 0.3) is None  # no room between persistence and the bound: no fraction
-    assert sw.attained(None, 0.2, 0.1) is None and sw.attained(0.5, 0.2, None) is None
-    assert math.isnan(sw.attained(0.7, math.nan, 0.3))  # a diverged model's score stays non-finite
+    assert sr.attained(0.737, 0.458, 0.372) == pytest.approx(0.7644, abs=1e-4)
+    assert sr.attained(1.187, 0.795, 0.722) == pytest.approx(0.8430, abs=1e-4)
+    assert sr.attained(0.7, 0.7, 0.3) == 0.0  # persistence itself attains nothing
+    assert sr.attained(0.7, 0.3, 0.3) == 1.0  # the perfect model attains all
+    assert sr.attained(0.7, 0.9, 0.3) == pytest.approx(-0.5)  # worse than persistence: negative
+    assert sr.attained(0.3, 0.2, 0.3) is None  # no room between persistence and the bound: no fraction
+    assert sr.attained(None, 0.2, 0.1) is None and sr.attained(0.5, 0.2, None) is None
+    assert math.isnan(sr.attained(0.7, math.nan, 0.3))  # a diverged model's score stays non-finite
 
 
 def test_attained_goals_at_24_and_120_h() -> None:
@@ -90,7 +91,7 @@ def test_attained_goals_at_24_and_120_h() -> None:
     # A model at 0.40 at 24 h attains (0.737 − 0.40) / 0.365 = 0.92: met.
     r = _report(_bound_report(), starts)
     r["relative_error"]["24h"]["sfno"] = 0.40
-    r["bound"]["leads"] = sw.attained_per_lead(r["relative_error"], _bound_report())
+    r["bound"]["leads"] = sr.attained_per_lead(r["relative_error"], _bound_report())
     assert _goals(r)["attained at 24h (bound: the planet's solver)"]["pass"] is True
     # Without --bound both are "not measured", never a silent pass or fail.
     unmeasured = _goals(_report(None, starts))
@@ -108,7 +109,7 @@ def test_attained_goals_at_24_and_120_h() -> None:
 ])
 def test_jet_verdict_judges_every_30_days(jets: list[list[float]] | None, finite: bool, worst: float,
                                           passed: bool) -> None:
-    v = sw.jet_verdict([_start(jets, finite)], PLANET_JETS)
+    v = sr.jet_verdict([_start(jets, finite)], PLANET_JETS)
     assert v["worst_deg"] == pytest.approx(worst, abs=1e-9) and v["pass"] is passed
 
 
@@ -123,8 +124,8 @@ def test_jet_goal_fails_when_any_start_strays() -> None:
 
 def test_summary_line_prints_attained_per_lead(capsys: pytest.CaptureFixture[str]) -> None:
     r = _report(_bound_report(), [_start([[45.0, -45.0]])] * 4)
-    r["goals"] = sw.goals(r, argparse.Namespace(year_steps=1460))
-    sw.print_report(r)
+    r["goals"] = sr.goals(r, argparse.Namespace(year_steps=1460))
+    sr.print_report(r)
     out = capsys.readouterr().out
     goals_section = out[out.index("\ngoals"):]
     assert "attained per lead: 6h 0.41, 24h 0.76, 72h 0.86, 120h 0.84" in goals_section
@@ -166,3 +167,28 @@ def test_bound_report_prints_attained_beside_the_bound(capsys: pytest.CaptureFix
     sb.print_report(r, skill)
     out = capsys.readouterr().out
     assert "SFNO/p, attained" in out and "| 0.62, 0.76" in out and "| 0.67, 0.84" in out
+    assert leads["24h"]["attained_truncated"] is None  # a report from before the truncated run prints "—"
+    assert "| 0.62, 0.76, —" in out
+
+
+# The solver from the truncated state at 6/24/72/120 h, 2026-12-05 (benches/skill_bound.py).
+TRUNCATED = {"6h": 0.193, "24h": 0.380, "72h": 0.614, "120h": 0.728}
+
+
+def test_truncated_bound_gets_its_own_attained_fraction(capsys: pytest.CaptureFixture[str]) -> None:
+    bound = _bound_report()
+    for lead, v in TRUNCATED.items():
+        bound["relative_error"][lead]["truncated"] = v
+    skill = {"relative_error": {lead: {"sfno": SFNO[lead], "persistence": PERSISTENCE[lead]} for lead in SFNO}}
+    # (0.737 − 0.458) / (0.737 − 0.380): a little more of the way to the nearer bound.
+    assert sb.attained_vs(bound, skill)["24h"]["attained_truncated"] == pytest.approx(0.7815, abs=1e-4)
+    sb.print_report(bound, skill)
+    assert "| 0.62, 0.76, 0.78" in capsys.readouterr().out
+    r = _report(bound, [_start([[45.0, -45.0]])] * 4)
+    assert r["bound"]["leads"]["120h"]["attained_truncated"] == pytest.approx((1.187 - 0.795) / (1.187 - 0.728))
+    r["goals"] = sr.goals(r, argparse.Namespace(year_steps=1460))
+    sr.print_report(r)
+    out = capsys.readouterr().out
+    assert "0.372      0.76      0.380      0.78" in out  # both bounds and both fractions in the table
+    # The goal stays against the exact-state bound: the truncated one is context, not a second verdict.
+    assert out[out.index("\ngoals"):].count(" FAIL") == 2
