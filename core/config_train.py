@@ -51,7 +51,11 @@ class TrainConfig(_Section):
     channel_weights: dict[str, float] = {}
     """Loss weight per channel name (e.g. ``{geopotential_500: 2.0}``); channels not listed weigh 1."""
     val_lead_hours: list[int] = [6, 24]
-    """Validation leads (hours); ``checkpoint.pt`` is the weights with the lowest relative error at the longest."""
+    """Validation leads (hours); ``checkpoint.pt`` is the weights with the lowest validation score (``val_score``)."""
+    val_score: Literal["longest", "mean"] = "longest"
+    """The validation score that picks ``checkpoint.pt``: ``longest`` — the relative error at the longest of
+    ``val_lead_hours``; ``mean`` — the mean over those leads of the model's error as a fraction of persistence's,
+    so a gain over persistence weighs the same at every lead (one lead cannot be bought with another)."""
     rollout_grad_steps: int | None = None
     """Backpropagate through only the last N steps of each rollout; earlier steps run without gradients (the
     pushforward trick: the model learns from its own drifted states at the cost of N steps). None = all steps."""

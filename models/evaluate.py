@@ -36,8 +36,11 @@ def rollout_states(model: Normalized, x0: torch.Tensor, steps: int) -> list[torc
 
 @torch.no_grad()
 def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead_steps: list[int], time_step_hours: int,
-             climatology: torch.Tensor, ctx: DistContext = SINGLE, batch_size: int = 16) -> dict[str, Any]:
+             climatology: torch.Tensor, ctx: DistContext = SINGLE, batch_size: int = 16,
+             score: str = "longest") -> dict[str, Any]:
     """RMSE per channel of model, persistence and climatology at ``lead_steps``, over all ranks' shares."""
+    if score not in ("longest", "mean"):
+        raise ValueError(f"score {score!r} must be 'longest' or 'mean'")
     if max(lead_steps) > dataset.steps:
         raise ValueError(f"lead of {max(lead_steps)} steps needs windows of that many steps, have {dataset.steps}")
     was_training = model.training
@@ -77,7 +80,15 @@ def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead
             "model": float((rmse[0, j] / rmse[2, j]).mean()),
             "persistence": float((rmse[1, j] / rmse[2, j]).mean()),
         }
-    last = f"{max(lead_steps) * time_step_hours}h"
-    score = out["relative_error"][last]["model"]
-    out["score"] = score if math.isfinite(score) else float("inf")
+    value = validation_score(out["relative_error"], score)
+    out["score"] = value if math.isfinite(value) else float("inf")
     return out
+
+
+def validation_score(relative_error: dict[str, dict[str, float]], score: str) -> float:
+    """The one number that ranks checkpoints, from ``evaluate``'s relative errors per lead (see ``val_score``)."""
+    if score == "longest":
+        return relative_error[max(relative_error, key=lambda lead: int(lead[:-1]))]["model"]
+    # Persistence's error is positive wherever the truth changes; a zero would make the ratio meaningless.
+    ratios = [e["model"] / e["persistence"] if e["persistence"] > 0 else math.inf for e in relative_error.values()]
+    return sum(ratios) / len(ratios)

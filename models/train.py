@@ -14,7 +14,7 @@ progress, the stop decision and the checkpoint decision, so every rank acts at t
 Validation (RMSE of model vs persistence at ``train.val_lead_hours``, 6 h and 24 h by default) runs
 at epoch ends every tenth of the run and at the end. ``last.pt`` is written at each validation,
 every ``checkpoint_every_steps`` steps, every ``checkpoint_every_minutes`` and at the end;
-``checkpoint.pt`` holds the best validation score (at the longest lead). With ``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
+``checkpoint.pt`` holds the best validation score (``train.val_score``). With ``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
 
 Layout: :func:`models.prepare.prepare` checks and builds everything a run needs (all its errors come
 before a file is written); :class:`Trainer` runs it — :meth:`Trainer.setup` builds the live objects
@@ -286,7 +286,8 @@ class Trainer:
         """Score the model on the validation windows, record it, and checkpoint (the best file when it improved)."""
         s, ctx, st = self.s, self.ctx, self.state
         pos = st.pos
-        result = evaluate(self.model, s.val_ds, s.lead_steps, s.config.task.time_step_hours, self.climatology, ctx)
+        result = evaluate(self.model, s.val_ds, s.lead_steps, s.config.task.time_step_hours, self.climatology, ctx,
+                          score=s.config.train.val_score)
         record = {"event": "val", "step": pos.step, "epoch": pos.epoch, "elapsed_s": round(st.elapsed(), 2),
                   "lr": self.schedule.last_lr, "rollout_steps": st.rollout_steps, "train_loss": st.mean_loss(),
                   "skipped_steps": self.guard.skipped, "precision": s.precision,

@@ -202,3 +202,30 @@ def test_validation_leads_are_configurable_and_the_longest_picks_the_best(tiny_d
     assert not (odd.paths.runs / "odd").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="val_lead_hours"):
         config_from_dict({"train": {"val_lead_hours": []}})
+
+
+def test_mean_validation_score_weighs_every_lead_against_persistence(tiny_data) -> None:
+    config = tiny_data(max_steps=6, val_lead_hours=[6, 24], val_score="mean", tensorboard=False)
+    path = train(config)
+    vals = _records(config.paths.runs / config.train.run_name, "val")
+    assert len(vals) >= 2
+    for v in vals:
+        ratios = [e["model"] / e["persistence"] for e in v["relative_error"].values()]
+        assert v["score"] == pytest.approx(sum(ratios) / 2, rel=1e-12)
+        assert v["score"] != pytest.approx(v["relative_error"]["24h"]["model"])  # not the longest lead's error
+    _, meta = load_for_inference(path)
+    assert meta["val_score"] == pytest.approx(min(v["score"] for v in vals))  # the best file holds the lowest
+    from core.config import config_from_dict
+
+    with pytest.raises(ValueError, match="val_score"):
+        config_from_dict({"train": {"val_score": "median"}})
+
+
+def test_validation_score_ranks_by_longest_lead_or_mean_gain_over_persistence() -> None:
+    from models.evaluate import validation_score
+
+    errors = {"6h": {"model": 0.2, "persistence": 0.4}, "120h": {"model": 0.9, "persistence": 1.0},
+              "24h": {"model": 0.3, "persistence": 0.6}}
+    assert validation_score(errors, "longest") == 0.9  # by hours, not by the order of the keys
+    assert validation_score(errors, "mean") == pytest.approx((0.5 + 0.9 + 0.5) / 3)
+    assert validation_score({"6h": {"model": 0.2, "persistence": 0.0}}, "mean") == float("inf")
