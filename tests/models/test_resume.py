@@ -30,8 +30,8 @@ from tests.models.torchrun_harness import (
     write_config,
 )
 
-STEPS = 36  # 14 batches per epoch: the runs cross two epoch ends, each with a validation
-EVERY = 4
+STEPS = 36  # 14 batches per epoch: the runs cross two epoch ends; validations every 4 steps, mid-epoch too
+EVERY = 5  # not a multiple of the validations' 4: checkpoints "by steps" fall between them
 KILL_AT = 16  # mid-epoch: the resume must skip the batches already consumed
 
 
@@ -119,6 +119,9 @@ def test_killed_one_rank_run_resumes_bit_identical(one_rank: dict[str, Path], ro
     assert next(r for r in recs if r["event"] == "end")["elapsed_s"] > resume["elapsed_s"]
     by_steps = {r["step"] for r in recs if r["event"] == "checkpoint" and r["reason"] == "steps"}
     assert by_steps and all(step % EVERY == 0 for step in by_steps)
+    # Validation every tenth of the run, mid-epoch too (an epoch is 14 steps here), not only at epoch ends.
+    vals = [(r["epoch"], r["step"]) for r in records(one_rank["ref"]) if r["event"] == "val"]
+    assert vals[:5] == [(0, 0), (0, 4), (0, 8), (0, 12), (1, 16)] and vals[-1] == (2, STEPS)
     assert not list(one_rank["killed"].glob(".*.tmp"))  # a write torn by the kill is cleaned up
 
 
@@ -314,11 +317,12 @@ def test_resume_settings_are_checked(bad: dict, needle: str) -> None:
 def test_checkpoints_also_follow_the_wall_clock(finished: Config, tmp_path: Path) -> None:
     config = finished.model_copy(deep=True)
     config.paths.runs_dir = tmp_path / "runs"
-    config.train.max_steps, config.train.checkpoint_every_steps, config.train.checkpoint_every_minutes = 3, None, 1e-6
+    config.train.max_steps, config.train.checkpoint_every_steps, config.train.checkpoint_every_minutes = 12, None, 1e-6
     train(config)
     saves = [(r["step"], r["reason"]) for r in records(run_dir(config)) if r["event"] == "checkpoint"]
-    # A 60 µs interval is due before every step; never twice for one step (step 0 was just validated).
-    assert saves == [(0, "validation"), (1, "minutes"), (2, "minutes"), (3, "validation")]
+    # A 60 µs interval is due before every step; never twice for one step: the validations every tenth of the run
+    # (here every other step, mid-epoch) write the checkpoint of theirs.
+    assert saves == [(s, "validation" if s % 2 == 0 else "minutes") for s in range(13)]
 
 
 @pytest.mark.gpu
