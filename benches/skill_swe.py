@@ -235,8 +235,8 @@ def train_sfno(config: Config) -> tuple[Path, dict[str, Any]]:
                         "train": {k: v for k, v in config.train.model_dump(mode="json").items()
                                   if k in ("lr", "batch_size", "rollout_steps", "rollout_start", "rollout_ramp",
                                            "budget_minutes", "max_steps", "threads", "precision",
-                                           "val_lead_hours", "val_score", "rollout_grad_steps", "rollout_grad_first",
-                                           "input_noise")}}
+                                           "val_lead_hours", "val_score", "val_stride", "rollout_grad_steps",
+                                           "rollout_grad_first", "input_noise")}}
 
 
 def trained_before(checkpoint: Path) -> dict[str, Any]:

@@ -37,8 +37,8 @@ def rollout_states(model: Normalized, x0: torch.Tensor, steps: int) -> list[torc
 @torch.no_grad()
 def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead_steps: list[int], time_step_hours: int,
              climatology: torch.Tensor, ctx: DistContext = SINGLE, batch_size: int = 16,
-             score: str = "longest") -> dict[str, Any]:
-    """RMSE per channel of model, persistence and climatology at ``lead_steps``, over all ranks' shares."""
+             score: str = "longest", stride: int = 1) -> dict[str, Any]:
+    """RMSE per channel of model, persistence and climatology at ``lead_steps`` over every ``stride``-th window."""
     if score not in ("longest", "mean"):
         raise ValueError(f"score {score!r} must be 'longest' or 'mean'")
     if max(lead_steps) > dataset.steps:
@@ -51,7 +51,9 @@ def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead
     nch = len(dataset.channels)
     sums = torch.zeros(3, len(lead_steps), nch, dtype=torch.float64, device=device)
     count = torch.zeros(1, dtype=torch.float64, device=device)
-    mine = list(range(ctx.rank, len(dataset), ctx.world_size))  # each rank scores its own share
+    if stride < 1:
+        raise ValueError(f"stride {stride} must be ≥ 1")
+    mine = list(range(0, len(dataset), stride))[ctx.rank::ctx.world_size]  # each rank scores its own share
     for start in range(0, len(mine), batch_size):
         items = [dataset[i] for i in mine[start:start + batch_size]]
         x0 = torch.stack([it[0] for it in items]).to(device)

@@ -292,7 +292,7 @@ class Trainer:
         s, ctx, st = self.s, self.ctx, self.state
         pos = st.pos
         result = evaluate(self.model, s.val_ds, s.lead_steps, s.config.task.time_step_hours, self.climatology, ctx,
-                          score=s.config.train.val_score)
+                          score=s.config.train.val_score, stride=s.config.train.val_stride)
         record = {"event": "val", "step": pos.step, "epoch": pos.epoch, "elapsed_s": round(st.elapsed(), 2),
                   "lr": self.schedule.last_lr, "rollout_steps": st.rollout_steps, "train_loss": st.mean_loss(),
                   "skipped_steps": self.guard.skipped, "precision": s.precision,

@@ -229,3 +229,17 @@ def test_validation_score_ranks_by_longest_lead_or_mean_gain_over_persistence() 
     assert validation_score(errors, "longest") == 0.9  # by hours, not by the order of the keys
     assert validation_score(errors, "mean") == pytest.approx((0.5 + 0.9 + 0.5) / 3)
     assert validation_score({"6h": {"model": 0.2, "persistence": 0.0}}, "mean") == float("inf")
+
+
+def test_validation_stride_scores_every_nth_window(tiny_data) -> None:
+    from core.config import config_from_dict, deep_merge, dump_config
+
+    full = tiny_data(max_steps=2, tensorboard=False, run_name="full")
+    train(full)
+    strided = config_from_dict(deep_merge(dump_config(full), {"train": {"run_name": "strided", "val_stride": 2}}))
+    train(strided)
+    n = _records(full.paths.runs / "full", "val")[0]["windows"]
+    vals = _records(strided.paths.runs / "strided", "val")
+    assert n >= 3 and all(v["windows"] == (n + 1) // 2 for v in vals)  # windows 0, 2, 4, …
+    with pytest.raises(ValueError, match="val_stride 0 must be ≥ 1"):
+        config_from_dict({"train": {"val_stride": 0}})
