@@ -41,6 +41,8 @@ def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead
     """RMSE per channel of model, persistence and climatology at ``lead_steps`` over every ``stride``-th window."""
     if score not in ("longest", "mean"):
         raise ValueError(f"score {score!r} must be 'longest' or 'mean'")
+    if stride < 1:
+        raise ValueError(f"stride {stride} must be ≥ 1")
     if max(lead_steps) > dataset.steps:
         raise ValueError(f"lead of {max(lead_steps)} steps needs windows of that many steps, have {dataset.steps}")
     was_training = model.training
@@ -51,8 +53,6 @@ def evaluate(model: Normalized, dataset: WindowDataset | ZarrWindowDataset, lead
     nch = len(dataset.channels)
     sums = torch.zeros(3, len(lead_steps), nch, dtype=torch.float64, device=device)
     count = torch.zeros(1, dtype=torch.float64, device=device)
-    if stride < 1:
-        raise ValueError(f"stride {stride} must be ≥ 1")
     mine = list(range(0, len(dataset), stride))[ctx.rank::ctx.world_size]  # each rank scores its own share
     for start in range(0, len(mine), batch_size):
         items = [dataset[i] for i in mine[start:start + batch_size]]
