@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from benches.skill_data import area_mean_ke, jet_latitudes
 from models.data import WindowDataset
-from models.evaluate import evaluate
-from models.losses import SphereMSE
+from models.evaluate import area_mse, evaluate, rollout_states
+from models.losses import SphereMSE, latitude_weights
 from models.schedule import BudgetCosine
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,32 @@ def relative_errors(model: nn.Module, test: WindowDataset, lead_steps: list[int]
                     climatology: torch.Tensor) -> dict[str, Any]:
     """Relative error (and per-channel RMSE) of ``model`` and persistence at each lead, via ``evaluate``."""
     return evaluate(model, test, lead_steps, step_hours, climatology)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def member_mean_errors(members: Sequence[nn.Module], test: WindowDataset, lead_steps: list[int], step_hours: int,
+                       climatology: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+    """Relative error per lead of the mean of the members' forecasts, each member rolled out on its own.
+
+    The mean is of whole trajectories (an ensemble of independently trained models), not of one-step outputs
+    fed back, so each member sees only its own states. Same windows and relative error as :func:`relative_errors`.
+    """
+    if not members:
+        raise ValueError("member_mean_errors needs at least one member")
+    for m in members:
+        m.eval()
+    w = latitude_weights(test.grid_shape[0])
+    sums = torch.zeros(2, len(lead_steps), len(test.channels), dtype=torch.float64)  # members' mean, climatology
+    for start in range(0, len(test), batch_size):
+        items = [test[i] for i in range(start, min(start + batch_size, len(test)))]
+        x0, y = torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+        runs = [rollout_states(m, x0, max(lead_steps)) for m in members]
+        for j, k in enumerate(lead_steps):
+            truth = y[:, k - 1]
+            sums[0, j] += area_mse(torch.stack([r[k - 1] for r in runs]).mean(dim=0), truth, w).double()
+            sums[1, j] += area_mse(climatology.expand_as(truth), truth, w).double()
+    ratio = (sums[0] / sums[1]).sqrt().mean(dim=-1)  # per channel RMSE / climatology's, then the channel mean
+    return {f"{k * step_hours}h": float(ratio[j]) for j, k in enumerate(lead_steps)}
 
 
 @torch.no_grad()

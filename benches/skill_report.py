@@ -148,6 +148,11 @@ def print_report(r: dict[str, Any]) -> None:
               f"{fmt(row['climatology']):>7} {fmt(row['sfno'] / row['persistence'], '.2f'):>11} {fmt(ratio_ex, '.2f'):>9} "
               f"{fmt(b.get('bound')):>7} {fmt(b.get('attained'), '.2f'):>9} {fmt(b.get('truncated_bound')):>10} "
               f"{fmt(b.get('attained_truncated'), '.2f'):>9}")
+    if "members" in r:
+        mem = r["members"]
+        print(f"mean of {len(mem['checkpoints'])} independently trained SFNOs' forecasts (the SFNO and --member): "
+              + "; ".join(f"{lead} {fmt(e)}" + (f" (attained {fmt(mem['attained'][lead], '.2f')})" if "attained" in mem
+                                                else "") for lead, e in mem["relative_error"].items()))
     rn = r["residual_noise"]
     print(f"\nlong rollout from {r['rollout']['initial_time']} (planet mean KE {r['rollout']['sfno']['planet_mean_ke']:.1f} m²/s²)")
     print(f"  ({STOCHASTIC}: the SFNO plus one of {rn['windows']} one-step training residuals per step"

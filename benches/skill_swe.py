@@ -22,6 +22,9 @@
    fraction of the attainable improvement over persistence, per lead:
    ``attained = (persistence − SFNO) / (persistence − bound)``, the bound being the planet's own solver
    from the exact state (the planet is stirred at random, so no forecast reaches zero error; DESIGN §4).
+7. With ``--member CHECKPOINT`` (repeatable; other runs of this bench on the same stores), also scores the
+   mean of the SFNO's and the members' forecasts, each rolled out on its own: how much of the SFNO's error
+   is the one run's own (training noise that another run does not share) rather than the recipe's.
 
 Goals: attained ≥ 0.90 at 24 h and at 120 h; 24 h SFNO ≤ 1.0× the example; the stochastic year stays
 bounded with mean KE within ±20 % and each hemisphere's jet within 10° of the planet's own range of
@@ -31,7 +34,7 @@ seconds of training).
 
 Usage: python benches/skill_swe.py [--days 487] [--budget-minutes 5] [--out DIR] [--json FILE] [--bound FILE]
        [--rollout-starts 4] [--set train.rollout_steps=4 ...] [--tag NAME] [--no-example] [--example-budget cpu|wall]
-       [--checkpoint FILE] [--noise-scale 1.0] [--quick]
+       [--checkpoint FILE] [--member FILE ...] [--noise-scale 1.0] [--quick]
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ from benches.skill_eval import (  # noqa: E402
     EXAMPLE_LR,
     build_example,
     long_rollout,
+    member_mean_errors,
     relative_errors,
     train_example,
 )
 from benches.skill_report import (  # noqa: E402
     STOCHASTIC,
+    attained,
     attained_per_lead,
     goals,
     jet_verdict,
@@ -144,12 +149,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path,
                    help="score this SFNO checkpoint (trained on the same stores) instead of training one; "
                         "implies --no-example, since the equal-budget comparison needs both trained here")
+    p.add_argument("--member", type=Path, action="append", default=[], metavar="CHECKPOINT",
+                   help="also score the mean of the SFNO's forecasts and this checkpoint's (trained on the same "
+                        "stores and task; repeatable): an ensemble of independently trained models. The goals "
+                        "stay on the SFNO alone")
     p.add_argument("--quick", action="store_true", help="smoke-test size: tiny grid, 12 days, seconds of training")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("bound", "checkpoint"):
         if getattr(args, name) is not None and not getattr(args, name).is_file():
             p.error(f"--{name} {getattr(args, name)} is not a file")
+    for path in args.member:
+        if not path.is_file():
+            p.error(f"--member {path} is not a file")
     if not args.noise_scale >= 0:
         p.error(f"--noise-scale must be ≥ 0, got {args.noise_scale}")
     args.no_example = args.no_example or args.checkpoint is not None
@@ -184,7 +196,23 @@ def plan(args: argparse.Namespace) -> tuple[Config, Config, sd.Periods, dict[str
     build_sfno(coarse, *coarse.grid.grid().shape)  # a bad model section fails here, before any simulation
     if args.bound is not None:
         check_bound(args.bound, load_bound(args.bound), periods, coarse)
+    for path in args.member:
+        check_member(path, coarse)
     return coarse, fine, periods, overrides
+
+
+def check_member(path: Path, config: Config) -> None:
+    """ValueError unless the checkpoint at ``path`` loads and forecasts this run's channels from the same inputs."""
+    from models.checkpoint import load_for_inference, model_inputs
+
+    _, meta = load_for_inference(path)
+    task = config.task
+    want = (config.grid.grid().describe(), task.channels(), (task.history, task.static_fields, task.time_features))
+    have = (meta["grid"], meta["channels"], model_inputs(meta))
+    if have != want:
+        raise ValueError(f"--member {path} forecasts {have[1]} on {have[0]} from (history, statics, clock) "
+                         f"{have[2]}; this run's SFNO forecasts {want[1]} on {want[0]} from {want[2]}: members "
+                         "must share the grid and task")
 
 
 def load_bound(path: Path) -> dict[str, Any]:
@@ -342,6 +370,21 @@ def score(models: dict[str, nn.Module], data: Data) -> dict[str, Any]:
             "rmse_persistence": scores["sfno"]["persistence_rmse"]}
 
 
+def score_members(paths: list[Path], sfno: nn.Module, data: Data, report: dict[str, Any],
+                  bound: dict[str, Any] | None) -> dict[str, Any]:
+    """Relative error (and attained, with a bound) per lead of the mean of the SFNO's and the members' forecasts."""
+    from models.checkpoint import load_for_inference
+
+    members = [sfno, *(load_for_inference(p)[0] for p in paths)]
+    errors = member_mean_errors(members, data.sfno_test, [h // data.step_h for h in LEADS_H], data.step_h, data.clim)
+    out: dict[str, Any] = {"checkpoints": [report["training_sfno"]["checkpoint"], *map(str, paths)],
+                           "relative_error": errors}
+    if bound is not None:
+        out["attained"] = {lead: attained(report["relative_error"][lead]["persistence"], e,
+                                          bound["relative_error"][lead]["unstirred"]) for lead, e in errors.items()}
+    return out
+
+
 def residual_noise(sfno: nn.Module, config: Config, data: Data, scale: float = 1.0) -> ResidualNoise:
     """The SFNO's one-step residuals on training windows (never the test period's), times ``scale``, for stochastic
     rollouts."""
@@ -388,6 +431,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["bound"] = {"path": str(args.bound), "command": bound.get("command"),
                            "initial_times": len(bound["initial_times"]),
                            "leads": attained_per_lead(report["relative_error"], bound)}
+    if args.member:
+        report["members"] = score_members(args.member, models["sfno"], data, report, bound)
     planet_ke = sd.planet_mean_ke(data.coarse)
     weights = coarse_cfg.grid.grid().weights
     starts = sorted({round(k) for k in np.linspace(0, len(data.sfno_test) - 1,

@@ -158,6 +158,7 @@ def test_checkpoint_is_rescored_without_training(quick: dict[str, Any], tmp_path
     (["--noise-scale", "-1"], "--noise-scale must be ≥ 0, got -1.0"),
     (["--checkpoint", "nowhere.pt"], "--checkpoint nowhere.pt is not a file"),
     (["--bound", "nowhere.json"], "--bound nowhere.json is not a file"),
+    (["--member", "nowhere.pt"], "--member nowhere.pt is not a file"),
 ])
 def test_bad_option_is_refused_by_the_parser(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     from benches.skill_swe import main
@@ -167,3 +168,39 @@ def test_bad_option_is_refused_by_the_parser(tmp_path: Path, capsys, argv: list[
         main(["--quick", "--out", str(out), *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_member_mean_of_the_sfno_with_itself_scores_as_the_sfno(quick: dict[str, Any], tmp_path: Path, digest: Any,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from benches.skill_swe import main
+
+    r0, before = quick["report"], digest(quick["out"])
+    checkpoint, out = r0["training_sfno"]["checkpoint"], tmp_path / "members.json"
+    assert main(["--quick", "--out", str(quick["out"]), "--checkpoint", checkpoint, "--member", checkpoint,
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert digest(quick["out"]) == before
+    assert r["members"]["checkpoints"] == [checkpoint, checkpoint]
+    for lead in LEADS:  # two identical members average to the member itself
+        assert r["members"]["relative_error"][lead] == pytest.approx(r0["relative_error"][lead]["sfno"], rel=1e-5)
+    assert "mean of 2 independently trained SFNOs' forecasts" in capsys.readouterr().out
+
+
+def test_member_of_another_grid_is_refused_before_any_work(quick: dict[str, Any], tmp_path: Path, digest: Any,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from benches.skill_swe import main
+
+    obj = torch.load(quick["report"]["training_sfno"]["checkpoint"], map_location="cpu", weights_only=True)
+    obj["meta"]["grid"] = "5.625deg:33x64:equiangular-poles"  # still loads: the weights do not depend on the grid
+    other = tmp_path / "other.pt"
+    torch.save(obj, other)
+    before = digest(quick["out"])
+    assert main(["--quick", "--out", str(quick["out"]), "--checkpoint", quick["report"]["training_sfno"]["checkpoint"],
+                 "--member", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--member {other} forecasts" in err and "on 5.625deg:33x64" in err and "must share the grid and task" in err
+    assert digest(quick["out"]) == before
