@@ -328,6 +328,7 @@ def train_models(args: argparse.Namespace, config: Config, data: Data, report: d
 
     t = config.train
     if args.checkpoint is not None:
+        set_threads(t.threads, 1)  # scoring runs on the trainer's threads (as after training), not on every core
         checkpoint, report["training_sfno"] = args.checkpoint, trained_before(args.checkpoint)
     else:
         checkpoint, report["training_sfno"] = train_sfno(config)

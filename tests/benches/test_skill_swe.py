@@ -136,14 +136,22 @@ def test_bad_input_fails_first_with_one_clear_error(tmp_path: Path, capsys, argv
 def test_checkpoint_is_rescored_without_training(quick: dict[str, Any], tmp_path: Path, digest: Any) -> None:
     import json
 
+    import torch
+
     from benches.skill_swe import main
 
     r0 = quick["report"]
     before = digest(quick["out"])
     out = tmp_path / "again.json"
     checkpoint = r0["training_sfno"]["checkpoint"]
-    assert main(["--quick", "--out", str(quick["out"]), "--checkpoint", checkpoint, "--noise-scale", "0.5",
-                 "--json", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["--quick", "--out", str(quick["out"]), "--checkpoint", checkpoint, "--noise-scale", "0.5",
+                     "--json", str(out)]) == 0
+        assert torch.get_num_threads() == 1  # scored on the trainer's threads (train.threads=1), as after training
+    finally:
+        torch.set_num_threads(threads)
     r = json.loads(out.read_text())
     assert digest(quick["out"]) == before  # nothing trained, nothing re-simulated
     assert r["training_sfno"]["from_checkpoint"] and r["training_sfno"]["steps"] == r0["training_sfno"]["steps"]
