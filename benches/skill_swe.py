@@ -156,12 +156,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke-test size: tiny grid, 12 days, seconds of training")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    for name in ("bound", "checkpoint"):
-        if getattr(args, name) is not None and not getattr(args, name).is_file():
-            p.error(f"--{name} {getattr(args, name)} is not a file")
-    for path in args.member:
-        if not path.is_file():
-            p.error(f"--member {path} is not a file")
+    files = [("bound", args.bound), ("checkpoint", args.checkpoint), *(("member", m) for m in args.member)]
+    for name, path in files:
+        if path is not None and not path.is_file():
+            p.error(f"--{name} {path} is not a file")
     if not args.noise_scale >= 0:
         p.error(f"--noise-scale must be ≥ 0, got {args.noise_scale}")
     args.no_example = args.no_example or args.checkpoint is not None
