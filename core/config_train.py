@@ -70,6 +70,12 @@ class TrainConfig(_Section):
     input_noise: float = 0.0
     """Std of Gaussian noise added to each training window's input state, in units of each channel's std
     (0 = none): the model learns to pull states slightly off the data back (a remedy for autoregressive drift)."""
+    ema_decay: float = 0.0
+    """Average the weights over the tail of the run and forecast from the average (0 = off): from ``ema_start`` on,
+    a uniform mean of the steps for the first 1/(1 − ema_decay) of them, then an exponential moving average with
+    this decay (e.g. 0.999). Validation and both checkpoint files then use the average (see models/averaging.py)."""
+    ema_start: float = 0.5
+    """Fraction of the run after which ``ema_decay`` averaging begins (the early, fast-moving weights stay out)."""
     rollout_start: int = 1
     """Autoregressive steps at the start of training."""
     rollout_increment: int = 1
@@ -180,6 +186,10 @@ class TrainConfig(_Section):
             raise ConfigError(f"rollout_grad_first {self.rollout_grad_first} must be ≥ 0 (0 = only the last steps)")
         if not 0 <= self.input_noise < 1:
             raise ConfigError(f"input_noise {self.input_noise} must be in [0, 1) (a fraction of each channel's std)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay {self.ema_decay} must be in [0, 1) (0 = no weight averaging)")
+        if not 0 <= self.ema_start < 1:
+            raise ConfigError(f"ema_start {self.ema_start} must be in [0, 1) (the fraction of the run before averaging)")
         if self.max_restarts < 0:
             raise ConfigError(f"max_restarts {self.max_restarts} must be ≥ 0")
         self._check_nodes()

@@ -105,11 +105,16 @@ class ResumableSampler(DistributedSampler):
 
 
 def data_signature(config: Config, train_windows: int) -> dict[str, Any]:
-    """What fixes the order and content of the batches: a resumed run must see the same."""
+    """What fixes the order and content of the batches, and the weight averaging: a resumed run must see the same."""
     t = config.train
     return {"batch_size": t.batch_size, "seed": t.seed, "rollout_steps": t.rollout_steps,
             "train_start": t.train_start.isoformat(), "train_end": t.train_end.isoformat(),
-            "train_windows": int(train_windows)}
+            "train_windows": int(train_windows),
+            "ema_decay": t.ema_decay, **({"ema_start": t.ema_start} if t.ema_decay > 0 else {})}
+
+
+# What a last.pt written before a signature key existed had: an older file still resumes a run that does not average.
+_SIGNATURE_DEFAULTS = {"ema_decay": 0.0}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -138,7 +143,8 @@ def _differences(meta: dict[str, Any], data: dict[str, Any], expected: dict[str,
         yield f"stats {key}", meta.get("stats", {}).get(key), expected["stats"][key]
     yield "stats period", meta.get("stats_period"), expected["stats_period"]
     for key, value in signature.items():
-        yield ("training windows" if key == "train_windows" else f"train.{key}"), data.get(key), value
+        old = data.get(key, _SIGNATURE_DEFAULTS.get(key))
+        yield ("training windows" if key == "train_windows" else f"train.{key}"), old, value
 
 
 def _short(value: Any) -> str:

@@ -15,7 +15,8 @@ Validation (RMSE of model vs persistence at ``train.val_lead_hours``, 6 h and 24
 every tenth of the run (before the next batch, mid-epoch too) and at the end. ``last.pt`` is written
 at each validation, every ``checkpoint_every_steps`` steps, every ``checkpoint_every_minutes`` and at
 the end; ``checkpoint.pt`` holds the best validation score (``train.val_score``). With
-``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py).
+``train.resume=auto`` a run continues from ``last.pt`` (see models/resume.py). With ``train.ema_decay`` both are
+scored and saved with the weights averaged over the run's tail (models/averaging.py).
 
 Layout: :func:`models.prepare.prepare` checks and builds everything a run needs (all its errors come
 before a file is written); :class:`Trainer` runs it — :meth:`Trainer.setup` builds the live objects
@@ -42,6 +43,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from core.config import Config, dump_config, load_config
 from core.errors import SpherecastError
 from models import ddp
+from models.averaging import WeightAverage
 from models.checkpoint import build_meta, code_version
 from models.data import training_loader
 from models.distributed import (
@@ -124,6 +126,7 @@ class Trainer:
     def __init__(self, s: Setup) -> None:
         self.s, self.cfg, self.ctx, self.model = s, s.config.train, s.ctx, s.model
         self.state = TrainState(rollout_steps=self._rollout_steps(0.0))
+        self.average = WeightAverage(s.model, s.config.train.ema_decay, s.config.train.ema_start)
 
     def _rollout_steps(self, progress: float) -> int:
         cfg = self.cfg
@@ -177,12 +180,16 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any] | None:
         """The checkpoint's ``training`` dict on rank 0 (None elsewhere); a collective: every rank must call it."""
-        return capture(self.parts, self.state.state_dict())
+        training = capture(self.parts, self.state.state_dict())
+        if training is not None and self.average.enabled:
+            training["average"] = self.average.state_dict()
+        return training
 
     def load_state_dict(self, training: dict[str, Any]) -> None:
         """Continue from a checkpoint's ``training`` dict (model weights were loaded by :func:`prepare`)."""
         prime = torch.zeros(self.s.per_rank_batch, *self.s.train_ds[0][0].shape, device=self.ctx.device)
         restore(self.parts, training, prime, self.cfg.rollout_start)
+        self.average.load_state_dict(training.get("average"))  # the file's weights were the average: back to training's
         self.state.load_state_dict(training["position"])
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -269,6 +276,7 @@ class Trainer:
             scaler.update()
         else:
             optimizer.step()
+        self.average.update(st.progress)
         value = loss.item()
         st.losses.append(value)
         now = time.monotonic()
@@ -291,12 +299,15 @@ class Trainer:
         """Score the model on the validation windows, record it, and checkpoint (the best file when it improved)."""
         s, ctx, st = self.s, self.ctx, self.state
         pos = st.pos
-        result = evaluate(self.model, s.val_ds, s.lead_steps, s.config.task.time_step_hours, self.climatology, ctx,
-                          score=s.config.train.val_score, stride=s.config.train.val_stride)
+        with self.average.applied():  # what the checkpoint will hold is what is scored
+            result = evaluate(self.model, s.val_ds, s.lead_steps, s.config.task.time_step_hours, self.climatology,
+                              ctx, score=s.config.train.val_score, stride=s.config.train.val_stride)
         record = {"event": "val", "step": pos.step, "epoch": pos.epoch, "elapsed_s": round(st.elapsed(), 2),
                   "lr": self.schedule.last_lr, "rollout_steps": st.rollout_steps, "train_loss": st.mean_loss(),
                   "skipped_steps": self.guard.skipped, "precision": s.precision,
                   "peak_memory_mb": peak_memory_mb(ctx.device), **result}
+        if self.average.enabled:  # 0 until ema_start: then the training weights were scored
+            record["averaged_steps"] = self.average.count
         if self.comm is not None:  # bytes this rank sent per step through the DDP hook
             record["comm"] = self.comm.as_record()
         self.recorder.append(record)
@@ -311,7 +322,9 @@ class Trainer:
     def checkpoint(self, reason: str, score: float | None = None, best: bool = False) -> None:
         """Write ``last.pt`` (and ``checkpoint.pt`` when ``best``) with the full training state; a collective."""
         pos = self.state.pos
-        self.recorder.save(pos.step, self.state_dict(), reason, score, best)
+        training = self.state_dict()  # before the swap: it keeps the training weights beside the average
+        with self.average.applied():
+            self.recorder.save(pos.step, training, reason, score, best)
         pos.saved_step, self.state.last_save = pos.step, time.monotonic()
 
     def finish(self) -> Path:
