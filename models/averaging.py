@@ -11,16 +11,24 @@ model (what forecasts, promotion and zero-shot runs read); the training weights 
 dict (``average``), so a resumed run continues exactly where it stopped. Before ``ema_start`` the average is
 the training weights themselves. Only floating-point parameters are averaged; buffers (normalization stats,
 transform tables) are the model's own.
+
+``python -m models.averaging LAST_PT OUT_PT`` writes the training weights an averaging run's ``last.pt`` keeps
+as an inference checkpoint of their own: the same run without the averaging, to score beside it.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from core.errors import ConfigError, MissingInputError
+from models.checkpoint import atomic_torch_save, read_checkpoint, state_dict_sha256
 
 
 class WeightAverage:
@@ -93,3 +101,35 @@ class WeightAverage:
         self.average = {n: p.detach().float().clone() for n, p in params.items()}
         for name, p in params.items():
             p.copy_(state["training_weights"][name])
+
+
+def write_training_weights(source: Path, target: Path) -> Path:
+    """Write the training (not averaged) weights kept in an averaging run's checkpoint as a checkpoint of their own."""
+    if target.resolve() == source.resolve():
+        raise ConfigError(f"{target} is the checkpoint being read: give another file to write")
+    obj = read_checkpoint(source)
+    entry = (obj.get("training") or {}).get("average")
+    if not entry or entry.get("training_weights") is None:
+        raise MissingInputError(f"{source} holds no training weights beside an average: it was not written by a run "
+                              "with train.ema_decay > 0 after averaging began (its model is the training weights)")
+    model = {**obj["model"], **entry["training_weights"]}
+    meta = {**obj["meta"], "weights_sha256": state_dict_sha256(model)}
+    return atomic_torch_save({"meta": meta, "model": model}, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m models.averaging LAST_PT OUT_PT``; exit code 2 on a file that cannot serve."""
+    parser = argparse.ArgumentParser(prog="python -m models.averaging", description=write_training_weights.__doc__)
+    parser.add_argument("source", type=Path, help="last.pt (or checkpoint.pt) of a run with train.ema_decay > 0")
+    parser.add_argument("target", type=Path, help="checkpoint file to write")
+    args = parser.parse_args(argv)
+    try:
+        print(write_training_weights(args.source, args.target))
+    except ValueError as exc:  # the file errors are ValueErrors too
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from core.config import Config, config_from_dict
-from models.averaging import WeightAverage
+from models.averaging import WeightAverage, main
 from models.checkpoint import load_for_inference, read_checkpoint
 from models.evaluate import SINGLE, evaluate
 from models.prepare import prepare
@@ -181,3 +181,32 @@ def test_averaging_settings_are_checked(bad: dict, needle: str) -> None:
         config_from_dict({"train": bad})
     assert needle in str(info.value)
 
+
+
+def test_the_training_weights_come_out_as_a_checkpoint_of_their_own(averaged: Config, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    last = run_dir(averaged) / "last.pt"
+    before = last.read_bytes()
+    out = tmp_path / "training-weights.pt"
+    assert main([str(last), str(out)]) == 0 and str(out) in capsys.readouterr().out
+    model, meta = load_for_inference(out)  # checks the sha against the weights
+    trained = read_checkpoint(last)["training"]["average"]["training_weights"]
+    assert all(torch.equal(model.state_dict()[name], w) for name, w in trained.items())
+    assert meta["train_step"] == STEPS and last.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["no average", "same file"])
+def test_a_file_without_training_weights_or_the_same_path_is_refused(root: Path, averaged: Config, tmp_path: Path,
+                                                                    case: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    if case == "no average":
+        plain = run_config(root, "plain", max_steps=2)
+        train(plain)
+        source, target, needle = run_dir(plain) / "last.pt", tmp_path / "x.pt", "holds no training weights"
+    else:
+        source = target = run_dir(averaged) / "last.pt"
+        needle = "is the checkpoint being read"
+    before = source.read_bytes()
+    assert main([str(source), str(target)]) == 2
+    assert needle in capsys.readouterr().out
+    assert source.read_bytes() == before and (case == "same file" or not target.exists())
