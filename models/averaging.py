@@ -37,6 +37,8 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float, start: float) -> None:
         self.model, self.decay, self.start = model, float(decay), float(start)
+        # Looked up once: the loop updates these tensors in place, so their identities hold for the whole run.
+        self.params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
         self.count = 0  # optimizer steps folded in so far
         self.average: dict[str, torch.Tensor] = {}
 
@@ -50,15 +52,12 @@ class WeightAverage:
         """Whether averaging has begun: validation and checkpoints then use the average."""
         return self.count > 0
 
-    def _params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.is_floating_point()}
-
     @torch.no_grad()
     def update(self, progress: float) -> None:
         """Fold the current weights in after an optimizer step, once ``progress`` has reached ``start``."""
         if not self.enabled or progress < self.start:
             return
-        params = self._params()
+        params = self.params
         if not self.average:
             self.average = {n: p.detach().float().clone() for n, p in params.items()}
         else:
@@ -74,7 +73,7 @@ class WeightAverage:
         if not self.active:
             yield
             return
-        params = self._params()
+        params = self.params
         own = {n: p.detach().clone() for n, p in params.items()}
         for name, p in params.items():
             p.copy_(self.average[name])
@@ -88,7 +87,7 @@ class WeightAverage:
         """The checkpoint's ``average`` entry: settings, count and the *training* weights (the file's model is the average)."""
         if not self.enabled:
             return None
-        raw = {n: p.detach().cpu().clone() for n, p in self._params().items()} if self.active else None
+        raw = {n: p.detach().cpu().clone() for n, p in self.params.items()} if self.active else None
         return {"decay": self.decay, "start": self.start, "count": self.count, "training_weights": raw}
 
     @torch.no_grad()
@@ -97,7 +96,7 @@ class WeightAverage:
         if state is None or not state["count"]:
             self.count, self.average = 0, {}
             return
-        params = self._params()
+        params = self.params
         self.count = int(state["count"])
         self.average = {n: p.detach().float().clone() for n, p in params.items()}
         for name, p in params.items():
