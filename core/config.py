@@ -139,6 +139,9 @@ class TaskConfig(_Section):
     time_features: list[TimeFeature] = []
     """Time inputs, each as cos and sin of its phase at the latest input's valid time: ``day_of_year`` (the season:
     needed for rollouts of months on a planet with seasons) and ``hour_of_day`` (UTC; the diurnal cycle)."""
+    pole_rows: Literal["data", "free"] = "data"
+    """``data``: training measures the longitudinal form of each channel's pole rows (ERA5: constant; the planet's
+    winds: wavenumber 1) and every step keeps it (models/poles.py); ``free``: the pole rows are the network's own."""
 
     @field_validator("variables")
     @classmethod

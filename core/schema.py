@@ -164,6 +164,10 @@ def validate_checkpoint_meta(meta: Mapping[str, Any], what: str = "checkpoint") 
     for key in ("mean", "std", "diff_std"):
         if len(stats.get(key, [])) != len(meta["channels"]):
             _fail(what, f"stats {key!r} has {len(stats.get(key, []))} values for {len(meta['channels'])} channels")
+    poles = meta.get("pole_modes")  # optional: task.pole_rows="data" (models/poles.py)
+    if poles is not None and not (isinstance(poles, list) and len(poles) == 2 and all(
+            isinstance(r, list) and len(r) == len(meta["channels"]) and all(v in (-1, 0, 1) for v in r) for r in poles)):
+        _fail(what, f"pole_modes must be two lists (north, south) of {len(meta['channels'])} codes in -1, 0, 1")
     return meta
 
 

@@ -66,7 +66,8 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def build_meta(config: Config, stats: xr.Dataset, grid: Grid, arch: Mapping[str, Any],
-               state: Mapping[str, torch.Tensor], train_step: int, dataset_version: str) -> dict[str, Any]:
+               state: Mapping[str, torch.Tensor], train_step: int, dataset_version: str,
+               pole_modes: list[list[int]] | None = None) -> dict[str, Any]:
     """The metadata that lets a checkpoint run alone; validated against the contract."""
     channels = config.task.channels()
     sel = stats.sel(channel=channels)
@@ -84,6 +85,8 @@ def build_meta(config: Config, stats: xr.Dataset, grid: Grid, arch: Mapping[str,
         "weights_sha256": state_dict_sha256(state),
         "train_step": int(train_step),
     }
+    if pole_modes is not None:  # task.pole_rows="data": the form of the training data's pole rows (models.poles)
+        meta["pole_modes"] = pole_modes
     validate_checkpoint_meta(meta)
     return meta
 
@@ -145,7 +148,7 @@ def build_model(meta: Mapping[str, Any]) -> Normalized:
     # The static fields' values are weights-side buffers: zeros here, filled by load_state_dict.
     static = np.zeros((len(names), *parse_grid_attr(meta["grid"]).shape), np.float32) if names else None
     return Normalized(SFNO(**arch), stats["mean"], stats["std"], stats["diff_std"], history, static, names, clock,
-                      float(meta.get("task", {}).get("time_step_hours", 6)))
+                      float(meta.get("task", {}).get("time_step_hours", 6)), meta.get("pole_modes"))
 
 
 def model_inputs(meta: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:

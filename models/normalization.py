@@ -14,6 +14,8 @@ latest. With time features (``models.clock``) the stack ends with the clock's co
 :meth:`Normalized.advance`, so a rollout keeps its own time. Static fields (``models.statics``)
 ride along as a buffer appended to the core's input, so a checkpoint carries them and a forecast
 cannot feed the wrong ones; grid statics are recomputed when the model moves to another grid.
+With ``pole_modes`` (``models.poles``) the tendency's two pole rows are projected, per channel, onto the
+longitudinal wavenumber the training data's pole rows hold, so the pole rows keep the data's form.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 from core.errors import ConfigError
 from core.grid import grid_for_shape
 from models.clock import advance_clock, check_time_features
+from models.poles import check_pole_modes, pole_masks, project_pole_rows
 from models.statics import GRID_STATICS, grid_statics
 
 
@@ -45,7 +48,8 @@ class Normalized(nn.Module):
                  std: Sequence[float] | np.ndarray | torch.Tensor,
                  diff_std: Sequence[float] | np.ndarray | torch.Tensor, history: int = 1,
                  static: np.ndarray | torch.Tensor | None = None, static_names: Sequence[str] = (),
-                 time_features: Sequence[str] = (), step_hours: float = 6.0) -> None:
+                 time_features: Sequence[str] = (), step_hours: float = 6.0,
+                 pole_modes: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         self.core = core
         mean_t, std_t, diff_t = (_as_buffer(v, n) for v, n in ((mean, "mean"), (std, "std"), (diff_std, "diff_std")))
@@ -70,6 +74,7 @@ class Normalized(nn.Module):
                              f"{'no' if static is None else len(static)} static fields")
         if static is not None:
             self.register_buffer("static", torch.as_tensor(np.asarray(static, dtype=np.float32)))
+        self.set_pole_modes(pole_modes)
 
     @property
     def in_channels(self) -> int:
@@ -101,6 +106,13 @@ class Normalized(nn.Module):
     def scale_tendency(self, dx: torch.Tensor) -> torch.Tensor:
         """Physical difference → difference in units of the 6-h tendency's std (what the loss sees)."""
         return dx / self._b(self.diff_std)
+
+    def set_pole_modes(self, modes: Sequence[Sequence[int]] | None) -> None:
+        """Keep each step's pole rows to the form ``modes`` (``models.poles``) from now on, or leave them free (None)."""
+        # Measured on the training data and recorded in the checkpoint's meta, so not part of the weights.
+        self.pole_modes = check_pole_modes(modes, self.num_channels) if modes is not None else None
+        masks = pole_masks(self.pole_modes).to(self.mean.device) if self.pole_modes is not None else None
+        self.register_buffer("pole_masks", masks, persistent=False)
 
     def set_grid(self, nlat: int, nlon: int) -> None:
         """Move the wrapped core model (and grid statics) to another grid (zero-shot)."""
@@ -143,7 +155,10 @@ class Normalized(nn.Module):
             z = torch.cat([z, x[:, end:].to(z.dtype)], dim=-3)
         if self.static_names:
             z = torch.cat([z, self.static.to(z.dtype).expand(z.shape[0], -1, -1, -1)], dim=-3)
-        return self.latest(x) + self.core(z) * self._b(self.diff_std)
+        dx = self.core(z) * self._b(self.diff_std)
+        if self.pole_masks is not None:
+            dx = project_pole_rows(dx, self.pole_masks)
+        return self.latest(x) + dx
 
 
 class Rollout(nn.Module):

@@ -25,6 +25,7 @@ from models.checkpoint import build_meta
 from models.data import WindowDataset, open_analysis
 from models.distributed import DistContext, set_threads
 from models.normalization import Normalized
+from models.poles import measure_pole_modes
 from models.recorder import LAST
 from models.resume import data_signature, load_resumable
 from models.runtime import check_compile, resolve_precision, set_deterministic
@@ -137,15 +138,17 @@ def prepare(config: Config, ctx: DistContext, batch: int) -> Setup:
         raise MissingInputError(f"no complete validation windows of {max(lead_steps)} steps in {t.val_start}..{t.val_end}")
     set_deterministic(t.deterministic)
     torch.manual_seed(t.seed)  # same seed on every rank: identical initial weights
+    poles = measure_pole_modes(analysis, channels, t.train_start, t.train_end) \
+        if config.task.pole_rows == "data" else None
     model = Normalized(build_sfno(config, grid.nlat, grid.nlon), stats["mean"].values, stats["std"].values,
                        stats["diff_std"].values, config.task.history, static, config.task.static_fields,
-                       config.task.time_features, dt).to(ctx.device)
+                       config.task.time_features, dt, poles).to(ctx.device)
     run_dir = config.paths.runs / t.run_name
     dataset_version = str(analysis.attrs["dataset_version"])
     signature = data_signature(config, len(train_ds))
     resumed = None
     if t.resume == "auto":
-        expected = build_meta(config, stats, grid, model.core.arch, model.state_dict(), 0, dataset_version)
+        expected = build_meta(config, stats, grid, model.core.arch, model.state_dict(), 0, dataset_version, poles)
         resumed = load_resumable(run_dir / LAST, expected, signature, ctx)
         if resumed is not None:
             model.load_state_dict(resumed["model"])

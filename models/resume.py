@@ -135,9 +135,10 @@ def _differences(meta: dict[str, Any], data: dict[str, Any], expected: dict[str,
         elif section == "arch":
             old = complete_arch(old)
         else:  # task fields added since that checkpoint (static_fields, time_features) took their defaults
-            old = {"static_fields": [], "time_features": [], **old}
+            old = {"static_fields": [], "time_features": [], "pole_rows": "free", **old}
         for key in sorted(set(old) | set(new)):
             yield label.format(key), old.get(key), new.get(key)
+    yield "pole_modes (the form of the training data's pole rows)", meta.get("pole_modes"), expected.get("pole_modes")
     yield "dataset_version", meta.get("dataset_version"), expected["dataset_version"]
     for key in ("mean", "std", "diff_std"):
         yield f"stats {key}", meta.get("stats", {}).get(key), expected["stats"][key]

@@ -102,7 +102,7 @@ def training_model(model: Normalized, compile: bool) -> Normalized:
     core = torch.compile(model.core)
     static = model.static.cpu() if model.static_names else None
     twin = Normalized(core, model.mean.cpu(), model.std.cpu(), model.diff_std.cpu(), model.history, static,
-                      model.static_names, model.time_features, model.step_hours)
+                      model.static_names, model.time_features, model.step_hours, model.pole_modes)
     log.info("SFNO core compiled with torch.compile (inductor); the first steps include compilation")
     return twin.to(model.mean.device)
 

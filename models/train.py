@@ -160,7 +160,8 @@ class Trainer:
 
     def _describe(self, state: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
         s = self.s
-        return build_meta(s.config, s.stats, s.grid, self.model.core.arch, state, step, s.dataset_version)
+        return build_meta(s.config, s.stats, s.grid, self.model.core.arch, state, step, s.dataset_version,
+                          self.model.pole_modes)
 
     def _start_record(self) -> dict[str, Any]:
         """The first metrics line of an attempt: ``start`` for a fresh run, ``resume`` with where it continues."""
