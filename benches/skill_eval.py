@@ -163,11 +163,14 @@ def long_rollout(model: nn.Module, x0: torch.Tensor, steps: int, channels: list[
     mean_ke = float(np.mean(kes)) if kes and bad_step is None else math.nan
     chunks = [round(float(np.mean(kes[i:i + steps_per_chunk])), 2) for i in range(0, len(kes), steps_per_chunk)]
     ratio = mean_ke / planet_ke
-    jets = None
+    jets = poles = None
     if latitudes is not None and zonal_u:
-        jets = [list(jet_latitudes(np.mean(zonal_u[i:i + steps_per_chunk], axis=0), latitudes))
-                for i in range(0, len(zonal_u), steps_per_chunk)]
-    return {"jets_per_30_days": jets, "steps": steps, "finite": bad_step is None, "first_nonfinite_step": bad_step,
+        chunks_u = [np.mean(zonal_u[i:i + steps_per_chunk], axis=0) for i in range(0, len(zonal_u), steps_per_chunk)]
+        jets = [list(jet_latitudes(u, latitudes)) for u in chunks_u]
+        # A pole row is one point: the data's zonal mean of u there is 0 (a vector) or the wind itself (ERA5's
+        # constant rows); a drifting value is the model's own (models/poles.py).
+        poles = [[round(float(u[0]), 2), round(float(u[-1]), 2)] for u in chunks_u]
+    return {"jets_per_30_days": jets, "pole_zonal_u_per_30_days": poles, "steps": steps, "finite": bad_step is None, "first_nonfinite_step": bad_step,
             "mean_ke": mean_ke, "planet_mean_ke": planet_ke, "ke_ratio": ratio,
             "ke_per_30_days": chunks, "seconds": round(seconds, 1),
             "pass": bool(bad_step is None and abs(ratio - 1.0) <= 0.2)}

@@ -86,6 +86,7 @@ from core.config import Config, config_from_dict  # noqa: E402
 from core.grid import get_grid  # noqa: E402
 from models.data import WindowDataset  # noqa: E402
 from models.noise import ResidualNoise, StochasticForecaster  # noqa: E402
+from models.poles import measure_pole_modes  # noqa: E402
 
 log = logging.getLogger("benches.skill_swe")  # not __name__: that is "__main__" when run as a script
 
@@ -149,6 +150,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path,
                    help="score this SFNO checkpoint (trained on the same stores) instead of training one; "
                         "implies --no-example, since the equal-budget comparison needs both trained here")
+    p.add_argument("--pole-rows", choices=("checkpoint", "data", "free"), default="checkpoint",
+                   help="with --checkpoint: keep each step's pole rows as the checkpoint says (default), to the form "
+                        "the store's training data gives them (models/poles.py; also for a checkpoint trained "
+                        "without), or leave them free. A trained run follows --set task.pole_rows")
     p.add_argument("--member", type=Path, action="append", default=[], metavar="CHECKPOINT",
                    help="also score the mean of the SFNO's forecasts and this checkpoint's (trained on the same "
                         "stores and task; repeatable): an ensemble of independently trained models. The goals "
@@ -162,6 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name} {path} is not a file")
     if not args.noise_scale >= 0:
         p.error(f"--noise-scale must be ≥ 0, got {args.noise_scale}")
+    if args.pole_rows != "checkpoint" and args.checkpoint is None:
+        p.error(f"--pole-rows {args.pole_rows} needs --checkpoint; a run trained here follows --set task.pole_rows")
     args.no_example = args.no_example or args.checkpoint is not None
     preset = QUICK if args.quick else FULL
     for key in ("grid", "zero_shot_grid", "days", "budget_minutes", "year_steps", "rollout_starts"):
@@ -331,7 +338,11 @@ def train_models(args: argparse.Namespace, config: Config, data: Data, report: d
     else:
         checkpoint, report["training_sfno"] = train_sfno(config)
     sfno, meta = load_for_inference(checkpoint)
+    if args.pole_rows != "checkpoint":
+        sfno.set_pole_modes(measure_pole_modes(data.coarse, data.channels, t.train_start, t.train_end)
+                            if args.pole_rows == "data" else None)
     report["training_sfno"]["parameters"] = sum(p.numel() for p in sfno.parameters())
+    report["training_sfno"]["pole_modes"] = sfno.pole_modes  # task.pole_rows="data" (models/poles.py), or None
     models: dict[str, nn.Module] = {"sfno": sfno}
     if args.no_example:
         return models
@@ -416,7 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "python": platform.python_version(), "load_average_start": [round(v, 2) for v in os.getloadavg()]},
         "settings": {"grid": args.grid, "zero_shot_grid": args.zero_shot_grid, "days": args.days,
                      "budget_minutes": args.budget_minutes, "year_steps": args.year_steps,
-                     "rollout_starts": args.rollout_starts, "overrides": overrides,
+                     "rollout_starts": args.rollout_starts, "overrides": overrides, "pole_rows": args.pole_rows,
                      "periods": periods.as_dict(), "leads_h": list(LEADS_H)},
     }
     data, report["data"] = load_data(coarse_cfg, fine_cfg, periods, args.quick)
@@ -457,7 +468,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["rollout_starts"] = {
         name: [{"initial_time": str(pd.Timestamp(data.sfno_test.init_times[k])), "finite": r["finite"],
                 "ke_ratio": r["ke_ratio"], "ke_per_30_days": r["ke_per_30_days"], "pass": r["pass"],
-                "jets_per_30_days": r["jets_per_30_days"]}
+                "jets_per_30_days": r["jets_per_30_days"], "pole_zonal_u_per_30_days": r["pole_zonal_u_per_30_days"]}
                for k, r in zip(starts, rs, strict=True)] for name, rs in runs.items()}
     report["jets"] = {name: jet_verdict(rs, report["rollout"]["planet_jets"])
                       for name, rs in report["rollout_starts"].items()}

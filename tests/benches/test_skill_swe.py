@@ -58,6 +58,11 @@ def test_report_has_every_figure_finite_and_sane(quick: dict[str, Any]) -> None:
     assert [x["initial_time"] for x in noisy] == [x["initial_time"] for x in starts]
     rn = r["residual_noise"]
     assert rn["windows"] > 0 and set(rn["rms"]) == set(r["rmse_sfno"]["6h"])
+    # The planet's pole rows: geopotential constant, each wind one vector (wavenumber 1); the model keeps that form,
+    # so the zonal-mean zonal wind on both pole rows stays the data's 0 over the whole rollout.
+    assert r["training_sfno"]["pole_modes"] == [[0, 1, 1], [0, 1, 1]]
+    for run in (*starts, *noisy):
+        assert all(abs(u) < 1e-3 for month in run["pole_zonal_u_per_30_days"] for u in month), run
     assert all(_finite_positive(v) for v in rn["rms"].values())
     assert len(starts) == 2 and starts[0]["initial_time"] < starts[1]["initial_time"]  # two distinct initial times
     assert starts[0]["ke_ratio"] == ro["ke_ratio"] or not ro["finite"]  # the first start is the one shown in full
@@ -162,11 +167,37 @@ def test_checkpoint_is_rescored_without_training(quick: dict[str, Any], tmp_path
     assert r["rollout"]["sfno"]["ke_ratio"] == pytest.approx(r0["rollout"]["sfno"]["ke_ratio"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_pole_rows_can_be_scored_free_or_kept_to_the_data_form(quick: dict[str, Any], tmp_path: Path,
+                                                                digest: Any) -> None:
+    import json
+
+    from benches.skill_swe import main
+
+    r0, before = quick["report"], digest(quick["out"])
+    checkpoint, reports = r0["training_sfno"]["checkpoint"], {}
+    for how in ("free", "data"):
+        out = tmp_path / f"{how}.json"
+        assert main(["--quick", "--out", str(quick["out"]), "--checkpoint", checkpoint, "--pole-rows", how,
+                     "--year-steps", "20", "--json", str(out)]) == 0
+        reports[how] = json.loads(out.read_text())
+    assert digest(quick["out"]) == before
+    free, data = reports["free"], reports["data"]
+    assert free["training_sfno"]["pole_modes"] is None and free["settings"]["pole_rows"] == "free"
+    assert data["training_sfno"]["pole_modes"] == r0["training_sfno"]["pole_modes"]  # measured again: the same form
+    for lead in LEADS:  # kept as trained: the trained run's scores; free: the pole rows move, the scores barely
+        assert data["relative_error"][lead]["sfno"] == pytest.approx(r0["relative_error"][lead]["sfno"], rel=1e-6)
+        assert free["relative_error"][lead]["sfno"] == pytest.approx(r0["relative_error"][lead]["sfno"], rel=0.05)
+    drift = max(abs(u) for u in free["rollout"]["sfno"]["pole_zonal_u_per_30_days"][0])
+    assert drift > 1e-3  # left free, the network's own pole rows hold a zonal-mean wind the data does not
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--noise-scale", "-1"], "--noise-scale must be ≥ 0, got -1.0"),
     (["--checkpoint", "nowhere.pt"], "--checkpoint nowhere.pt is not a file"),
     (["--bound", "nowhere.json"], "--bound nowhere.json is not a file"),
     (["--member", "nowhere.pt"], "--member nowhere.pt is not a file"),
+    (["--pole-rows", "data"], "--pole-rows data needs --checkpoint"),
 ])
 def test_bad_option_is_refused_by_the_parser(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     from benches.skill_swe import main
