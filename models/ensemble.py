@@ -49,6 +49,7 @@ from models.data import WindowDataset
 from models.forecast import COORD_ATTRS, _to_dataset, initial_stack, stream_forecast, timed
 from models.noise import ResidualNoise
 from models.normalization import Normalized, Rollout
+from models.poles import pole_masks, project_pole_rows
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,10 @@ def ic_perturbation(meta: Mapping[str, Any], nlat: int, nlon: int, ensemble: Ens
         return torch.zeros(len(diff_std), nlat, nlon)
     gen = member_generator(ensemble.seed, init_time, member, _IC)
     noise = sh_noise(nlat, nlon, effective_lmax(nlat, nlon, ensemble.ic_lmax), len(diff_std), gen)
-    return (noise * (ensemble.ic_scale * diff_std)[:, None, None]).float()
+    perturbation = (noise * (ensemble.ic_scale * diff_std)[:, None, None]).float()
+    if meta.get("pole_modes") is not None:  # scalar harmonics are constant on a pole row: not a wind's form there
+        perturbation = project_pole_rows(perturbation, pole_masks(meta["pole_modes"]))
+    return perturbation
 
 
 def residual_bank(model: Normalized, meta: Mapping[str, Any], analysis: xr.Dataset, count: int = 512,

@@ -94,6 +94,18 @@ def test_perturbations_have_the_asked_rms_and_no_power_above_ic_lmax(ic_lmax: in
     assert not torch.allclose(a, b)  # another init time draws another perturbation
 
 
+def test_a_perturbation_keeps_the_form_of_the_checkpoints_pole_rows() -> None:
+    nlat, nlon = get_grid("5.625deg").shape
+    ens = EnsembleConfig(members=2, ic_scale=0.3, ic_lmax=8)
+    plain = ic_perturbation({"stats": {"diff_std": [300.0, 2.0, 0.5]}}, nlat, nlon, ens, INIT, 1)
+    meta = {"stats": {"diff_std": [300.0, 2.0, 0.5]}, "pole_modes": [[0, 1, -1], [0, 1, -1]]}
+    kept = ic_perturbation(meta, nlat, nlon, ens, INIT, 1)
+    assert torch.equal(kept[:, 1:-1], plain[:, 1:-1]) and torch.equal(kept[2], plain[2])  # free: untouched
+    torch.testing.assert_close(kept[0], plain[0], rtol=1e-5, atol=1e-4)  # already constant on its pole rows
+    for row in (0, -1):  # scalar harmonics give every channel a constant pole row: a wind's (wavenumber 1) is 0
+        assert float(plain[1, row].abs().min()) > 0 and float(kept[1, row].abs().max()) < 1e-6 * float(plain[1, row].abs().max())
+
+
 def test_stream_writes_members_mean_and_spread_equal_to_numpy(forecaster, tmp_path: Path) -> None:
     model, meta, analysis, bank = forecaster
     ens = EnsembleConfig(members=4, ic_scale=0.5, residual_scale=0.5, seed=3)
