@@ -170,7 +170,8 @@ def long_rollout(model: nn.Module, x0: torch.Tensor, steps: int, channels: list[
         # A pole row is one point: the data's zonal mean of u there is 0 (a vector) or the wind itself (ERA5's
         # constant rows); a drifting value is the model's own (models/poles.py).
         poles = [[round(float(u[0]), 2), round(float(u[-1]), 2)] for u in chunks_u]
-    return {"jets_per_30_days": jets, "pole_zonal_u_per_30_days": poles, "steps": steps, "finite": bad_step is None, "first_nonfinite_step": bad_step,
+    return {"jets_per_30_days": jets, "pole_zonal_u_per_30_days": poles, "steps": steps, "finite": bad_step is None,
+            "first_nonfinite_step": bad_step,
             "mean_ke": mean_ke, "planet_mean_ke": planet_ke, "ke_ratio": ratio,
             "ke_per_30_days": chunks, "seconds": round(seconds, 1),
             "pass": bool(bad_step is None and abs(ratio - 1.0) <= 0.2)}
