@@ -116,6 +116,21 @@ def test_a_rollout_keeps_the_data_form_of_its_pole_rows_for_any_number_of_steps(
     assert torch.equal(a[:, 0, :, 1:-1], b[:, 0, :, 1:-1])  # the first step's interior: untouched
 
 
+def test_at_quarter_degree_the_tendency_keeps_each_form_and_its_interior() -> None:
+    torch.manual_seed(2)
+    nlat, nlon = get_grid("0.25deg").shape
+    modes = [[CONSTANT, WAVENUMBER_1, FREE]] * 2
+    model = Normalized(Stir(), [0.0] * 3, [1.0] * 3, [0.1] * 3, pole_modes=modes)
+    x = torch.randn(1, 3, nlat, nlon)
+    x[:, 0, [0, -1]] = 3.0
+    x[:, 1:, [0, -1]] = 0.0
+    with torch.no_grad():
+        out, raw = model(x), x + model.core(x) * 0.1
+    assert torch.equal(out[..., 1:-1, :], raw[..., 1:-1, :]) and torch.equal(out[:, 2], raw[:, 2])
+    for c, form in enumerate(modes[0][:2]):
+        assert max(off_form(out[0, c, row], form) for row in (0, -1)) < 1e-8
+
+
 def wave1_planet(periods: int = 80) -> xr.Dataset:
     """A tiny store like the planet: a constant geopotential pole row, winds one vector at each pole (wavenumber 1)."""
     ds = analysis_dataset("tiny", periods=periods)
