@@ -30,7 +30,8 @@ from core.fields import to_channels
 CONSTANT, WAVENUMBER_1, FREE = 0, 1, -1
 MODES = (CONSTANT, WAVENUMBER_1, FREE)
 # A pole row "holds one wavenumber" when the others carry less than this fraction of its energy: float32 storage
-# leaves ~1e-14 (the planet's winds) to ~1e-17 (ERA5), while a row of real longitudinal structure is far above.
+# leaves at most 1e-15 (the planet's winds; ERA5's sample rows are exactly constant), while a row of real
+# longitudinal structure is far above.
 TOLERANCE = 1e-6
 SAMPLES = 8
 
