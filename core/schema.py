@@ -164,11 +164,18 @@ def validate_checkpoint_meta(meta: Mapping[str, Any], what: str = "checkpoint") 
     for key in ("mean", "std", "diff_std"):
         if len(stats.get(key, [])) != len(meta["channels"]):
             _fail(what, f"stats {key!r} has {len(stats.get(key, []))} values for {len(meta['channels'])} channels")
-    poles = meta.get("pole_modes")  # optional: task.pole_rows="data" (models/poles.py)
-    if poles is not None and not (isinstance(poles, list) and len(poles) == 2 and all(
-            isinstance(r, list) and len(r) == len(meta["channels"]) and all(v in (-1, 0, 1) for v in r) for r in poles)):
-        _fail(what, f"pole_modes must be two lists (north, south) of {len(meta['channels'])} codes in -1, 0, 1")
+    if meta.get("pole_modes") is not None:  # optional: task.pole_rows="data" (models/poles.py)
+        check_pole_modes(meta["pole_modes"], len(meta["channels"]), what)
     return meta
+
+
+def check_pole_modes(modes: Any, channels: int, what: str = "checkpoint") -> list[list[int]]:
+    """``modes`` as two lists (north, south) of ``channels`` pole-row codes in {0, 1, -1}; DataContractError otherwise."""
+    rows = [list(r) for r in modes] if isinstance(modes, (list, tuple)) and all(
+        isinstance(r, (list, tuple)) for r in modes) else []
+    if len(rows) != 2 or any(len(r) != channels or any(v not in (0, 1, -1) for v in r) for r in rows):
+        _fail(what, f"pole_modes must be two lists (north, south) of {channels} codes in 0, 1, -1; got {modes!r}")
+    return [[int(v) for v in r] for r in rows]
 
 
 def validate_forecast(ds: xr.Dataset, what: str = "forecast") -> xr.Dataset:

@@ -29,8 +29,9 @@ from torch import nn
 
 from core.errors import ConfigError
 from core.grid import grid_for_shape
+from core.schema import check_pole_modes
 from models.clock import advance_clock, check_time_features
-from models.poles import check_pole_modes, pole_masks, project_pole_rows
+from models.poles import pole_masks, project_pole_rows
 from models.statics import GRID_STATICS, grid_statics
 
 
@@ -110,7 +111,7 @@ class Normalized(nn.Module):
     def set_pole_modes(self, modes: Sequence[Sequence[int]] | None) -> None:
         """Keep each step's pole rows to the form ``modes`` (``models.poles``) from now on, or leave them free (None)."""
         # Measured on the training data and recorded in the checkpoint's meta, so not part of the weights.
-        self.pole_modes = check_pole_modes(modes, self.num_channels) if modes is not None else None
+        self.pole_modes = check_pole_modes(modes, self.num_channels, "model") if modes is not None else None
         masks = pole_masks(self.pole_modes).to(self.mean.device) if self.pole_modes is not None else None
         self.register_buffer("pole_masks", masks, persistent=False)
 

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from core.errors import DataContractError, MissingInputError
+from core.errors import MissingInputError
 from core.fields import to_channels
 
 CONSTANT, WAVENUMBER_1, FREE = 0, 1, -1
@@ -62,15 +62,6 @@ def measure_pole_modes(analysis: xr.Dataset, channels: list[str], start: datetim
     nlat = analysis.sizes["latitude"]
     rows = to_channels(analysis.isel(time=picks, latitude=[0, nlat - 1]), channels).values
     return classify_pole_rows(rows)
-
-
-def check_pole_modes(modes: Sequence[Sequence[int]], channels: int, what: str = "pole_modes") -> list[list[int]]:
-    """``modes`` as two lists (north, south) of ``channels`` codes in {0, 1, -1}; DataContractError otherwise."""
-    rows = [list(r) for r in modes] if isinstance(modes, (list, tuple)) else []
-    if len(rows) != 2 or any(len(r) != channels or any(v not in MODES for v in r) for r in rows):
-        raise DataContractError(f"{what} must be two lists (north, south pole) of {channels} codes in {list(MODES)}, "
-                                f"got {modes!r}")
-    return [[int(v) for v in r] for r in rows]
 
 
 def pole_masks(modes: Sequence[Sequence[int]]) -> torch.Tensor:
